@@ -1,0 +1,104 @@
+"""``twell.sparse_ffn``: the public gated-ReLU FFN, dispatching to the kernels or the reference.
+
+Legend: M = tokens (all leading dims of x), K = model dim, N = FFN units.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
+from .ops.ffn_ref import sparse_ffn_ref
+from .stats import FFNStats
+
+__all__ = ["sparse_ffn", "BACKENDS"]
+
+#: accepted values of ``backend``
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _kernel_module(name: str):
+    """The kernel module ``twell.ops.<name>`` if it is part of this install, else None."""
+    try:
+        return importlib.import_module(f"twell.ops.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"twell.ops.{name}":
+            raise
+        return None
+
+
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts):
+    """The Triton path, or None when this install has no kernel for the case."""
+    if _needs_grad(x2, w_gate, w_up, w_down):
+        mod = _kernel_module("ffn_train")
+        return None if mod is None else mod.ffn_train(
+            x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts
+        )
+    mod = _kernel_module("ffn_infer")
+    return None if mod is None else mod.ffn_infer(
+        x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=True, unit_counts=unit_counts
+    )
+
+
+def sparse_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    return_stats: bool = False,
+    tile: int = 256,
+    slots: int = 32,
+    unit_counts: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, FFNStats]:
+    """The gated-ReLU FFN ``y = (relu(x W_gate^T) * (x W_up^T)) W_down^T``, autograd-aware.
+
+    Args:
+        x: ``[..., K]`` activations (any leading dims).
+        w_gate, w_up: ``[N, K]`` (``nn.Linear`` layout); w_down: ``[K, N]``.
+        return_stats: also return :class:`twell.FFNStats` (``l0``, differentiable ``l1``,
+            ``overflow_rows``, optional ``unit_counts``).
+        tile, slots: TwELL geometry used by the kernels (and for the overflow count).
+        unit_counts: fill ``stats.unit_counts`` (per-unit activation counts, for dead units).
+        backend: ``"auto"`` (kernels on CUDA when installed, the torch reference otherwise),
+            ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``y [..., K]``, or ``(y, stats)`` with ``return_stats=True``.
+
+    Example::
+
+        >>> import torch, twell
+        >>> x = torch.randn(2, 5, 64)
+        >>> wg, wu, wd = torch.randn(256, 64), torch.randn(256, 64), torch.randn(64, 256)
+        >>> y, st = twell.sparse_ffn(x, wg, wu, wd, return_stats=True)
+        >>> y.shape, st.l0.item() <= 256
+        (torch.Size([2, 5, 64]), True)
+    """
+    K, N = check_ffn_args(x, w_gate, w_up, w_down)
+    check_tile_slots(tile, slots)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    out = None
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        if N > MAX_COLUMNS:
+            if backend == "triton":
+                raise ValueError(f"w_gate: N={N} exceeds the kernels' limit of {MAX_COLUMNS} units")
+        else:
+            out = _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts)
+        if out is None and backend == "triton":
+            raise ValueError("backend: 'triton' requested but this install has no kernel for this case")
+    if out is None:
+        out = sparse_ffn_ref(x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+    y, stats = out
+    y = y.reshape(*lead, K)
+    return (y, stats) if return_stats else y

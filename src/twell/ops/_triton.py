@@ -1,0 +1,29 @@
+"""Helpers for deciding whether a Triton kernel can run on a tensor."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["triton_available", "interpreter_enabled", "can_run_triton"]
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1: kernels then run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def can_run_triton(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``t``'s device (a CUDA GPU, or any device in the interpreter)."""
+    if not triton_available():
+        return False
+    return t.is_cuda or interpreter_enabled()
