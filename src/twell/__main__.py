@@ -1,0 +1,7 @@
+"""``python -m twell``: the same as the ``twell`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
