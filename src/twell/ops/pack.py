@@ -20,7 +20,7 @@ import torch
 
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_tensor, check_tile_slots
-from ._triton import can_run_triton
+from ._triton import can_run_triton, interpreter_enabled
 
 __all__ = ["pack_twell", "pack_twell_ref", "active_mask"]
 
@@ -115,8 +115,9 @@ def _pack_triton(h: torch.Tensor, tile: int, slots: int):
     if M == 0:
         return counts, values, columns
     bits, inf_bits, mag_mask = _bits_view(h)
-    # 4 rows x 256 columns per program keeps the cumsum in registers (no spills at T = 256).
-    block_m = max(1, min(16, 1024 // tile))
+    # 4 rows x 256 columns per program keeps the cumsum in registers (no spills at T = 256); the
+    # interpreter runs programs one by one in numpy, so it gets few large programs instead.
+    block_m = 64 if interpreter_enabled() and not h.is_cuda else max(1, min(16, 1024 // tile))
     grid = ((M + block_m - 1) // block_m, NT)
     _KERNEL[0][grid](
         bits, counts, _bits_view(values)[0], columns,
