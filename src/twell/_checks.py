@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "FFN_DTYPES",
     "FLOAT_DTYPES",
     "MAX_COLUMNS",
     "check_tensor",
@@ -15,6 +16,8 @@ __all__ = [
 
 #: dtypes every op accepts
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: the FFN also accepts float64 (reference path only), for high-precision references
+FFN_DTYPES = FLOAT_DTYPES + (torch.float64,)
 #: largest N (number of FFN units / columns) a TwELL column index can hold: 16-bit indices
 MAX_COLUMNS = 1 << 16
 
@@ -24,7 +27,9 @@ def check_tensor(t, name: str, *, dtypes=FLOAT_DTYPES, min_dim: int = 1, dim: in
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported (allowed: {allowed})")
+        raise TypeError(
+            f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported (allowed: {allowed})"
+        )
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
     if t.dim() < min_dim:
@@ -44,10 +49,10 @@ def check_ffn_args(x, w_gate, w_up, w_down, *, max_columns: int | None = None):
 
     Dtypes must match unless autocast is active on x's device (then torch's casting rules apply).
     """
-    check_tensor(x, "x", min_dim=1)
-    check_tensor(w_gate, "w_gate", dim=2)
-    check_tensor(w_up, "w_up", dim=2)
-    check_tensor(w_down, "w_down", dim=2)
+    check_tensor(x, "x", min_dim=1, dtypes=FFN_DTYPES)
+    check_tensor(w_gate, "w_gate", dim=2, dtypes=FFN_DTYPES)
+    check_tensor(w_up, "w_up", dim=2, dtypes=FFN_DTYPES)
+    check_tensor(w_down, "w_down", dim=2, dtypes=FFN_DTYPES)
     K = x.shape[-1]
     N = w_gate.shape[0]
     if w_gate.shape[1] != K:
@@ -55,10 +60,14 @@ def check_ffn_args(x, w_gate, w_up, w_down, *, max_columns: int | None = None):
     if tuple(w_up.shape) != (N, K):
         raise ValueError(f"w_up: expected shape [N={N}, K={K}] like w_gate, got {tuple(w_up.shape)}")
     if tuple(w_down.shape) != (K, N):
-        raise ValueError(f"w_down: expected shape [K={K}, N={N}] (nn.Linear layout), got {tuple(w_down.shape)}")
+        raise ValueError(
+            f"w_down: expected shape [K={K}, N={N}] (nn.Linear layout), got {tuple(w_down.shape)}"
+        )
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.device != x.device:
-            raise ValueError(f"{name}: on device {w.device} but x is on {x.device}; put all operands on one device")
+            raise ValueError(
+                f"{name}: on device {w.device} but x is on {x.device}; put all operands on one device"
+            )
     if not torch.is_autocast_enabled(x.device.type):
         for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
             if w.dtype != x.dtype:

@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x, wg, wu, wd = make_sparse_ffn(args.tokens, args.hidden, args.ffn, args.active, dtype=dtype, device=device)
+    x, wg, wu, wd = make_sparse_ffn(
+        args.tokens, args.hidden, args.ffn, args.active, dtype=dtype, device=device
+    )
     with torch.no_grad():
         y, st = twell.sparse_ffn(x, wg, wu, wd, return_stats=True)
         y_dense = twell.sparse_ffn(x, wg, wu, wd, backend="reference")
@@ -41,15 +43,20 @@ def run(args: argparse.Namespace) -> int:
     dense_bytes = h.numel() * h.element_size()
 
     console = Console()
-    table = Table(title=f"twell demo: sparse FFN M={args.tokens} K={args.hidden} N={args.ffn} on {device} ({dtype})")
+    table = Table(
+        title=f"twell demo: sparse FFN M={args.tokens} K={args.hidden} N={args.ffn} on {device} ({dtype})"
+    )
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("active units per token (l0)", f"{float(st.l0):.2f} of {args.ffn}")
     table.add_row("zeros in the FFN hidden", f"{100 * (1 - float(st.l0) / args.ffn):.2f} %")
     table.add_row("tokens with an overflowing tile (> 32 in 256)", f"{int(st.overflow_rows)}")
     table.add_row("TwELL round trip exact", "yes" if exact else "NO")
-    table.add_row("packed size / dense size", f"{packed.nbytes() / 1024:.1f} KiB / {dense_bytes / 1024:.1f} KiB "
-                  f"({packed.nbytes() / dense_bytes:.1%})")
+    table.add_row(
+        "packed size / dense size",
+        f"{packed.nbytes() / 1024:.1f} KiB / {dense_bytes / 1024:.1f} KiB "
+        f"({packed.nbytes() / dense_bytes:.1%})",
+    )
     err = (y.float() - y_dense.float()).abs().max() / y_dense.float().abs().max()
     table.add_row("sparse_ffn vs reference (max rel err)", f"{float(err):.2e}")
     console.print(table)

@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from ._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
+from ._checks import FLOAT_DTYPES, MAX_COLUMNS, check_ffn_args, check_tile_slots
 from .ops.ffn_ref import sparse_ffn_ref
 from .stats import FFNStats
 
@@ -37,12 +37,18 @@ def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts):
     """The Triton path, or None when this install has no kernel for the case."""
     if _needs_grad(x2, w_gate, w_up, w_down):
         mod = _kernel_module("ffn_train")
-        return None if mod is None else mod.ffn_train(
-            x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts
+        return (
+            None
+            if mod is None
+            else mod.ffn_train(x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
         )
     mod = _kernel_module("ffn_infer")
-    return None if mod is None else mod.ffn_infer(
-        x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=True, unit_counts=unit_counts
+    return (
+        None
+        if mod is None
+        else mod.ffn_infer(
+            x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=True, unit_counts=unit_counts
+        )
     )
 
 
@@ -61,7 +67,8 @@ def sparse_ffn(
     """The gated-ReLU FFN ``y = (relu(x W_gate^T) * (x W_up^T)) W_down^T``, autograd-aware.
 
     Args:
-        x: ``[..., K]`` activations (any leading dims).
+        x: ``[..., K]`` activations (any leading dims); float32, bfloat16 or float16 (float64 runs
+            the reference path).
         w_gate, w_up: ``[N, K]`` (``nn.Linear`` layout); w_down: ``[K, N]``.
         return_stats: also return :class:`twell.FFNStats` (``l0``, differentiable ``l1``,
             ``overflow_rows``, optional ``unit_counts``).
@@ -90,9 +97,13 @@ def sparse_ffn(
     x2 = x.reshape(-1, K)
     out = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        if N > MAX_COLUMNS:
-            if backend == "triton":
+        if N > MAX_COLUMNS or x.dtype not in FLOAT_DTYPES:
+            if backend == "triton" and N > MAX_COLUMNS:
                 raise ValueError(f"w_gate: N={N} exceeds the kernels' limit of {MAX_COLUMNS} units")
+            if backend == "triton":
+                raise TypeError(
+                    f"x: dtype {x.dtype} has no kernel (float32, bfloat16, float16); use the reference"
+                )
         else:
             out = _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts)
         if out is None and backend == "triton":

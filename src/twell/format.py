@@ -164,7 +164,9 @@ class TwELL:
         out.index_put_((m_idx[stored], cols[stored]), self.values[stored])
         out = out[:, :N]
         if self.overflow_ids is not None and self.overflow_ids.numel():
-            out.index_copy_(0, self.overflow_ids, torch.where(active_mask(self.overflow_rows), self.overflow_rows, 0))
+            out.index_copy_(
+                0, self.overflow_ids, torch.where(active_mask(self.overflow_rows), self.overflow_rows, 0)
+            )
         return out.reshape(self.shape)
 
     # ---- checking --------------------------------------------------------------------------
@@ -173,18 +175,26 @@ class TwELL:
         M, NT, S = self.values.shape
         N, T = self.n_cols, self.tile
         if self.counts.dtype != torch.int32 or tuple(self.counts.shape) != (M, NT):
-            raise ValueError(f"counts: expected int32 [{M}, {NT}], got {self.counts.dtype} {tuple(self.counts.shape)}")
+            raise ValueError(
+                f"counts: expected int32 [{M}, {NT}], got {self.counts.dtype} {tuple(self.counts.shape)}"
+            )
         if self.columns.dtype != torch.int16 or self.columns.shape != self.values.shape:
-            raise ValueError(f"columns: expected int16 {tuple(self.values.shape)}, got {self.columns.dtype} "
-                             f"{tuple(self.columns.shape)}")
+            raise ValueError(
+                f"columns: expected int16 {tuple(self.values.shape)}, got {self.columns.dtype} "
+                f"{tuple(self.columns.shape)}"
+            )
         if NT != (N + T - 1) // T or S != self.slots:
-            raise ValueError(f"values: shape {tuple(self.values.shape)} does not match N={N}, tile={T}, slots={self.slots}")
+            raise ValueError(
+                f"values: shape {tuple(self.values.shape)} does not match N={N}, tile={T}, slots={self.slots}"
+            )
         # the number of columns each tile really has (the last one may be partial)
         width = (N - torch.arange(NT, device=self.device) * T).clamp(max=T)
         bad = (self.counts < 0) | (self.counts > width)
         if bad.any():
             r, t = bad.nonzero()[0].tolist()
-            raise ValueError(f"counts: count {int(self.counts[r, t])} at (row {r}, tile {t}) is outside [0, {int(width[t])}]")
+            raise ValueError(
+                f"counts: count {int(self.counts[r, t])} at (row {r}, tile {t}) is outside [0, {int(width[t])}]"
+            )
         n_stored = self.counts.clamp(max=S)
         used = torch.arange(S, device=self.device).view(1, 1, S) < n_stored.unsqueeze(-1)
         cols = self.columns.to(torch.int64) & 0xFFFF
@@ -192,7 +202,9 @@ class TwELL:
         bad = used & ((cols < tile_start) | (cols >= (tile_start + width.view(1, NT, 1))))
         if bad.any():
             r, t, s = bad.nonzero()[0].tolist()
-            raise ValueError(f"columns: column {int(cols[r, t, s])} at (row {r}, tile {t}, slot {s}) lies outside its tile")
+            raise ValueError(
+                f"columns: column {int(cols[r, t, s])} at (row {r}, tile {t}, slot {s}) lies outside its tile"
+            )
         bad = used[:, :, 1:] & (cols[:, :, 1:] <= cols[:, :, :-1])
         if bad.any():
             r, t, s = bad.nonzero()[0].tolist()
@@ -200,15 +212,19 @@ class TwELL:
         bad = used & ~active_mask(self.values)
         if bad.any():
             r, t, s = bad.nonzero()[0].tolist()
-            raise ValueError(f"values: stored value {float(self.values[r, t, s])} at (row {r}, tile {t}, slot {s}) "
-                             "is not active (> 0)")
+            raise ValueError(
+                f"values: stored value {float(self.values[r, t, s])} at (row {r}, tile {t}, slot {s}) "
+                "is not active (> 0)"
+            )
         over = (self.counts > S).any(dim=1)
         if self.overflow_ids is not None:
             ids = self.overflow_ids
             expect = over.nonzero().flatten()
             if ids.numel() != expect.numel() or not torch.equal(ids.to(expect.dtype), expect):
-                raise ValueError(f"overflow_ids: {ids.tolist()[:8]} does not list the overflowing rows "
-                                 f"{expect.tolist()[:8]}")
+                raise ValueError(
+                    f"overflow_ids: {ids.tolist()[:8]} does not list the overflowing rows "
+                    f"{expect.tolist()[:8]}"
+                )
             if self.overflow_rows is None or tuple(self.overflow_rows.shape) != (ids.numel(), N):
                 raise ValueError(f"overflow_rows: expected [{ids.numel()}, {N}] dense rows")
             if ids.numel():
@@ -217,8 +233,10 @@ class TwELL:
                 pad[:, :N] = act.to(torch.int32)
                 dense_counts = pad.view(-1, NT, T).sum(-1, dtype=torch.int32)
                 if not torch.equal(dense_counts, self.counts[ids]):
-                    raise ValueError(f"counts: overflowing rows {ids.tolist()[:8]} have counts "
-                                     f"{self.counts[ids].tolist()[:2]} but their dense rows hold {dense_counts.tolist()[:2]}")
+                    raise ValueError(
+                        f"counts: overflowing rows {ids.tolist()[:8]} have counts "
+                        f"{self.counts[ids].tolist()[:2]} but their dense rows hold {dense_counts.tolist()[:2]}"
+                    )
         return self
 
     def __repr__(self) -> str:

@@ -52,14 +52,18 @@ def _collect(source) -> list[tuple[FFNStats, float | None]]:
                     )
                 found.append((mod.last_stats, float(mod.l1_coeff)))
         if not found:
-            raise ValueError("source: the module holds no sparse MLP (use twell.sparsify_ or twell.SparseGatedMLP)")
+            raise ValueError(
+                "source: the module holds no sparse MLP (use twell.sparsify_ or twell.SparseGatedMLP)"
+            )
         return found
     if isinstance(source, Iterable):
         items = list(source)
         if not items or not all(isinstance(s, FFNStats) for s in items):
             raise TypeError("source: expected an nn.Module, an FFNStats or a non-empty sequence of FFNStats")
         return [(s, None) for s in items]
-    raise TypeError(f"source: expected an nn.Module, an FFNStats or a sequence of FFNStats, got {type(source).__name__}")
+    raise TypeError(
+        f"source: expected an nn.Module, an FFNStats or a sequence of FFNStats, got {type(source).__name__}"
+    )
 
 
 def l1_penalty(source, coeff: float | None = None) -> torch.Tensor:

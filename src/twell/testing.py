@@ -56,13 +56,15 @@ def assert_close(
     dtype: torch.dtype | None = None,
     baseline: torch.Tensor | None = None,
     factor: float = 8.0,
+    reduce: int = 1,
 ) -> None:
     """Asserts ``actual`` matches the high-precision ``expected`` within a dtype-scaled bound.
 
     NaN positions must agree exactly (checked first). The error measure is
-    ``max|actual - expected| / max|expected|``. The bound is ``factor * eps(dtype)`` where
-    ``dtype`` defaults to ``actual``'s; when ``baseline`` (torch's own result in the same dtype)
-    is given, the bound is ``2 * err(baseline) + factor * eps(dtype)``.
+    ``max|actual - expected| / max|expected|``. The bound is ``factor * eps(dtype) * sqrt(reduce)``
+    (``reduce``: the longest sum behind an element, whose rounding error grows like its square root)
+    where ``dtype`` defaults to ``actual``'s; when ``baseline`` (torch's own result in the same dtype)
+    is given, ``2 * err(baseline)`` is added to the bound.
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
@@ -80,7 +82,7 @@ def assert_close(
         raise AssertionError(f"{name}: Inf pattern differs")
     a, e = a[~a_inf], e[~e_inf]
     dt = dtype or actual.dtype
-    bound = factor * EPS[dt]
+    bound = factor * EPS[dt] * math.sqrt(max(reduce, 1))
     if baseline is not None:
         bound += 2.0 * rel_error(baseline[keep][~e_inf], e)
     err = rel_error(a, e)

@@ -62,10 +62,19 @@ def _kernels():
 
     @triton.jit
     def _pack_kernel(
-        h_ptr, counts_ptr, values_ptr, columns_ptr,
-        M, N, NT, stride_hm,
-        INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
-        T: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr,
+        h_ptr,
+        counts_ptr,
+        values_ptr,
+        columns_ptr,
+        M,
+        N,
+        NT,
+        stride_hm,
+        INF_BITS: tl.constexpr,
+        MAG_MASK: tl.constexpr,
+        T: tl.constexpr,
+        S: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         i_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         i_t = tl.program_id(1)
@@ -120,9 +129,19 @@ def _pack_triton(h: torch.Tensor, tile: int, slots: int):
     block_m = 64 if interpreter_enabled() and not h.is_cuda else max(1, min(16, 1024 // tile))
     grid = ((M + block_m - 1) // block_m, NT)
     _KERNEL[0][grid](
-        bits, counts, _bits_view(values)[0], columns,
-        M, N, NT, bits.stride(0),
-        INF_BITS=inf_bits, MAG_MASK=mag_mask, T=tile, S=slots, BLOCK_M=block_m,
+        bits,
+        counts,
+        _bits_view(values)[0],
+        columns,
+        M,
+        N,
+        NT,
+        bits.stride(0),
+        INF_BITS=inf_bits,
+        MAG_MASK=mag_mask,
+        T=tile,
+        S=slots,
+        BLOCK_M=block_m,
         num_warps=4,
     )
     return counts, values, columns
@@ -132,7 +151,9 @@ def _pack_triton(h: torch.Tensor, tile: int, slots: int):
 # custom op
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("twell::pack", mutates_args=())
-def _pack_op(h: torch.Tensor, tile: int, slots: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pack_op(
+    h: torch.Tensor, tile: int, slots: int, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton:
         return _pack_triton(h, tile, slots)
     return pack_twell_ref(h, tile, slots)
@@ -161,7 +182,9 @@ def pack_twell(h: torch.Tensor, tile: int = 256, slots: int = 32, *, backend: st
     check_tensor(h, "h", dim=2)
     check_tile_slots(tile, slots)
     if h.shape[1] > MAX_COLUMNS:
-        raise ValueError(f"h: N={h.shape[1]} columns exceeds the TwELL limit of {MAX_COLUMNS} (16-bit column indices)")
+        raise ValueError(
+            f"h: N={h.shape[1]} columns exceeds the TwELL limit of {MAX_COLUMNS} (16-bit column indices)"
+        )
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "triton" and not can_run_triton(h):
