@@ -196,3 +196,18 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend: 'triton' needs a CUDA tensor"):
         TwELL.from_dense(torch.ones(2, 8), backend="triton")
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_pack_custom_op_passes_opcheck(use_triton, kdevice):
+    from twell.ops.pack import _pack_op
+
+    device = kdevice if use_triton else "cpu"
+    h = torch.randn(9, 300, device=device)
+    torch.library.opcheck(_pack_op, (h, 256, 32, use_triton))
+
+
+def test_non_contiguous_input(kdevice):
+    h = torch.randn(300, 10, device=kdevice).T  # [10, 300] with column stride 10
+    P = TwELL.from_dense(h)
+    assert_roundtrip(h, P)
