@@ -95,14 +95,14 @@ def _act_name(act) -> str:
     return type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
 
 
-def _check_linears(name: str, mod: nn.Module) -> tuple[int, int]:
+def _check_linears(name: str, mod: nn.Module, allow_meta: bool) -> tuple[int, int]:
     g, u, d = (getattr(mod, p) for p in _PROJ)
     for p, lin in zip(_PROJ, (g, u, d)):
         if lin.bias is not None:
             raise ValueError(
                 f"model: {name}.{p} has a bias; twell's gated MLP has none (mlp_bias=False needed)"
             )
-        if lin.weight.is_meta:
+        if lin.weight.is_meta and not allow_meta:
             raise ValueError(
                 f"model: {name}.{p}.weight is on the meta device (offloaded or not materialised); "
                 "load the weights onto a real device before sparsify_"
@@ -171,6 +171,10 @@ def sparsify_(
         TypeError: ``model``, ``config`` or ``filter_fn`` of the wrong type.
         ValueError: no gated MLP found, or an MLP with a bias, meta weights or inconsistent shapes.
     """
+    return _sparsify(model, config, filter_fn, allow_meta=False)
+
+
+def _sparsify(model, config, filter_fn, *, allow_meta: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = SparsityConfig() if config is None else config
@@ -189,7 +193,7 @@ def sparsify_(
     non_relu: dict[str, list[str]] = {}
     plans = []
     for name, mod in chosen:
-        K, N = _check_linears(name, mod)
+        K, N = _check_linears(name, mod, allow_meta)
         if isinstance(mod, SparseGatedMLP):
             plans.append((name, mod, None))
             continue
@@ -204,7 +208,7 @@ def sparsify_(
             "(ReLUfication: fine-tune with an L1 penalty to recover quality). Pass "
             "SparsityConfig(force_relu=True) to silence this warning.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     replaced = []
     for name, mod, shape in plans:

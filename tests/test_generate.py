@@ -1,0 +1,175 @@
+"""generate() with the KV cache, training gradients through the HF path, and the benchmark fixture (CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+import twell
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from twell.models.fixtures import (  # noqa: E402
+    bench_model,
+    make_sparse_llama_,
+    measure_active_units,
+    model_bound,
+    paper_config,
+    tiny_llama_config,
+)
+from twell.testing import assert_close  # noqa: E402
+
+REQUIRED_ROW_KEYS = (
+    "bench op shape K N M active_per_token pattern provider dtype ms ms_p20 ms_p80 tokens_per_ms "
+    "speedup_vs_dense bound achieved_over_bound peak_mem_mib energy_mj_per_token gpu torch triton "
+    "commit timestamp"
+).split()
+
+
+def _pair(sparse_fixture: bool):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(tiny_llama_config(intermediate_size=512)).eval()
+    if sparse_fixture:
+        make_sparse_llama_(dense, active_per_token=12, calib_seq=64)
+    sparse = twell.sparsify_(copy.deepcopy(dense))
+    return dense, sparse
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("sparse_fixture", [False, True])
+def test_greedy_generation_identical_to_dense(cache, sparse_fixture):
+    dense, sparse = _pair(sparse_fixture)
+    prompt = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    if cache is not None:
+        kw["cache_implementation"] = cache
+    with torch.no_grad():
+        ref = dense.generate(prompt, **kw)
+        out = sparse.generate(prompt, **kw)
+    assert out.shape == (2, 7 + 32)
+    assert torch.equal(out, ref), "greedy tokens differ from the dense model"
+    # the last forward was a decode step: M = batch size
+    stats = twell.sparsity_stats(sparse)
+    assert all(s["tokens"] == 2 for s in stats.values())
+
+
+def test_generation_left_padded_batch():
+    dense, sparse = _pair(True)
+    prompt = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    prompt[0, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(sparse.generate(prompt, **kw), dense.generate(prompt, **kw))
+
+
+def _dense_loss_with_l1(model, ids, coeff):
+    """CE loss + coeff * mean over layers of mean over tokens of sum |h|, with h read at down_proj's input."""
+    hs = []
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: hs.append(a[0]))
+        for layer in model.model.layers
+    ]
+    try:
+        out = model(ids, labels=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    l1 = torch.stack([h.abs().sum(-1).mean() for h in hs]).mean()
+    return out.loss + coeff * l1
+
+
+@pytest.mark.parametrize("sparse_fixture", [False, True])
+def test_training_gradients_match_dense_reference(sparse_fixture):
+    dense, sparse = _pair(sparse_fixture)
+    dense.train()
+    sparse.train()
+    coeff = 3e-2  # large, so that the L1 term's gradient is a visible part of the total
+    twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=coeff))
+    ids = torch.randint(0, 128, (3, 13), generator=torch.Generator().manual_seed(7))
+    out = sparse(ids, labels=ids)
+    loss = out.loss + twell.l1_penalty(sparse)
+    loss.backward()
+    ref = _dense_loss_with_l1(dense, ids, coeff)
+    ref.backward()
+    assert_close(loss.detach().reshape(1), ref.detach().double().reshape(1), name="loss", factor=16)
+    d_params = dict(dense.named_parameters())
+    n_checked = 0
+    for name, p in sparse.named_parameters():
+        q = d_params[name]
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert p.grad is not None, f"{name}: no gradient through the sparse path"
+        assert_close(p.grad, q.grad.double(), name=f"grad {name}", factor=64)
+        n_checked += 1
+    assert n_checked >= 9 * 2  # every projection and norm of both layers
+
+
+def test_l1_gradient_reaches_gate_and_up():
+    """With CE removed, only the L1 term drives gradients: gate_proj/up_proj must get them."""
+    _, sparse = _pair(True)
+    twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=1.0))
+    sparse(torch.randint(0, 128, (2, 5)))
+    twell.l1_penalty(sparse).backward()
+    mlp = sparse.model.layers[0].mlp
+    assert mlp.gate_proj.weight.grad is not None and mlp.gate_proj.weight.grad.abs().sum() > 0
+    assert mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixture_reaches_target_active_units(dtype):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=1024, num_hidden_layers=3))
+    model = model.to(dtype).eval()
+    before = measure_active_units(model, torch.randint(0, 128, (2, 64)))
+    assert min(before) > 300  # random weights: about half of the 1024 units fire
+    make_sparse_llama_(model, active_per_token=30, calib_batch=4, calib_seq=256)
+    ids = torch.randint(0, 128, (4, 200), generator=torch.Generator().manual_seed(9))
+    after = measure_active_units(model, ids)
+    assert all(27 <= a <= 33 for a in after), after
+    # shorter sequences (decode-like contexts) stay close to the target
+    short = measure_active_units(model, ids[:, :16])
+    assert all(25 <= a <= 36 for a in short), short
+
+
+def test_bench_model_rows_on_cpu():
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=512, num_hidden_layers=2)
+    rows = bench_model(
+        config=cfg,
+        batch=2,
+        seq=32,
+        decode_batches=(1,),
+        decode_context=8,
+        decode_tokens=2,
+        active_per_token=10,
+        dtype=torch.float32,
+        device="cpu",
+        warmup=0,
+        reps=1,
+        cache_implementation=None,
+    )
+    assert {(r["op"], r["M"], r["provider"]) for r in rows} == {
+        ("prefill", 64, "dense"),
+        ("prefill", 64, "twell"),
+        ("decode", 1, "dense"),
+        ("decode", 1, "twell"),
+    }
+    for r in rows:
+        missing = [k for k in REQUIRED_ROW_KEYS if k not in r]
+        assert not missing, missing
+        assert 7 <= r["active_per_token"] <= 13
+        assert r["ms"] >= 0 and r["bound"] >= 1.0
+    with pytest.raises(ValueError, match="providers"):
+        bench_model(config=cfg, providers=("cublas",), device="cpu")
+
+
+def test_model_bound_paper_shapes():
+    cfg = paper_config("2b")
+    b = model_bound(cfg, "prefill", 16, 2048, 30)
+    assert 1.5 < b < 2.0  # FFN ~62% of the FLOPs; FFN bound ~2.96x at 30/5632
+    d1 = model_bound(cfg, "decode", 1, 1, 30, context=512)
+    d8 = model_bound(cfg, "decode", 8, 1, 30, context=512)
+    assert d1 > d8 > 1.0
