@@ -1,0 +1,85 @@
+"""Block sizes and dispatch thresholds of the inference kernels, apart from the kernels.
+
+Legend: M = tokens, K = model dim, N = FFN units, T = TwELL tile, S = slots.
+
+Everything here is a frozen dataclass; tests and benchmarks override a choice with
+:func:`override` (a context manager) instead of editing kernels. Numbers in comments are device
+times measured on the development H100 (bf16, K=2048, N=5632, ~30 active units per token iid);
+see ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["GateConfig", "InferConfig", "get_config", "override"]
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The gate GEMM with the TwELL epilogue (``gate_pack``)."""
+
+    #: rows of x per output tile; the N-side of the tile is the TwELL tile T (<= 256) or 256.
+    block_m: int = 128
+    #: K step of the main loop. 128x256x64 with 3 stages is the shape that matched cuBLAS in the
+    #: persistent TMA form (1.01-1.02x at M = 16384); 4 stages run out of shared memory with the epilogue.
+    block_k: int = 64
+    num_stages: int = 3
+    num_warps: int = 8
+    #: tiles of x rows grouped per band of columns, for L2 reuse of W_gate
+    group_m: int = 8
+    #: the persistent TMA kernel: "auto" (Hopper and newer, when strides allow), "never", or
+    #: "always" (also under the CPU interpreter, for tests)
+    use_tma: str = "auto"
+    #: store the packed entries with a predicated inline-PTX store (NVIDIA only); the plain
+    #: ``tl.store`` costs 1.29-1.31x the GEMM instead of 1.08-1.10x (layout conversions)
+    use_asm_store: bool = True
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """``ffn_infer``: the path choice and the kernels after the gate."""
+
+    #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
+    #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
+    #: TwELL epilogue, then one program per token over its packed entries)
+    decode_max_m: int = 64
+    #: decode stage 1: units per program (8 for M = 1 GEMV form, 16 with tl.dot for M > 1)
+    decode_bn_gemv: int = 8
+    decode_bn_dot: int = 16
+    decode_bk: int = 256
+    #: decode stage 2 (down): rows of y per program, units per step, programs along N
+    decode_down_bk: int = 128
+    decode_down_bn: int = 64
+    decode_down_split: int = 8
+    #: active units per token above which the dense path (3 cuBLAS GEMMs) is faster, by regime.
+    #: Prefill: the reference breaks even at ~65-70; decode: at batch 64 the union of active rows
+    #: is already most of W_up/W_down.
+    dense_above_prefill: float = 64.0
+    dense_above_decode: float = 200.0
+    #: smoothing of the per-weight density estimate used by the dispatcher
+    ema: float = 0.5
+
+
+_STATE = {"gate": GateConfig(), "infer": InferConfig()}
+
+
+def get_config(kind: str):
+    """The current :class:`GateConfig` (``"gate"``) or :class:`InferConfig` (``"infer"``)."""
+    if kind not in _STATE:
+        raise ValueError(f"kind: expected one of {tuple(_STATE)}, got {kind!r}")
+    return _STATE[kind]
+
+
+@contextlib.contextmanager
+def override(kind: str, **changes) -> Iterator[object]:
+    """Temporarily replaces fields of a config, e.g. ``with override("infer", decode_max_m=0): ...``."""
+    old = get_config(kind)
+    _STATE[kind] = dataclasses.replace(old, **changes)
+    try:
+        yield _STATE[kind]
+    finally:
+        _STATE[kind] = old

@@ -1,0 +1,793 @@
+"""Inference forward of the gated-ReLU FFN from the TwELL packing: prefill, decode and dense paths.
+
+Legend: M = tokens, K = model dim, N = FFN units, T = TwELL tile, NT = ceil(N / T), S = slots.
+    g = x @ W_gate^T  [M, N],  u = x @ W_up^T  [M, N],  h = relu(g) * u,  y = h @ W_down^T  [M, K]
+
+Paths (one entry point, :func:`ffn_infer`, picks one per call):
+  * prefill (M > ``decode_max_m``): ``gate_pack`` (gate GEMM with the TwELL epilogue), then
+    ``_updown_kernel``, one program per token: x's row stays in registers; for every packed
+    entry (n, g) it reads W_up[n, :] and W_down^T[n, :] (8 KB at K = 2048 in bf16), computes
+    u = x . W_up[n], h = g u, y += h W_down^T[n]. A (token, tile) whose count exceeds S is
+    recomputed exactly from x and W_gate (all T columns of the tile) and counted in
+    ``overflow_rows``. W_down^T is a cached transposed copy of W_down (see :func:`down_t`).
+  * decode (M <= ``decode_max_m``): unit-parallel, so M = 1 still fills the GPU.
+    ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
+    (GEMV form at M = 1, tl.dot with M padded to 16 otherwise), then W_up rows only for units
+    active in some token (masked loads move no bytes), and writes h [M, N] (dense but tiny).
+    ``_decode_down_kernel``: programs over (K block, N split) read W_down[k-block, n-block] only
+    for columns where some token's h is non-zero, write fp32 partials; the last program of a
+    K block (atomic ticket) sums the partials and writes y; one extra program reduces the
+    statistics. No transposed copy of W_down is needed here.
+  * dense: 2 cuBLAS GEMMs, ``_relu_mul_stats_kernel`` (h = relu(g) u and the statistics in one
+    pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
+
+Exactness: every path equals the dense reference up to floating-point rounding for every input
+(NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). No host
+synchronisation on any path: the dispatcher reads the density of earlier calls from a pinned
+host copy only once its event has completed, so the work queue never drains and CUDA-graph
+capture works (under capture the decision is frozen).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
+from ..stats import FFNStats
+from ._triton import can_run_triton
+from .configs import get_config
+from .ffn_ref import sparse_ffn_ref
+from .gate_pack import _dtype_consts, launch_gate_pack
+
+__all__ = ["ffn_infer", "ffn_infer_ref", "down_t", "PATHS", "choose_path"]
+
+#: accepted values of ``path``
+PATHS = ("auto", "prefill", "decode", "dense", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (plain torch)
+# ---------------------------------------------------------------------------------------------
+def ffn_infer_ref(x, w_gate, w_up, w_down, *, tile: int = 256, slots: int = 32, unit_counts: bool = False):
+    """The torch oracle, statistics detached: ``(y [M, K], FFNStats)``."""
+    with torch.no_grad():
+        y, st = sparse_ffn_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+    return y, st
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _is_active(
+    v, OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr
+):
+    # fp32 values -> rounded to the activation dtype; active = > 0 or NaN (decided on the bits)
+    b = v.to(OUT_DTYPE).to(BITS_DTYPE, bitcast=True)
+    return (b > 0) | ((b & MAG_MASK) > INF_BITS)
+
+
+@triton.jit
+def _updown_kernel(
+    x_ptr,
+    counts_ptr,
+    values_ptr,
+    columns_ptr,
+    wg_ptr,
+    wu_ptr,
+    wdt_ptr,
+    y_ptr,
+    tok_ptr,
+    N,
+    K,
+    NT,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    T: tl.constexpr,
+    S: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_x = tl.load(x_ptr + i_m * stride_xm + o_k * stride_xk, mask=m_k, other=0.0).to(tl.float32)
+    b_y = tl.zeros((BK,), dtype=tl.float32)
+    s_l1 = tl.zeros((), dtype=tl.float32)
+    s_cnt = tl.zeros((), dtype=tl.int32)
+    s_over = tl.zeros((), dtype=tl.int32)
+    for t in range(NT):
+        c = tl.load(counts_ptr + i_m * NT + t)
+        s_cnt += c
+        if c <= S:
+            p_e = (i_m * NT + t) * S
+            for i in range(c):
+                n = (tl.load(columns_ptr + p_e + i).to(tl.int32) & 0xFFFF).to(tl.int64)
+                g = tl.load(values_ptr + p_e + i).to(tl.float32)
+                b_u = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                b_d = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                h = g * tl.sum(b_x * b_u)
+                s_l1 += tl.abs(h)
+                b_y += h * b_d
+        else:
+            # more than S active units in this (token, tile): recompute the tile's gate exactly
+            s_over = tl.maximum(s_over, 1)
+            for j in range(T):
+                n = t * T + j + tl.zeros((), dtype=tl.int64)
+                if n < N:
+                    b_g = tl.load(wg_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    g = tl.sum(b_x * b_g).to(OUT_DTYPE).to(tl.float32)
+                    if _is_active(g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK):
+                        b_u = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                        b_d = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                        h = g * tl.sum(b_x * b_u)
+                        s_l1 += tl.abs(h)
+                        b_y += h * b_d
+    tl.store(y_ptr + i_m * stride_ym + o_k, b_y.to(OUT_DTYPE), mask=m_k)
+    tl.store(tok_ptr + i_m * 4 + 0, s_cnt.to(tl.float32))
+    tl.store(tok_ptr + i_m * 4 + 1, s_l1)
+    tl.store(tok_ptr + i_m * 4 + 2, s_over.to(tl.float32))
+
+
+@triton.jit
+def _finalize_stats_kernel(tok_ptr, M, l0_ptr, l1_ptr, over_ptr, BLOCK: tl.constexpr):
+    # tok [M, 4] = (active count, sum |h|, overflow flag, unused) -> l0, l1 (means), overflow rows
+    o = tl.arange(0, BLOCK)
+    a_cnt = tl.zeros((BLOCK,), dtype=tl.int64)
+    a_l1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    a_over = tl.zeros((BLOCK,), dtype=tl.int64)
+    for m0 in range(0, M, BLOCK):
+        i_m = (m0 + o).to(tl.int64)
+        m_m = i_m < M
+        a_cnt += tl.load(tok_ptr + i_m * 4 + 0, mask=m_m, other=0.0).to(tl.int64)
+        a_l1 += tl.load(tok_ptr + i_m * 4 + 1, mask=m_m, other=0.0)
+        a_over += tl.load(tok_ptr + i_m * 4 + 2, mask=m_m, other=0.0).to(tl.int64)
+    denom = tl.maximum(M, 1).to(tl.float32)
+    tl.store(l0_ptr, tl.sum(a_cnt).to(tl.float32) / denom)
+    tl.store(l1_ptr, tl.sum(a_l1) / denom)
+    tl.store(over_ptr, tl.sum(a_over))
+
+
+@triton.jit
+def _relu_mul_stats_kernel(
+    g_ptr,
+    u_ptr,
+    h_ptr,
+    tok_ptr,
+    M,
+    N,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    T: tl.constexpr,
+    S: tl.constexpr,
+    BM: tl.constexpr,
+):
+    # dense path: h = relu(g) * u over [BM, N] rows, tile by tile, with per-row statistics
+    i_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_m = i_m < M
+    o_t = tl.arange(0, T)
+    a_cnt = tl.zeros((BM,), dtype=tl.int32)
+    a_l1 = tl.zeros((BM,), dtype=tl.float32)
+    a_over = tl.zeros((BM,), dtype=tl.int32)
+    for n0 in range(0, N, T):
+        o_n = n0 + o_t
+        m_x = m_m[:, None] & (o_n < N)[None, :]
+        p = i_m[:, None].to(tl.int64) * N + o_n[None, :]
+        b_g = tl.load(g_ptr + p, mask=m_x, other=0.0).to(tl.float32)
+        b_u = tl.load(u_ptr + p, mask=m_x, other=0.0).to(tl.float32)
+        b_act = _is_active(b_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_x
+        b_h = tl.where(b_act, b_g * b_u, 0.0).to(OUT_DTYPE)
+        tl.store(h_ptr + p, b_h, mask=m_x)
+        c = tl.sum(b_act.to(tl.int32), axis=1)
+        a_cnt += c
+        a_over = tl.maximum(a_over, (c > S).to(tl.int32))
+        a_l1 += tl.sum(tl.abs(b_h.to(tl.float32)), axis=1)
+    tl.store(tok_ptr + i_m.to(tl.int64) * 4 + 0, a_cnt.to(tl.float32), mask=m_m)
+    tl.store(tok_ptr + i_m.to(tl.int64) * 4 + 1, a_l1, mask=m_m)
+    tl.store(tok_ptr + i_m.to(tl.int64) * 4 + 2, a_over.to(tl.float32), mask=m_m)
+
+
+@triton.jit
+def _decode_gate_up_kernel(
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    h_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    ucounts_ptr,
+    sem_ptr,
+    M,
+    N,
+    K,
+    NB,
+    KC,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UNIT_COUNTS: tl.constexpr,
+    KC_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid == 0:
+        # tickets of the down kernel's split reduction start at 0 on every call
+        o_s = tl.arange(0, KC_P2)
+        tl.store(sem_ptr + o_s, tl.zeros((KC_P2,), dtype=tl.int32), mask=o_s < KC)
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    o_n = pid * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_k = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        m_k = (k + o_k) < K
+        b_x = tl.load(
+            x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_w = tl.load(
+            wg_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
+            mask=m_n[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        if USE_DOT:
+            # [BM, BK] @ [BK, BN] -> [BM, BN]
+            acc_g = tl.dot(b_x, tl.trans(b_w), acc_g, input_precision=DOT_PREC)
+        else:
+            acc_g += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
+    b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+    n_act = tl.sum(b_act.to(tl.int32), axis=0)
+    m_u = m_n & (n_act > 0)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    if tl.sum(n_act) > 0:
+        for k in range(0, K, BK):
+            m_k = (k + o_k) < K
+            b_x = tl.load(
+                x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
+                mask=m_m[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            # rows of W_up of units no token activates are not read
+            b_w = tl.load(
+                wu_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
+                mask=m_u[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+            else:
+                acc_u += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
+    tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
+    tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
+    tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
+    if UNIT_COUNTS:
+        tl.store(ucounts_ptr + o_n, n_act.to(tl.int64), mask=m_n)
+
+
+@triton.jit
+def _decode_down_kernel(
+    h_ptr,
+    wd_ptr,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
+    M,
+    N,
+    K,
+    NB,
+    NT,
+    KC,
+    NPS,
+    stride_wk,
+    stride_wn,
+    stride_ym,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BKD: tl.constexpr,
+    BND: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    if pid == KC * NSPLIT:
+        # statistics: per token, active units per tile from the per-block counts of stage 1
+        a_cnt = tl.zeros((), dtype=tl.int64)
+        a_l1 = tl.zeros((), dtype=tl.float32)
+        a_over = tl.zeros((), dtype=tl.int64)
+        o_t = tl.arange(0, TCH)
+        o_b = tl.arange(0, BPT)
+        for m in range(M):
+            over = tl.zeros((), dtype=tl.int32)
+            for t0 in range(0, NT, TCH):
+                i_b = (t0 + o_t)[:, None] * BPT + o_b[None, :]
+                m_b = i_b < NB
+                b_c = tl.load(bcnt_ptr + m * NB + i_b, mask=m_b, other=0)
+                b_l = tl.load(bl1_ptr + m * NB + i_b, mask=m_b, other=0.0)
+                c_t = tl.sum(b_c, axis=1)
+                over = tl.maximum(over, tl.max((c_t > S).to(tl.int32)))
+                a_cnt += tl.sum(c_t).to(tl.int64)
+                a_l1 += tl.sum(b_l)
+            a_over += over.to(tl.int64)
+        denom = tl.maximum(M, 1).to(tl.float32)
+        tl.store(l0_ptr, a_cnt.to(tl.float32) / denom)
+        tl.store(l1_ptr, a_l1 / denom)
+        tl.store(over_ptr, a_over)
+    else:
+        i_kc = pid // NSPLIT
+        i_s = pid % NSPLIT
+        o_k = i_kc * BKD + tl.arange(0, BKD)
+        m_k = o_k < K
+        n_lo = i_s * NPS
+        n_hi = tl.minimum(N, n_lo + NPS)
+        acc = tl.zeros((BM, BKD), dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, BND):
+            o_n = n0 + tl.arange(0, BND)
+            m_n = o_n < n_hi
+            b_h = tl.load(
+                h_ptr + i_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0
+            )
+            m_use = m_n & (tl.max((b_h != 0).to(tl.int32), axis=0) > 0)
+            # columns of W_down no token uses are not read
+            b_w = tl.load(
+                wd_ptr + o_k[:, None].to(tl.int64) * stride_wk + o_n[None, :].to(tl.int64) * stride_wn,
+                mask=m_k[:, None] & m_use[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                # [BM, BND] @ [BND, BKD] -> [BM, BKD]
+                acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=DOT_PREC)
+            else:
+                acc += tl.sum(b_h.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+        m_out = m_m[:, None] & m_k[None, :]
+        if NSPLIT == 1:
+            tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_out)
+        else:
+            p_part = part_ptr + (i_s * M + i_m[:, None]) * K + o_k[None, :]
+            tl.store(p_part, acc, mask=m_out)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(sem_ptr + i_kc, 1, sem="acq_rel", scope="gpu")
+            if ticket == NSPLIT - 1:
+                # last split of this K block: sum the partials in a fixed order (deterministic)
+                tot = tl.zeros((BM, BKD), dtype=tl.float32)
+                for s in range(NSPLIT):
+                    tot += tl.load(
+                        part_ptr + (s * M + i_m[:, None]) * K + o_k[None, :],
+                        mask=m_out,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], tot.to(OUT_DTYPE), mask=m_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _p2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+@dataclass
+class _CachedT:
+    ref: weakref.ref
+    version: int
+    value: torch.Tensor
+
+
+_DOWN_T: dict[int, _CachedT] = {}
+
+
+def down_t(w_down: torch.Tensor) -> torch.Tensor:
+    """``W_down^T [N, K]`` contiguous, for the prefill kernel's row reads.
+
+    If ``w_down`` is already a transposed view of a contiguous ``[N, K]`` tensor it is used as is;
+    otherwise a transposed copy is made once and cached per weight tensor (dropped with it, and
+    remade when the weight changes in place). Cost: one extra copy of W_down in memory.
+    """
+    wt = w_down.t()
+    if wt.is_contiguous():
+        return wt
+    key = id(w_down)
+    hit = _DOWN_T.get(key)
+    if hit is not None and hit.ref() is w_down and hit.version == w_down._version:
+        return hit.value
+    value = wt.contiguous()
+    _DOWN_T[key] = _CachedT(
+        weakref.ref(w_down, lambda _r, k=key: _DOWN_T.pop(k, None)), w_down._version, value
+    )
+    return value
+
+
+def _stats_bufs(device):
+    l0 = _alloc.empty((), dtype=torch.float32, device=device)
+    l1 = _alloc.empty((), dtype=torch.float32, device=device)
+    over = _alloc.empty((), dtype=torch.int64, device=device)
+    return l0, l1, over
+
+
+def _finalize(tok, M, device):
+    l0, l1, over = _stats_bufs(device)
+    _finalize_stats_kernel[(1,)](tok, M, l0, l1, over, BLOCK=1024, num_warps=4)
+    return l0, l1, over
+
+
+def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    NT = _cdiv(N, tile)
+    dev = x.device
+    counts = _alloc.empty((M, NT), dtype=torch.int32, device=dev)
+    values = _alloc.empty((M, NT, slots), dtype=x.dtype, device=dev)
+    columns = _alloc.empty((M, NT, slots), dtype=torch.int16, device=dev)
+    ucounts = torch.zeros(N, dtype=torch.int32, device=dev) if unit_counts else None
+    launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts)
+    wdt = down_t(w_down)
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    tok = _alloc.empty((M, 4), dtype=torch.float32, device=dev)
+    out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
+    bk = _p2(K)
+    # 16 x-elements per thread: K = 2048 -> 4 warps (the shape measured at 1.14-1.19 ns per pair)
+    warps = max(1, min(16, bk // 512))
+    _updown_kernel[(M,)](
+        x,
+        counts,
+        values,
+        columns,
+        w_gate,
+        w_up,
+        wdt,
+        y,
+        tok,
+        N,
+        K,
+        NT,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        OUT_DTYPE=out_dt,
+        BITS_DTYPE=bits_dt,
+        INF_BITS=inf_bits,
+        MAG_MASK=mag,
+        T=tile,
+        S=slots,
+        BK=bk,
+        num_warps=warps,
+    )
+    l0, l1, over = _finalize(tok, M, dev)
+    return y, l0, l1, over, ucounts
+
+
+def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    cfg = get_config("infer")
+    M, K = x.shape
+    N = w_gate.shape[0]
+    NT = _cdiv(N, tile)
+    dev = x.device
+    out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    use_dot = M > 1
+    bm = max(16, _p2(M)) if use_dot else 1
+    bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, tile)
+    bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+    NB = _cdiv(N, bn)
+    bkd = max(16, min(cfg.decode_down_bk, _p2(K)))
+    bnd = max(16, min(cfg.decode_down_bn, _p2(N)))
+    KC = _cdiv(K, bkd)
+    nsplit = max(1, min(cfg.decode_down_split, _cdiv(N, bnd)))
+    nps = _cdiv(_cdiv(N, nsplit), bnd) * bnd
+    nsplit = _cdiv(N, nps)
+    h = _alloc.empty((M, N), dtype=x.dtype, device=dev)
+    bcnt = _alloc.empty((M, NB), dtype=torch.int32, device=dev)
+    bl1 = _alloc.empty((M, NB), dtype=torch.float32, device=dev)
+    sem = _alloc.empty((KC,), dtype=torch.int32, device=dev)
+    ucounts = _alloc.empty((N,), dtype=torch.int64, device=dev) if unit_counts else None
+    _decode_gate_up_kernel[(NB,)](
+        x,
+        w_gate,
+        w_up,
+        h,
+        bcnt,
+        bl1,
+        ucounts if ucounts is not None else bcnt,
+        sem,
+        M,
+        N,
+        K,
+        NB,
+        KC,
+        x.stride(0),
+        x.stride(1),
+        OUT_DTYPE=out_dt,
+        BITS_DTYPE=bits_dt,
+        INF_BITS=inf_bits,
+        MAG_MASK=mag,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        USE_DOT=use_dot,
+        DOT_PREC=prec,
+        UNIT_COUNTS=unit_counts,
+        KC_P2=_p2(KC),
+        num_warps=4,
+    )
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    part = _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else y
+    l0, l1, over = _stats_bufs(dev)
+    bpt = tile // bn
+    _decode_down_kernel[(KC * nsplit + 1,)](
+        h,
+        w_down,
+        y,
+        part,
+        sem,
+        bcnt,
+        bl1,
+        l0,
+        l1,
+        over,
+        M,
+        N,
+        K,
+        NB,
+        NT,
+        KC,
+        nps,
+        w_down.stride(0),
+        w_down.stride(1),
+        y.stride(0),
+        OUT_DTYPE=out_dt,
+        BM=max(bm, 16) if use_dot else 1,
+        BKD=bkd,
+        BND=bnd,
+        NSPLIT=nsplit,
+        USE_DOT=use_dot,
+        DOT_PREC=prec,
+        S=slots,
+        BPT=bpt,
+        TCH=max(1, min(_p2(NT), 4096 // bpt)),
+        num_warps=4,
+    )
+    return y, l0, l1, over, ucounts
+
+
+def _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    g = F.linear(x, w_gate)
+    u = F.linear(x, w_up)
+    h = _alloc.empty((M, N), dtype=x.dtype, device=x.device)
+    tok = _alloc.empty((M, 4), dtype=torch.float32, device=x.device)
+    out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
+    bm = max(1, min(16, 1024 // tile))
+    _relu_mul_stats_kernel[(_cdiv(M, bm),)](
+        g,
+        u,
+        h,
+        tok,
+        M,
+        N,
+        OUT_DTYPE=out_dt,
+        BITS_DTYPE=bits_dt,
+        INF_BITS=inf_bits,
+        MAG_MASK=mag,
+        T=tile,
+        S=slots,
+        BM=bm,
+        num_warps=4,
+    )
+    y = F.linear(h, w_down)
+    l0, l1, over = _finalize(tok, M, x.device)
+    ucounts = ((g > 0) | torch.isnan(g)).sum(0) if unit_counts else None
+    return y, l0, l1, over, ucounts
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch: a per-weight density estimate that never synchronises with the host
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Density:
+    ref: weakref.ref
+    est: float | None = None
+    pinned: torch.Tensor | None = None
+    event: object = None
+
+
+_DENSITY: dict[int, _Density] = {}
+
+
+def _density_entry(w_gate: torch.Tensor) -> _Density:
+    key = id(w_gate)
+    d = _DENSITY.get(key)
+    if d is None or d.ref() is not w_gate:
+        d = _Density(weakref.ref(w_gate, lambda _r, k=key: _DENSITY.pop(k, None)))
+        _DENSITY[key] = d
+    return d
+
+
+def _poll(d: _Density) -> None:
+    """Folds a finished earlier measurement into the estimate (no host sync: reads pinned memory
+    only after its event has completed)."""
+    if d.event is not None and d.event.query():
+        v = float(d.pinned.item())
+        a = get_config("infer").ema
+        d.est = v if d.est is None else a * v + (1 - a) * d.est
+        d.event = None
+
+
+def _record(d: _Density, l0: torch.Tensor) -> None:
+    if d.event is not None or not l0.is_cuda:
+        if not l0.is_cuda:
+            d.est = float(l0)  # CPU (interpreter): values are ready
+        return
+    if d.pinned is None:
+        d.pinned = torch.empty((), dtype=torch.float32, pin_memory=True)
+    d.pinned.copy_(l0, non_blocking=True)
+    d.event = torch.cuda.Event()
+    d.event.record()
+
+
+def choose_path(M: int, N: int, active_per_token: float | None) -> str:
+    """``"prefill"``, ``"decode"`` or ``"dense"`` for M tokens, given the estimated active units
+    per token (None before any measurement: sparse)."""
+    cfg = get_config("infer")
+    sparse = "decode" if M <= cfg.decode_max_m else "prefill"
+    if active_per_token is None:
+        return sparse
+    if sparse == "prefill":
+        return "dense" if active_per_token > cfg.dense_above_prefill else sparse
+    # decode reads W_up/W_down rows of the union of the batch's active units
+    frac = min(1.0, active_per_token / max(N, 1))
+    union = 1.0 - (1.0 - frac) ** M
+    return "dense" if union * N > cfg.dense_above_decode * max(1.0, math.sqrt(M)) * 8 else sparse
+
+
+# ---------------------------------------------------------------------------------------------
+# custom op
+# ---------------------------------------------------------------------------------------------
+def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path):
+    if path == "reference" or not can_run_triton(x):
+        y, st = ffn_infer_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+        uc = st.unit_counts if unit_counts else None
+        return y, st.l0, st.l1.detach(), st.overflow_rows.to(torch.int64), uc
+    M = x.shape[0]
+    N = w_gate.shape[0]
+    d = _density_entry(w_gate)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if path == "auto":
+        if not capturing:
+            _poll(d)
+        path = choose_path(M, N, d.est)
+    if M == 0:
+        path = "dense"
+    # the kernels read rows of x and weights with unit inner stride
+    if x.stride(-1) != 1 or (x.is_cuda and (x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16)):
+        x = x.contiguous()
+    w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    if path == "prefill":
+        out = _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+    elif path == "decode":
+        out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+    else:
+        out = _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+    if not capturing and M > 0:
+        _record(d, out[1])
+    return out
+
+
+@torch.library.custom_op("twell::ffn_infer", mutates_args=())
+def _ffn_infer_op(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    tile: int,
+    slots: int,
+    unit_counts: bool,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, l0, l1, over, uc = _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path)
+    if uc is None:
+        uc = x.new_zeros((0,), dtype=torch.int64)
+    return y, l0, l1, over, uc.to(torch.int64)
+
+
+@_ffn_infer_op.register_fake
+def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, path):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    return (
+        x.new_empty((M, K)),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((), dtype=torch.int64),
+        x.new_empty((N if unit_counts else 0,), dtype=torch.int64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+def ffn_infer(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    tile: int = 256,
+    slots: int = 32,
+    return_stats: bool = True,
+    unit_counts: bool = False,
+    path: str = "auto",
+) -> tuple[torch.Tensor, FFNStats | None]:
+    """Inference forward of the gated-ReLU FFN: ``x [M, K] -> (y [M, K], FFNStats | None)``.
+
+    Args:
+        x: ``[M, K]`` float32, bfloat16 or float16 (any strides).
+        w_gate, w_up: ``[N, K]``; w_down: ``[K, N]`` (``nn.Linear`` layouts), x's dtype.
+        tile, slots: TwELL geometry (T, S) of the packing and of ``overflow_rows``.
+        return_stats: return :class:`twell.FFNStats` (``l0``, ``l1`` detached, ``overflow_rows``).
+        unit_counts: also count, per unit, the tokens that activate it (``stats.unit_counts``).
+        path: ``"auto"`` (by M and the measured density of earlier calls with these weights),
+            ``"prefill"``, ``"decode"``, ``"dense"`` or ``"reference"`` (plain torch).
+
+    No autograd (use ``twell.sparse_ffn`` for training). Exact for every input up to rounding:
+    overflowing tiles are recomputed and counted in ``stats.overflow_rows``.
+    """
+    K, N = check_ffn_args(x, w_gate, w_up, w_down)
+    check_tile_slots(tile, slots)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if N > MAX_COLUMNS:
+        raise ValueError(f"w_gate: N={N} exceeds the TwELL limit of {MAX_COLUMNS} units")
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    dt = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+    x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
+    with torch.no_grad():
+        y, l0, l1, over, uc = _ffn_infer_op(x, w_gate, w_up, w_down, tile, slots, unit_counts, path)
+    if not return_stats:
+        return y, None
+    return y, FFNStats(
+        l0=l0, l1=l1, overflow_rows=over, unit_counts=uc if unit_counts else None, tokens=x.shape[0]
+    )

@@ -1,0 +1,135 @@
+"""ffn_infer: every path (prefill, decode, dense, auto) against the float64 torch reference.
+
+CPU runs go through Triton's interpreter in float32 at small odd shapes; bf16/fp16 at model
+shapes, CUDA graphs and torch.compile are in test_infer_gpu.py.
+"""
+
+import pytest
+import torch
+
+from twell.ops.configs import override
+from twell.ops.ffn_infer import choose_path, down_t, ffn_infer
+from twell.ops.ffn_ref import sparse_ffn_ref
+from twell.testing import assert_close, make_sparse_ffn
+
+SPARSE_PATHS = ["prefill", "decode", "dense"]
+
+
+def _ref(x, wg, wu, wd, tile, slots):
+    """float64 reference (y, stats) and torch's own result in x's dtype (the error baseline)."""
+    y64, st = sparse_ffn_ref(
+        x.double(), wg.double(), wu.double(), wd.double(), tile=tile, slots=slots, unit_counts=True
+    )
+    y_torch, _ = sparse_ffn_ref(x, wg, wu, wd, tile=tile, slots=slots)
+    return y64, st, y_torch
+
+
+def _check(x, wg, wu, wd, tile, slots, path, stats=True):
+    y, st = ffn_infer(x, wg, wu, wd, tile=tile, slots=slots, path=path, unit_counts=True)
+    y64, sr, y_torch = _ref(x, wg, wu, wd, tile, slots)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, y64, name=f"y[{path}]", dtype=x.dtype, baseline=y_torch)
+    if stats:
+        assert float(st.l0) == pytest.approx(float(sr.l0), rel=1e-6), "l0"
+        assert float(st.l1) == pytest.approx(float(sr.l1), rel=1e-4), "l1"
+        assert int(st.overflow_rows) == int(sr.overflow_rows), "overflow_rows"
+        assert torch.equal(st.unit_counts.cpu(), sr.unit_counts.cpu()), "unit_counts"
+        assert st.tokens == x.shape[0]
+    return y, st
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize(
+    "M,K,N,active,tile,slots",
+    [(1, 16, 40, 3, 16, 2), (7, 96, 300, 10, 256, 32), (13, 16, 300, 12, 64, 4)],
+)
+def test_paths_match_reference(kdevice, poison, path, M, K, N, active, tile, slots):
+    x, wg, wu, wd = make_sparse_ffn(M, K, N, active, device=kdevice, seed=M + N)
+    _check(x, wg, wu, wd, tile, slots, path)
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("active", [0, 40])
+def test_zero_and_full_density(kdevice, poison, path, active):
+    # 0 active units (y = 0) and every unit active (every tile overflows: recomputed, counted)
+    x, wg, wu, wd = make_sparse_ffn(5, 16, 40, active, device=kdevice, seed=3)
+    y, st = _check(x, wg, wu, wd, 16, 4, path)
+    if active == 0:
+        assert not y.any()
+        assert int(st.overflow_rows) == 0
+    else:
+        assert int(st.overflow_rows) == 5
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+def test_dense_token_among_sparse_ones(kdevice, poison, path):
+    x, wg, wu, wd = make_sparse_ffn(9, 32, 200, 4, device=kdevice, seed=5)
+    x[4, 0] = -30.0  # column 0 carries the (negative) threshold: token 4 activates every unit
+    y, st = _check(x, wg, wu, wd, 64, 8, path)
+    assert int(st.overflow_rows) >= 1
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+def test_nan_token_stays_in_its_row(kdevice, poison, path):
+    x, wg, wu, wd = make_sparse_ffn(6, 32, 100, 5, device=kdevice, seed=7)
+    x[3, 7] = float("nan")
+    y, _ = ffn_infer(x, wg, wu, wd, tile=32, slots=4, path=path)
+    assert torch.isnan(y[3]).all()
+    keep = torch.tensor([0, 1, 2, 4, 5])
+    y64, _, y_torch = _ref(x[keep], wg, wu, wd, 32, 4)
+    assert_close(y[keep], y64, name=f"y[{path}] without the NaN token", dtype=x.dtype, baseline=y_torch)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_noncontiguous_inputs(kdevice, poison, path):
+    x, wg, wu, wd = make_sparse_ffn(7, 48, 120, 6, device=kdevice, seed=11)
+    xs = torch.stack([x, x], dim=2).reshape(7, 96)[:, ::2]  # stride 2 along K, same values
+    wds = wd.t().contiguous().t()  # W_down stored transposed (already [N, K] contiguous underneath)
+    y, _ = ffn_infer(xs, wg, wu, wds, tile=64, slots=8, path=path)
+    y64, _, y_torch = _ref(x, wg, wu, wd, 64, 8)
+    assert_close(y, y64, name="y", dtype=x.dtype, baseline=y_torch)
+
+
+def test_auto_dispatch_and_choose_path(kdevice, poison):
+    with override("infer", decode_max_m=4, dense_above_prefill=20.0):
+        assert choose_path(4, 1000, None) == "decode"
+        assert choose_path(5, 1000, None) == "prefill"
+        assert choose_path(5, 1000, 10.0) == "prefill"
+        assert choose_path(5, 1000, 500.0) == "dense"
+        assert choose_path(1, 1000, 5.0) == "decode"
+        x, wg, wu, wd = make_sparse_ffn(6, 16, 64, 40, device=kdevice, seed=2)
+        y1, _ = _check(x, wg, wu, wd, 16, 4, "auto")  # first call: sparse, measures ~40 active
+        y2, _ = _check(x, wg, wu, wd, 16, 4, "auto")  # second call: dense (40 > 20)
+        assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-6)
+
+
+def test_stats_optional_and_down_t_cache(kdevice):
+    x, wg, wu, wd = make_sparse_ffn(3, 16, 40, 4, device=kdevice)
+    y, st = ffn_infer(x, wg, wu, wd, tile=16, slots=4, return_stats=False)
+    assert st is None and y.shape == (3, 16)
+    t1 = down_t(wd)
+    assert down_t(wd) is t1 and torch.equal(t1, wd.t())
+    wd.mul_(2.0)  # an in-place change invalidates the cached transposed copy
+    assert torch.equal(down_t(wd), wd.t())
+
+
+def test_ffn_infer_opcheck(kdevice):
+    x, wg, wu, wd = make_sparse_ffn(5, 16, 40, 4, device=kdevice)
+    torch.library.opcheck(torch.ops.twell.ffn_infer.default, (x, wg, wu, wd, 16, 4, True, "prefill"))
+    torch.library.opcheck(torch.ops.twell.ffn_infer.default, (x, wg, wu, wd, 16, 4, False, "decode"))
+
+
+def test_ffn_infer_bad_input():
+    x, wg, wu, wd = make_sparse_ffn(3, 16, 40, 4)
+    with pytest.raises(ValueError, match="w_up"):
+        ffn_infer(x, wg, wu[:, :8], wd)
+    with pytest.raises(ValueError, match="w_down"):
+        ffn_infer(x, wg, wu, wd.t())
+    with pytest.raises(TypeError, match="w_gate"):
+        ffn_infer(x, wg.half(), wu, wd)
+    with pytest.raises(ValueError, match="x"):
+        ffn_infer(x.unsqueeze(0), wg, wu, wd)
+    with pytest.raises(ValueError, match="path"):
+        ffn_infer(x, wg, wu, wd, path="fast")
+    with pytest.raises(ValueError, match="tile"):
+        ffn_infer(x, wg, wu, wd, tile=100)
