@@ -55,11 +55,12 @@ class InferConfig:
     decode_down_bk: int = 128
     decode_down_bn: int = 64
     decode_down_split: int = 8
-    #: active units per token above which the dense path (3 cuBLAS GEMMs) is faster, by regime.
-    #: Prefill: the reference breaks even at ~65-70; decode: at batch 64 the union of active rows
-    #: is already most of W_up/W_down.
+    #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster
+    #: (the reference's per-token stage breaks even at ~65-70)
     dense_above_prefill: float = 64.0
-    dense_above_decode: float = 200.0
+    #: decode: fraction of units active in at least one token of the batch above which dense is
+    #: faster (sparse reads (1 + 2 union) / 3 of dense's bytes, at lower efficiency than cuBLAS)
+    decode_dense_union: float = 0.65
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
 

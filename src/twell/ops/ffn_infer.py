@@ -30,7 +30,6 @@ capture works (under capture the decision is frozen).
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -674,10 +673,11 @@ def choose_path(M: int, N: int, active_per_token: float | None) -> str:
         return sparse
     if sparse == "prefill":
         return "dense" if active_per_token > cfg.dense_above_prefill else sparse
-    # decode reads W_up/W_down rows of the union of the batch's active units
+    # decode reads all of W_gate plus the rows of W_up / columns of W_down of the union of the
+    # batch's active units: sparse bytes / dense bytes = (1 + 2 union/N) / 3
     frac = min(1.0, active_per_token / max(N, 1))
     union = 1.0 - (1.0 - frac) ** M
-    return "dense" if union * N > cfg.dense_above_decode * max(1.0, math.sqrt(M)) * 8 else sparse
+    return "dense" if union > cfg.decode_dense_union else sparse
 
 
 # ---------------------------------------------------------------------------------------------

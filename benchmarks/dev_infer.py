@@ -1,0 +1,223 @@
+"""Device timing of the inference kernels against the dense cuBLAS FFN (development script).
+
+Legend: M = tokens, K = model dim, N = FFN units, a = active units per token.
+
+Method (issue 4): 4 weight sets rotated round-robin (no call finds its weights in L2), device
+time of each call measured with CUDA events while every timed call is queued behind a ~50 ms
+GPU sleep (so host launch cost is not measured), median over the reps; dense = 3 ``F.linear``
+(cuBLAS) + relu * mul in the same run on the same data. Rows follow DESIGN section 7.
+
+Usage: ``PYTHONPATH=src python benchmarks/dev_infer.py --out results.jsonl [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from twell.ops.ffn_infer import ffn_infer
+from twell.ops.gate_pack import gate_pack_arrays
+from twell.testing import make_sparse_ffn
+
+SHAPES = {
+    "paper-2048x5632": (2048, 5632),
+    "llama3-8b-4096x14336": (4096, 14336),
+    "qwen2-0.5b-896x4864": (896, 4864),
+}
+#: measured roofs on the development H100 (research/reference-h100.md): bf16 GEMM and HBM copy
+PEAK_FLOPS = 765e12
+PEAK_BW = 3.0e12
+
+
+def _commit() -> str:
+    c = os.environ.get("TWELL_COMMIT")
+    if c:
+        return c
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def _bound(M, K, N, a):
+    """Dense time over sparse time in the roofline model of DESIGN section 5."""
+    dense = max(6 * M * K * N / PEAK_FLOPS, 3 * K * N * 2 / PEAK_BW)
+    union = N * (1 - (1 - min(a, N) / N) ** M)
+    sparse = max((2 * M * K * N + 4 * M * K * a) / PEAK_FLOPS, (K * N + 2 * K * union) * 2 / PEAK_BW)
+    return dense / sparse
+
+
+def _time(fns, reps):
+    """Median/p20/p80 device ms of calls fns[i % len(fns)], queued behind a GPU sleep."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    # time a first call to size the sleep (host must finish enqueueing before the GPU gets there)
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - t0) / len(fns)
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    sleep_s = min(1.0, max(0.05, 3 * reps * 300e-6))
+    torch.cuda._sleep(int(sleep_s * 1.7e9))
+    for i in range(reps):
+        start[i].record()
+        fns[i % len(fns)]()
+        end[i].record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
+    return q(0.5), q(0.2), q(0.8), per_call * 1e3
+
+
+def _weights(K, N, a, pattern, dtype, sets=4):
+    out = []
+    for s in range(sets):
+        _, wg, wu, wd = make_sparse_ffn(1, K, N, a, pattern=pattern, dtype=dtype, device="cuda", seed=100 + s)
+        out.append((wg, wu, wd))
+    return out
+
+
+def _x(M, K, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
+    x[:, 0] = 1.0
+    return x
+
+
+def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False):
+    K, N = SHAPES[shape]
+    W = _weights(K, N, a, pattern, dtype)
+    x = _x(M, K, dtype)
+    # measured active units per token (dense gate over all 4 weight sets)
+    with torch.no_grad():
+        act = sum(float((F.linear(x, wg) > 0).sum()) for wg, _, _ in W) / (4 * M)
+
+    def dense(i):
+        wg, wu, wd = W[i]
+        return lambda: F.linear(torch.relu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    def twell(i, path):
+        wg, wu, wd = W[i]
+        return lambda: ffn_infer(x, wg, wu, wd, path=path)
+
+    with torch.no_grad():
+        d_ms, d20, d80, d_host = _time([dense(i) for i in range(4)], reps)
+        results = [("dense", "dense", d_ms, d20, d80, d_host)]
+        for v in variants:
+            t = _time([twell(i, v) for i in range(4)], reps)
+            results.append(("twell", v, *t))
+        if gate:
+            g_ms = _time([(lambda wg=w[0]: F.linear(x, wg)) for w in W], reps)
+            results.append(("dense", "gate_gemm", *g_ms))
+            p_ms = _time([(lambda wg=w[0]: gate_pack_arrays(x, wg)) for w in W], reps)
+            results.append(("twell", "gate_pack", *p_ms))
+    bound = _bound(M, K, N, act)
+    for provider, variant, ms, p20, p80, host in results:
+        is_gate = variant in ("gate_gemm", "gate_pack")
+        ref = results[-2][2] if is_gate else d_ms
+        sp = ref / ms
+        row = {
+            "bench": "kernels",
+            "op": "gate_fwd" if is_gate else "ffn_fwd",
+            "shape": shape,
+            "K": K,
+            "N": N,
+            "M": M,
+            "active_per_token": round(act, 2),
+            "pattern": pattern,
+            "provider": provider,
+            "variant": variant,
+            "dtype": str(dtype).replace("torch.", ""),
+            "ms": ms,
+            "ms_p20": p20,
+            "ms_p80": p80,
+            "tokens_per_ms": M / ms,
+            "speedup_vs_dense": sp,
+            "bound": 1.0 if is_gate else bound,
+            "achieved_over_bound": sp / (1.0 if is_gate else bound),
+            "peak_mem_mib": None,
+            "energy_mj_per_token": None,
+            "host_ms_per_call": host,
+            "timing": "device-queued",
+            **env,
+        }
+        rows.append(row)
+        print(
+            f"{shape:22s} M={M:6d} a={act:6.1f} {pattern:6s} {provider:5s} {variant:9s} "
+            f"{ms:9.4f} ms  x{sp:5.2f}  bound {bound:4.2f}  host {host:.3f} ms",
+            flush=True,
+        )
+    torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": _commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(json.dumps(env), flush=True)
+    rows: list[dict] = []
+    P = "paper-2048x5632"
+    small = ["auto", "decode", "prefill"]
+    cases = [
+        (P, 1, 30, "iid", small, False),
+        (P, 8, 30, "iid", small, False),
+        (P, 64, 30, "iid", small, False),
+        (P, 256, 30, "iid", ["auto", "prefill", "decode"], False),
+        (P, 2048, 30, "iid", ["auto"], True),
+        (P, 16384, 30, "iid", ["auto"], True),
+        (P, 131072, 30, "iid", ["auto"], True),
+        (P, 1, 30, "skewed", ["auto"], False),
+        (P, 64, 30, "skewed", ["auto"], False),
+        (P, 2048, 30, "skewed", ["auto"], False),
+        (P, 16384, 30, "skewed", ["auto"], False),
+        (P, 1, 100, "iid", ["auto"], False),
+        (P, 64, 100, "iid", ["auto"], False),
+        (P, 2048, 100, "iid", ["auto", "prefill"], False),
+        (P, 16384, 100, "iid", ["auto", "prefill"], False),
+        (P, 8, 900, "iid", ["auto"], False),
+        (P, 256, 900, "iid", ["auto"], False),
+        (P, 2048, 900, "iid", ["auto"], False),
+        ("llama3-8b-4096x14336", 1, 30, "iid", ["auto"], False),
+        ("llama3-8b-4096x14336", 64, 30, "iid", ["auto"], False),
+        ("llama3-8b-4096x14336", 2048, 30, "iid", ["auto"], False),
+        ("llama3-8b-4096x14336", 16384, 30, "iid", ["auto"], False),
+        ("qwen2-0.5b-896x4864", 1, 30, "iid", ["auto"], False),
+        ("qwen2-0.5b-896x4864", 2048, 30, "iid", ["auto"], False),
+    ]
+    if args.quick:
+        cases = [c for c in cases if c[0] == P and c[2] == 30 and c[3] == "iid"]
+    for shape, M, a, pattern, variants, gate in cases:
+        try:
+            run_case(shape, M, a, pattern, dtype, args.reps, variants, env, rows, gate)
+        except Exception as e:  # record and go on: one failing case must not lose the others
+            print(f"FAILED {shape} M={M} a={a} {pattern}: {e!r}"[:800], flush=True)
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
