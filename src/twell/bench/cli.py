@@ -72,10 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--batch", type=int, default=None, help="sequences per batch")
     m.add_argument("--seq", type=int, default=None, help="prompt tokens per sequence")
     m.add_argument("--new-tokens", type=int, default=None, help="decode steps timed")
+    m.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions (default: the model benchmark's)"
+    )
     t = sub.add_parser("train", help="a training step (forward, backward, AdamW) dense vs sparse")
     _common(t, "train-tiny")
     t.add_argument("--batch", type=int, default=None, help="sequences per batch")
     t.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    t.add_argument(
+        "--reps", type=int, default=None, help="timed steps (default: sized from --target-ms, 3-20)"
+    )
     r = sub.add_parser("report", help="render BENCHMARKS.md tables and PNG plots from JSON rows")
     r.add_argument("inputs", nargs="*", default=["benchmarks/results"], help="jsonl files or directories")
     r.add_argument("--output", default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from .model_bench import ModelOptions, run_model_cases
 
-            opts = ModelOptions(**common)
+            opts = ModelOptions(**common, reps=args.reps)
             res = run_model_cases(cases, opts, bench=mode, out_dir=out_dir, console=console)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")

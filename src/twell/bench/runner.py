@@ -364,6 +364,116 @@ class BenchResult:
     path: Path | None = None
 
 
+class _Session:
+    """What every row of one run shares: environment, roofs, energy meter, output file, clock."""
+
+    def __init__(self, opts: BenchOptions, bench: str, out_dir, console):
+        self.opts = opts
+        self.bench = bench
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
+        self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self.t_start = time.perf_counter()
+        self.env = env_info(self.device)
+        self.say = console.print if console is not None else (lambda *a, **k: None)
+        env = self.env
+        self.say(
+            f"[bold]twell bench {bench}[/bold]: {env['gpu']} | CUDA {env['cuda']} | torch {env['torch']} | "
+            f"triton {env['triton']} | commit {env['commit']}"
+        )
+        self.roofs = measure_roofs(self.device, self.dtype, quick=opts.quick_roofs)
+        r = self.roofs
+        self.say(
+            f"roofs ({r.dtype}): matmul {r.matmul_tflops:.1f} TFLOP/s (n={r.matmul_n}), "
+            f"copy {r.copy_gbps:.1f} GB/s ({r.copy_mib:.0f} MiB, read+write)"
+        )
+        self.meter, why = open_meter(self.device) if opts.energy else (None, "disabled")
+        if opts.energy and self.meter is None and self.device.type == "cuda":
+            self.say(f"[yellow]energy not measured: {why}[/yellow]")
+        self.rows: list[dict] = []
+        self.skipped = 0
+        self.path = None
+        self._fh = None
+        if out_dir is not None:
+            self.path = default_out_path(out_dir, bench, env)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.path.open("a")
+
+    def over_budget(self) -> bool:
+        b = self.opts.time_budget_s
+        return b is not None and time.perf_counter() - self.t_start > b
+
+    def point(self, *, op, M, shape_name, K, N, pattern, target, act, xs, weights, dy, providers) -> None:
+        """Measures every provider at one (op, M, inputs) and records the rows."""
+        opts, roofs = self.opts, self.roofs
+        base = {
+            "bench": self.bench,
+            "op": op,
+            "shape": shape_name,
+            "K": int(K),
+            "N": int(N),
+            "M": int(M),
+            "active_per_token": float(act["active"]),
+            "target_active": float(target),
+            "pattern": pattern,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "union_density": float(act["union"]),
+            "tile_max": float(act["tile_max"]),
+            "overflow_rows": float(act["overflow_rows"]),
+            "layers": len(weights),
+            "roof_matmul_tflops": roofs.matmul_tflops,
+            "roof_copy_gbps": roofs.copy_gbps,
+        }
+        args = (op, M, K, N, act["active"], act["union"], roofs, self.elem)
+        bound = speedup_bound(*args)
+        floor_ms = sparse_floor_ms(*args)
+        provs = ["dense"] + [p for p in providers if p != "dense"]
+        if op == "ffn_fwdbwd":
+            provs = [p for p in provs if p != "reference"]
+        dense_ms = None
+        for prov in provs:
+            fns = _fns(op, prov, xs, weights, opts, dy)
+            res = _measure_provider(fns, self.device, opts, op, M, self.meter)
+            if prov == "dense":
+                dense_ms = res["ms"]
+            if prov == "twell":
+                res["twell_path"] = _twell_path(op, self.device, N)
+            row = _row(self.env, base, res, prov, dense_ms, bound, floor_ms)
+            check_row(row)
+            self.rows.append(row)
+            if self._fh is not None:
+                self._fh.write(json.dumps(row) + "\n")
+                self._fh.flush()
+            self.say(_progress_line(row))
+            del fns
+
+    def close(self) -> BenchResult:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.skipped:
+            self.say(
+                f"[yellow]time budget of {self.opts.time_budget_s:.0f} s reached: "
+                f"{self.skipped} (M, op) points skipped[/yellow]"
+            )
+        return BenchResult(self.rows, self.env, self.roofs, self.path)
+
+
+def _check_cases(cases: list[Case], opts: BenchOptions) -> None:
+    for c in cases:
+        bad = [o for o in c.ops if o not in KERNEL_OPS]
+        if bad:
+            raise ValueError(f"ops: {bad} are not kernel ops {KERNEL_OPS} (use the model or train modes)")
+        if "reference" in c.providers and opts.reference is None:
+            raise ValueError(
+                "reference: the 'reference' provider needs a callable (--reference module:function)"
+            )
+        shape = get_shape(c.shape)
+        big = [a for a in c.actives if a > shape.N]
+        if big:
+            raise ValueError(f"actives: {big} exceed N={shape.N} of shape {shape.name}")
+
+
 def run_cases(
     cases: Iterable[Case],
     opts: BenchOptions | None = None,
@@ -376,50 +486,17 @@ def run_cases(
     ``<out_dir>/kernels-<device>-<time>.jsonl`` as they are measured, so an interrupted run keeps
     what it measured."""
     opts = opts or BenchOptions()
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
     cases = list(cases)
-    for c in cases:
-        bad = [o for o in c.ops if o not in KERNEL_OPS]
-        if bad:
-            raise ValueError(f"ops: {bad} are not kernel ops {KERNEL_OPS} (use the model or train modes)")
-        if "reference" in c.providers and opts.reference is None:
-            raise ValueError(
-                "reference: the 'reference' provider needs a callable (--reference module:function)"
-            )
-    t_start = time.perf_counter()
-    env = env_info(device)
-    say = console.print if console is not None else (lambda *a, **k: None)
-    say(
-        f"[bold]twell bench {bench}[/bold]: {env['gpu']} | CUDA {env['cuda']} | torch {env['torch']} | "
-        f"triton {env['triton']} | commit {env['commit']}"
-    )
-    roofs = measure_roofs(device, dtype, quick=opts.quick_roofs)
-    say(
-        f"roofs ({roofs.dtype}): matmul {roofs.matmul_tflops:.1f} TFLOP/s (n={roofs.matmul_n}), "
-        f"copy {roofs.copy_gbps:.1f} GB/s ({roofs.copy_mib:.0f} MiB, read+write)"
-    )
-    meter, why = open_meter(device) if opts.energy else (None, "disabled")
-    if opts.energy and meter is None and device.type == "cuda":
-        say(f"[yellow]energy not measured: {why}[/yellow]")
-    elem = torch.empty((), dtype=dtype).element_size()
-    rows: list[dict] = []
-    fh = None
-    out_path = None
-    if out_dir is not None:
-        out_path = default_out_path(out_dir, bench, env)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = out_path.open("a")
-    skipped = 0
+    _check_cases(cases, opts)
+    ses = _Session(opts, bench, out_dir, console)
+    device, dtype = ses.device, ses.dtype
     try:
         for case in cases:
             shape = get_shape(case.shape)
             for pattern in case.patterns:
                 for a in case.actives:
-                    if a > shape.N:
-                        raise ValueError(f"actives: {a} exceeds N={shape.N} of shape {shape.name}")
-                    if opts.time_budget_s is not None and time.perf_counter() - t_start > opts.time_budget_s:
-                        skipped += len(case.Ms) * len(case.ops)
+                    if ses.over_budget():
+                        ses.skipped += len(case.Ms) * len(case.ops)
                         continue
                     weights, x = _make_inputs(shape, a, pattern, max(case.Ms), opts, device, dtype)
                     activity = _activity(x, weights, case.Ms, opts.tile, opts.slots)
@@ -429,66 +506,30 @@ def run_cases(
                         g.manual_seed(opts.seed + 2000)
                         dy = torch.randn(max(case.Ms), shape.K, generator=g, device=device).to(dtype)
                     for M in case.Ms:
-                        act = activity[M]
                         for op in case.ops:
-                            if (
-                                opts.time_budget_s is not None
-                                and time.perf_counter() - t_start > opts.time_budget_s
-                            ):
-                                skipped += 1
+                            if ses.over_budget():
+                                ses.skipped += 1
                                 continue
-                            xs = [x[:M]] * len(weights)
-                            base = {
-                                "bench": bench,
-                                "op": op,
-                                "shape": shape.name,
-                                "K": shape.K,
-                                "N": shape.N,
-                                "M": int(M),
-                                "active_per_token": float(act["active"]),
-                                "target_active": float(a),
-                                "pattern": pattern,
-                                "dtype": str(dtype).replace("torch.", ""),
-                                "union_density": float(act["union"]),
-                                "tile_max": float(act["tile_max"]),
-                                "overflow_rows": float(act["overflow_rows"]),
-                                "layers": len(weights),
-                                "roof_matmul_tflops": roofs.matmul_tflops,
-                                "roof_copy_gbps": roofs.copy_gbps,
-                            }
-                            args = (op, M, shape.K, shape.N, act["active"], act["union"], roofs, elem)
-                            bound = speedup_bound(*args)
-                            floor_ms = sparse_floor_ms(*args)
-                            provs = ["dense"] + [p for p in case.providers if p != "dense"]
-                            if op == "ffn_fwdbwd":
-                                provs = [p for p in provs if p != "reference"]
-                            dense_ms = None
-                            for prov in provs:
-                                fns = _fns(op, prov, xs, weights, opts, dy)
-                                res = _measure_provider(fns, device, opts, op, M, meter)
-                                if prov == "dense":
-                                    dense_ms = res["ms"]
-                                if prov == "twell":
-                                    res["twell_path"] = _twell_path(op, device, shape.N)
-                                row = _row(env, base, res, prov, dense_ms, bound, floor_ms)
-                                check_row(row)
-                                rows.append(row)
-                                if fh is not None:
-                                    fh.write(json.dumps(row) + "\n")
-                                    fh.flush()
-                                say(_progress_line(row))
-                                del fns
+                            ses.point(
+                                op=op,
+                                M=M,
+                                shape_name=shape.name,
+                                K=shape.K,
+                                N=shape.N,
+                                pattern=pattern,
+                                target=a,
+                                act=activity[M],
+                                xs=[x[:M]] * len(weights),
+                                weights=weights,
+                                dy=dy,
+                                providers=case.providers,
+                            )
                     del weights, x, dy
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     finally:
-        if fh is not None:
-            fh.close()
-    if skipped:
-        say(
-            f"[yellow]time budget of {opts.time_budget_s:.0f} s reached: {skipped} (case, M, op) skipped[/yellow]"
-        )
-    return BenchResult(rows, env, roofs, out_path)
+        res = ses.close()
+    return res
 
 
 def _progress_line(row: dict) -> str:
