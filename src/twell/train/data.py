@@ -11,6 +11,7 @@ anything bigger (``streaming=True``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -335,14 +336,27 @@ def build_data(
             def encode(batch):
                 return {"ids": tokenize(batch[cfg.text_field])}
 
-            cols = train_docs.column_names
-            train_ids = train_docs.map(encode, batched=True, remove_columns=cols, desc="tokenizing")
-            train_tokens = _concat(train_ids, "ids", eos)
+            def tokenized(ds):
+                # an explicit fingerprint (data x tokenizer x field) so that `datasets` reuses its cache:
+                # hashing the closure is not stable across processes (7 s re-tokenizing per run)
+                key = f"{ds._fingerprint}|{tok_key}|{cfg.text_field}"
+                fp = hashlib.sha256(key.encode()).hexdigest()[:16]
+                cols = ds.column_names
+                return ds.map(
+                    encode, batched=True, remove_columns=cols, desc="tokenizing", new_fingerprint=fp
+                )
+
+            ident = (
+                tok.backend_tokenizer.to_str()
+                if getattr(tok, "is_fast", False)
+                else f"{tok.name_or_path}|{len(tok)}"
+            )
+            tok_key = hashlib.sha256(ident.encode()).hexdigest()
+            train_tokens = _concat(tokenized(train_docs), "ids", eos)
             train = PackedBlocks(train_tokens, cfg.seq_len, seed=cfg.seed)
             val = None
             if val_docs is not None:
-                val_ids = val_docs.map(encode, batched=True, remove_columns=cols, desc="tokenizing")
-                vt = _concat(val_ids, "ids", eos)
+                vt = _concat(tokenized(val_docs), "ids", eos)
                 nv = min(vt.numel() // cfg.seq_len, cfg.val_blocks)
                 val = vt[: nv * cfg.seq_len].view(nv, cfg.seq_len).long() if nv else None
             info = {

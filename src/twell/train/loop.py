@@ -171,7 +171,8 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
     import twell
 
     accelerator = Accelerator(
-        cpu=cfg.cpu,
+        # without CUDA, only cpu=True makes accelerate join a multi-process (gloo) launch
+        cpu=cfg.cpu or not torch.cuda.is_available(),
         mixed_precision=_precision(cfg),
         log_with=_trackers(cfg) or None,
         project_dir=cfg.output_dir,
