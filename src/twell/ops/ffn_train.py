@@ -1,0 +1,769 @@
+"""Training forward and backward of the gated-ReLU FFN on the gate's sparsity pattern.
+
+Legend: M = tokens, K = model dim, N = FFN units, W = row capacity of the packed pattern,
+NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32) pattern words per unit,
+E = M * W capacity of the by-unit index.
+
+    g = x @ W_gate^T (cuBLAS)         h = relu(g) * u,  u = x @ W_up^T only where g > 0
+    y = h @ W_down^T                  l1 = sum |h| / M, l0 = nnz / M
+
+What the forward keeps for the backward (no dense [M, N] tensor):
+  ``cols``  int32 [M, W]   the first min(count, W) active units of each row, by unit
+  ``cnt``   int32 [M]      true number of active units of each row
+  ``bits``  int32 [M, NW]  the whole pattern as a bitmask (bit n % 32 of word n // 32)
+Rows with ``cnt > W`` are walked through ``bits``, so every row is exact whatever its density;
+the bitmask costs M * N / 8 bytes (11.5 MB at M = 16384, N = 5632).
+g and u are not stored: the backward kernels load the W_gate and W_up rows of each active unit
+anyway (for dx and for dW_gate / dW_up), so recomputing the two dot products costs arithmetic
+only, no memory traffic.
+
+Backward, exact on the stored pattern (per active (m, n)):
+    dh = dy[m] . W_down[:, n] + (dl1 / M) * sign(h)      du = dh * relu(g)      dg = dh * u
+    dx[m] = sum_n dg W_gate[n] + du W_up[n]              (one program per row)
+    dW_gate[n] = sum_m dg x[m], dW_up[n] = sum_m du x[m], dW_down[:, n] = sum_m h dy[m]
+The weight gradients walk a by-unit index (units, then rows in increasing order) built on the
+device from the bitmask by a bit transpose and a counting sort; units whose index does not fit
+the capacity E walk the transposed bitmask instead. No step reads a size back to the host.
+
+Determinism: with ``deterministic=True`` (default: ``torch.are_deterministic_algorithms_enabled()``)
+every sum runs in a fixed order (one program per unit for the weight gradients); otherwise the
+weight gradients are split in equal chunks of the by-unit index for load balance, and chunks
+meeting at a unit are added with fp32 atomics.
+
+Dense dispatch: when the density measured by a previous call on the same weights is above
+``TrainConfig.dense_density``, the call runs the dense torch path (cuBLAS, same statistics).
+The measured density reaches the host through a pinned copy and a CUDA event that is only
+queried, never waited on, so no call synchronises.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _alloc
+from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
+from ..stats import FFNStats
+from ._triton import can_run_triton
+from .ffn_ref import sparse_ffn_ref
+
+__all__ = [
+    "TrainConfig",
+    "CONFIG",
+    "ffn_train",
+    "ffn_train_ref",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of the training kernels (tests and benchmarks may change the module's ``CONFIG``).
+
+    row_capacity: W, active units per row kept in the packed row index; rows above it are walked
+        through the bitmask (exact, slower per entry).
+    chunk: entries of the by-unit index per weight-gradient program in the non-deterministic mode.
+    dense_density: a call whose weights last measured a density above this runs the dense path.
+    """
+
+    row_capacity: int = 256
+    chunk: int = 256
+    dense_density: float = 0.05
+
+
+CONFIG = TrainConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (plain torch)
+# ---------------------------------------------------------------------------------------------
+def ffn_train_ref(x, w_gate, w_up, w_down, *, tile: int = 256, slots: int = 32, unit_counts: bool = False):
+    """The dense torch path: ``x [M, K]`` -> ``(y [M, K], FFNStats)`` through autograd."""
+    return sparse_ffn_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ctz(lsb):
+    # index of the single set bit of lsb (an int64 power of two below 2^32)
+    r = ((lsb & 0xFFFF0000) != 0).to(tl.int64) * 16
+    r += ((lsb & 0xFF00FF00) != 0).to(tl.int64) * 8
+    r += ((lsb & 0xF0F0F0F0) != 0).to(tl.int64) * 4
+    r += ((lsb & 0xCCCCCCCC) != 0).to(tl.int64) * 2
+    r += ((lsb & 0xAAAAAAAA) != 0).to(tl.int64)
+    return r
+
+
+@triton.jit
+def _pack_rows_kernel(
+    g_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    ovf_ptr,
+    ucnt_ptr,
+    N,
+    NW,
+    W,
+    S,
+    T: tl.constexpr,
+    BN: tl.constexpr,
+    UNIT_COUNTS: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    p_g = g_ptr + i_m * N
+    n_act = tl.sum(tl.zeros([BN], dtype=tl.int32), axis=0)
+    ovf = n_act
+    run = n_act
+    for c0 in range(0, N, BN):
+        o_n = c0 + tl.arange(0, BN)
+        m_n = o_n < N
+        b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
+        b_a = ((b_g > 0) | (b_g != b_g)) & m_n
+        b_one = b_a.to(tl.int32)
+        b_rank = n_act + tl.cumsum(b_one, axis=0) - 1
+        tl.store(cols_ptr + i_m * W + b_rank, o_n, mask=b_a & (b_rank < W))
+        if UNIT_COUNTS:
+            tl.atomic_add(ucnt_ptr + o_n, b_one, mask=b_a)
+        # [BN // 32, 32] view of the same chunk for the bitmask words
+        o_w = c0 // 32 + tl.arange(0, BN // 32)
+        o_2 = o_w[:, None] * 32 + tl.arange(0, 32)[None, :]
+        m_2 = o_2 < N
+        b_g2 = tl.load(p_g + o_2, mask=m_2, other=0.0)
+        b_a2 = (((b_g2 > 0) | (b_g2 != b_g2)) & m_2).to(tl.int64)
+        b_w = tl.sum(b_a2 << tl.arange(0, 32)[None, :].to(tl.int64), axis=1)
+        tl.store(bits_ptr + i_m * NW + o_w, b_w.to(tl.int32), mask=o_w < NW)
+        # TwELL overflow statistic: a tile of T columns with more than S active units
+        if T <= BN:
+            b_t = tl.sum(tl.reshape(b_one, (BN // T, T)), axis=1)
+            ovf = ovf | (tl.max(b_t, axis=0) > S).to(tl.int32)
+        else:
+            run += tl.sum(b_one, axis=0)
+            if ((c0 + BN) % T == 0) | (c0 + BN >= N):
+                ovf = ovf | (run > S).to(tl.int32)
+                run = run * 0
+        n_act += tl.sum(b_one, axis=0)
+    tl.store(cnt_ptr + i_m, n_act)
+    tl.store(ovf_ptr + i_m, ovf)
+
+
+@triton.jit
+def _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K):
+    b_g = tl.load(g_row + n).to(tl.float32)
+    b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_u = tl.sum(b_x * b_wu, axis=0)
+    b_h = b_g * b_u
+    b_wd = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    return b_y + b_h * b_wd, l1 + tl.abs(b_h)
+
+
+@triton.jit
+def _fwd_rows_kernel(
+    x_ptr,
+    g_ptr,
+    wu_ptr,
+    wdt_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    y_ptr,
+    l1_ptr,
+    N,
+    K,
+    NW,
+    W,
+    BK: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_y = tl.zeros([BK], dtype=tl.float32)
+    l1 = tl.sum(b_y, axis=0)
+    g_row = g_ptr + i_m * N
+    n_act = tl.load(cnt_ptr + i_m)
+    if n_act <= W:
+        for j in range(0, n_act):
+            n = tl.load(cols_ptr + i_m * W + j).to(tl.int64)
+            b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
+    else:
+        for i_w in range(0, NW):
+            word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
+            while word != 0:
+                lsb = word & (-word)
+                n = i_w * 32 + _ctz(lsb)
+                b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
+                word = word ^ lsb
+    tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
+    tl.store(l1_ptr + i_m, l1)
+
+
+@triton.jit
+def _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K):
+    b_wg = tl.load(wg_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_wd = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.sum(b_x * b_wg, axis=0)
+    b_u = tl.sum(b_x * b_wu, axis=0)
+    b_dh = tl.sum(b_dy * b_wd, axis=0)
+    # d|h|/dh = sign(h) = sign(u), since g > 0 on the pattern
+    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+    return b_dx + (b_dh * b_u) * b_wg + (b_dh * b_g) * b_wu
+
+
+@triton.jit
+def _bwd_rows_kernel(
+    x_ptr,
+    dy_ptr,
+    wg_ptr,
+    wu_ptr,
+    wdt_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    c1_ptr,
+    dx_ptr,
+    K,
+    NW,
+    W,
+    BK: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    c1 = tl.load(c1_ptr)
+    b_dx = tl.zeros([BK], dtype=tl.float32)
+    n_act = tl.load(cnt_ptr + i_m)
+    if n_act <= W:
+        for j in range(0, n_act):
+            n = tl.load(cols_ptr + i_m * W + j).to(tl.int64)
+            b_dx = _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K)
+    else:
+        for i_w in range(0, NW):
+            word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
+            while word != 0:
+                lsb = word & (-word)
+                n = i_w * 32 + _ctz(lsb)
+                b_dx = _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K)
+                word = word ^ lsb
+    tl.store(dx_ptr + i_m * K + o_k, b_dx, mask=m_k)
+
+
+@triton.jit
+def _transpose_bits_kernel(bits_ptr, tbits_ptr, ucnt_ptr, M, NW, MW):
+    # one 32 x 32 bit block: rows 32*i_mw.., units 32*i_w..
+    i_mw = tl.program_id(0).to(tl.int64)
+    i_w = tl.program_id(1).to(tl.int64)
+    o_r = tl.arange(0, 32)
+    m_r = i_mw * 32 + o_r < M
+    b_row = tl.load(bits_ptr + (i_mw * 32 + o_r) * NW + i_w, mask=m_r, other=0).to(tl.int64) & 0xFFFFFFFF
+    o_b = tl.arange(0, 32).to(tl.int64)
+    b_bit = (b_row[:, None] >> o_b[None, :]) & 1  # [32 rows, 32 units]
+    b_t = tl.sum(b_bit << o_r[:, None].to(tl.int64), axis=0)  # [32 units]
+    tl.store(tbits_ptr + (i_w * 32 + o_b) * MW + i_mw, b_t.to(tl.int32))
+    tl.atomic_add(ucnt_ptr + i_w * 32 + o_b, tl.sum(b_bit, axis=0).to(tl.int32))
+
+
+@triton.jit
+def _fill_units_kernel(tbits_ptr, uoff_ptr, rows_ptr, units_ptr, MW, E, BW: tl.constexpr):
+    # counting sort: unit n's rows, in increasing order, at [uoff[n], uoff[n + 1]); positions past
+    # the capacity E are dropped here (those units are walked through the transposed bitmask)
+    i_n = tl.program_id(0).to(tl.int64)
+    base = tl.load(uoff_ptr + i_n)
+    if base < E:
+        o_i = tl.arange(0, BW * 32)
+        for w0 in range(0, MW, BW):
+            o_w = w0 + o_i // 32
+            word = tl.load(tbits_ptr + i_n * MW + o_w, mask=o_w < MW, other=0).to(tl.int64) & 0xFFFFFFFF
+            b_a = ((word >> (o_i % 32).to(tl.int64)) & 1).to(tl.int32)
+            b_rank = base + tl.cumsum(b_a, axis=0) - 1
+            m_s = (b_a != 0) & (b_rank < E)
+            tl.store(rows_ptr + b_rank, (w0 * 32 + o_i).to(tl.int32), mask=m_s)
+            tl.store(units_ptr + b_rank, tl.zeros([BW * 32], dtype=tl.int32) + i_n.to(tl.int32), mask=m_s)
+            base += tl.sum(b_a, axis=0)
+
+
+@triton.jit
+def _wgrad_entry(m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K):
+    b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.sum(b_x * b_wg, axis=0)
+    b_u = tl.sum(b_x * b_wu, axis=0)
+    b_dh = tl.sum(b_dy * b_wd, axis=0)
+    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+    return a_g + (b_dh * b_u) * b_x, a_u + (b_dh * b_g) * b_x, a_d + (b_g * b_u) * b_dy
+
+
+@triton.jit
+def _wgrad_units_kernel(
+    x_ptr,
+    dy_ptr,
+    wg_ptr,
+    wu_ptr,
+    wdt_ptr,
+    rows_ptr,
+    ucnt_ptr,
+    uoff_ptr,
+    tbits_ptr,
+    c1_ptr,
+    dwg_ptr,
+    dwu_ptr,
+    dwdt_ptr,
+    K,
+    MW,
+    E,
+    ONLY_SPILLED: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # one program per unit, whole list in row order (deterministic); with ONLY_SPILLED, only
+    # the units whose index did not fit E (the chunked kernel does the others)
+    i_n = tl.program_id(0).to(tl.int64)
+    start = tl.load(uoff_ptr + i_n)
+    stop = start + tl.load(ucnt_ptr + i_n)
+    spilled = stop > E
+    if spilled | (not ONLY_SPILLED):
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        c1 = tl.load(c1_ptr)
+        b_wg = tl.load(wg_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_wu = tl.load(wu_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_wd = tl.load(wdt_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        a_g = tl.zeros([BK], dtype=tl.float32)
+        a_u = tl.zeros([BK], dtype=tl.float32)
+        a_d = tl.zeros([BK], dtype=tl.float32)
+        if not spilled:
+            for p in range(start, stop):
+                m = tl.load(rows_ptr + p).to(tl.int64)
+                a_g, a_u, a_d = _wgrad_entry(
+                    m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
+                )
+        else:
+            for i_w in range(0, MW):
+                word = tl.load(tbits_ptr + i_n * MW + i_w).to(tl.int64) & 0xFFFFFFFF
+                while word != 0:
+                    lsb = word & (-word)
+                    m = i_w * 32 + _ctz(lsb)
+                    a_g, a_u, a_d = _wgrad_entry(
+                        m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
+                    )
+                    word = word ^ lsb
+        tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+        tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+        tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
+
+
+@triton.jit
+def _wgrad_chunks_kernel(
+    x_ptr,
+    dy_ptr,
+    wg_ptr,
+    wu_ptr,
+    wdt_ptr,
+    rows_ptr,
+    units_ptr,
+    ucnt_ptr,
+    uoff_ptr,
+    c1_ptr,
+    dwg_ptr,
+    dwu_ptr,
+    dwdt_ptr,
+    K,
+    N,
+    E,
+    CHUNK: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # entries [c * CHUNK, (c + 1) * CHUNK) of the by-unit index; per unit run, one fp32
+    # atomic add per gradient row at the end of the run
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    total = tl.load(uoff_ptr + N)
+    stop = tl.minimum(tl.minimum(start + CHUNK, total), E)
+    if start < stop:
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        c1 = tl.load(c1_ptr)
+        cur = tl.load(units_ptr + start).to(tl.int64)
+        live = tl.load(uoff_ptr + cur) + tl.load(ucnt_ptr + cur) <= E
+        b_wg = tl.load(wg_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_wu = tl.load(wu_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_wd = tl.load(wdt_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        a_g = tl.zeros([BK], dtype=tl.float32)
+        a_u = tl.zeros([BK], dtype=tl.float32)
+        a_d = tl.zeros([BK], dtype=tl.float32)
+        for p in range(start, stop):
+            n = tl.load(units_ptr + p).to(tl.int64)
+            if n != cur:
+                if live:
+                    tl.atomic_add(dwg_ptr + cur * K + o_k, a_g, mask=m_k)
+                    tl.atomic_add(dwu_ptr + cur * K + o_k, a_u, mask=m_k)
+                    tl.atomic_add(dwdt_ptr + cur * K + o_k, a_d, mask=m_k)
+                cur = n
+                live = tl.load(uoff_ptr + cur) + tl.load(ucnt_ptr + cur) <= E
+                b_wg = tl.load(wg_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                b_wu = tl.load(wu_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                b_wd = tl.load(wdt_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                a_g = a_g * 0.0
+                a_u = a_u * 0.0
+                a_d = a_d * 0.0
+            if live:
+                m = tl.load(rows_ptr + p).to(tl.int64)
+                a_g, a_u, a_d = _wgrad_entry(
+                    m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
+                )
+        if live:
+            tl.atomic_add(dwg_ptr + cur * K + o_k, a_g, mask=m_k)
+            tl.atomic_add(dwu_ptr + cur * K + o_k, a_u, mask=m_k)
+            tl.atomic_add(dwdt_ptr + cur * K + o_k, a_d, mask=m_k)
+
+
+_KERNELS = {
+    "pack": _pack_rows_kernel,
+    "fwd": _fwd_rows_kernel,
+    "bwd": _bwd_rows_kernel,
+    "transpose": _transpose_bits_kernel,
+    "fill": _fill_units_kernel,
+    "wgrad_units": _wgrad_units_kernel,
+    "wgrad_chunks": _wgrad_chunks_kernel,
+}
+
+
+def _k(name: str):
+    return _KERNELS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _row_capacity(N: int) -> int:
+    return max(1, min(N, CONFIG.row_capacity))
+
+
+def _bk(K: int) -> tuple[int, int]:
+    """Block over K (the whole row in registers) and warps: 4 warps up to K = 2048, 8 above."""
+    bk = triton.next_power_of_2(K)
+    return bk, 4 if bk <= 2048 else 8
+
+
+def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    W = _row_capacity(N)
+    NW = (N + 31) // 32
+    dev = x.device
+    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
+    cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
+    cnt = _alloc.empty((M,), dtype=torch.int32, device=dev)
+    bits = _alloc.empty((M, NW), dtype=torch.int32, device=dev)
+    ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
+    ucnt = torch.zeros((N if unit_counts else 1,), dtype=torch.int32, device=dev)
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
+    if M > 0:
+        _k("pack")[(M,)](
+            g,
+            cols,
+            cnt,
+            bits,
+            ovf,
+            ucnt,
+            N,
+            NW,
+            W,
+            slots,
+            T=tile,
+            BN=max(256, min(tile, 1024)),
+            UNIT_COUNTS=unit_counts,
+            num_warps=4,
+        )
+        wdt = w_down.t().contiguous()  # [N, K]: row n of W_down^T is contiguous
+        bk, nw = _bk(K)
+        _k("fwd")[(M,)](x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W, BK=bk, num_warps=nw)
+    l1 = l1_rows.sum() / max(M, 1)
+    nnz = cnt.sum(dtype=torch.int64)
+    over = ovf.sum(dtype=torch.int64)
+    uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
+    return y, l1, nnz, over, uc, cols, cnt, bits
+
+
+def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    W = cols.shape[1]
+    NW = bits.shape[1]
+    MW = (M + 31) // 32
+    dev = x.device
+    dx = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    if M == 0:
+        z = torch.zeros_like(w_gate)
+        return dx, z, torch.zeros_like(w_up), torch.zeros_like(w_down)
+    dy = dy.contiguous()
+    c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
+    wdt = w_down.t().contiguous()
+    bk, nw = _bk(K)
+    _k("bwd")[(M,)](x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, K, NW, W, BK=bk, num_warps=nw)
+    # by-unit index: bit transpose, per-unit counts, exclusive prefix, counting sort by unit
+    tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
+    ucnt = torch.zeros((NW * 32,), dtype=torch.int32, device=dev)
+    _k("transpose")[(MW, NW)](bits, tbits, ucnt, M, NW, MW, num_warps=1)
+    ucnt = ucnt[:N]
+    uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
+    torch.cumsum(ucnt, 0, out=uoff[1:])
+    E = M * W
+    rows = _alloc.empty((E,), dtype=torch.int32, device=dev)
+    units = _alloc.empty((E,), dtype=torch.int32, device=dev)
+    _k("fill")[(N,)](tbits, uoff, rows, units, MW, E, BW=8, num_warps=4)
+    if deterministic:
+        dwg = torch.empty_like(w_gate)
+        dwu = torch.empty_like(w_up)
+        dwdt = _alloc.empty((N, K), dtype=w_down.dtype, device=dev)
+        _k("wgrad_units")[(N,)](
+            x,
+            dy,
+            w_gate,
+            w_up,
+            wdt,
+            rows,
+            ucnt,
+            uoff,
+            tbits,
+            c1,
+            dwg,
+            dwu,
+            dwdt,
+            K,
+            MW,
+            E,
+            ONLY_SPILLED=False,
+            BK=bk,
+            num_warps=nw,
+        )
+        return dx, dwg, dwu, dwdt.t().contiguous()
+    # fp32 accumulators (chunks meeting at a unit add atomically); three separate buffers so that
+    # fp32 outputs do not alias each other
+    a_g, a_u, a_dt = (torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
+    chunk = CONFIG.chunk
+    _k("wgrad_chunks")[((E + chunk - 1) // chunk,)](
+        x, dy, w_gate, w_up, wdt, rows, units, ucnt, uoff, c1, a_g, a_u, a_dt, K, N, E,
+        CHUNK=chunk, BK=bk, num_warps=nw,
+    )  # fmt: skip
+    _k("wgrad_units")[(N,)](
+        x, dy, w_gate, w_up, wdt, rows, ucnt, uoff, tbits, c1, a_g, a_u, a_dt, K, MW, E,
+        ONLY_SPILLED=True, BK=bk, num_warps=nw,
+    )  # fmt: skip
+    return dx, a_g.to(w_gate.dtype), a_u.to(w_up.dtype), a_dt.t().to(w_down.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("twell::ffn_train_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    tile: int,
+    slots: int,
+    unit_counts: bool,
+    deterministic: bool,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
+    return _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+
+
+@_fwd_op.register_fake
+def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    W = _row_capacity(N)
+    i32 = torch.int32
+    return (
+        x.new_empty((M, K)),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((), dtype=torch.int64),
+        x.new_empty((), dtype=torch.int64),
+        x.new_empty((N if unit_counts else 0,), dtype=torch.int64),
+        x.new_empty((M, W), dtype=i32),
+        x.new_empty((M,), dtype=i32),
+        x.new_empty((M, (N + 31) // 32), dtype=i32),
+    )
+
+
+@torch.library.custom_op("twell::ffn_train_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor,
+    gl1: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    cols: torch.Tensor,
+    cnt: torch.Tensor,
+    bits: torch.Tensor,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
+    return _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic)
+
+
+@_bwd_op.register_fake
+def _(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
+    return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic = inputs
+    _, _, _, _, _, cols, cnt, bits = output
+    ctx.save_for_backward(x, w_gate, w_up, w_down, cols, cnt, bits)
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, dy, gl1, *_unused):
+    x, w_gate, w_up, w_down, cols, cnt, bits = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    if gl1 is None:
+        gl1 = torch.zeros((), dtype=torch.float32, device=x.device)
+    dx, dwg, dwu, dwd = _bwd_op(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, ctx.deterministic)
+    return dx, dwg, dwu, dwd, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# dense dispatch (lagged, never waits on the device)
+# ---------------------------------------------------------------------------------------------
+class _Density:
+    """Last measured density of one weight set, copied to pinned host memory behind an event."""
+
+    def __init__(self):
+        self.host = torch.zeros((), dtype=torch.float32, pin_memory=True)
+        self.event = None
+        self.known: float | None = None
+
+    def read(self) -> float | None:
+        if self.event is not None and self.event.query():
+            self.known = float(self.host)
+            self.event = None
+        return self.known
+
+    def record(self, density: torch.Tensor):
+        if self.event is not None:  # previous copy still in flight: keep it
+            return
+        self.host.copy_(density.detach(), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+
+# id(weight) -> (weak reference, state); tensors compare elementwise, so no WeakKeyDictionary
+_DENSITY: dict[int, tuple[weakref.ref, _Density]] = {}
+
+
+def _density_state(w: torch.Tensor, create: bool) -> _Density | None:
+    key = id(w)
+    entry = _DENSITY.get(key)
+    if entry is not None and entry[0]() is w:
+        return entry[1]
+    if not create:
+        return None
+    state = _Density()
+    _DENSITY[key] = (weakref.ref(w, lambda _, k=key: _DENSITY.pop(k, None)), state)
+    return state
+
+
+def _dispatch_dense(w_gate: torch.Tensor) -> bool:
+    if not w_gate.is_cuda or torch.compiler.is_compiling():
+        return False
+    state = _density_state(w_gate, create=False)
+    d = state.read() if state is not None else None
+    return d is not None and d > CONFIG.dense_density
+
+
+def _record_density(w_gate: torch.Tensor, density: torch.Tensor):
+    if not w_gate.is_cuda or torch.compiler.is_compiling():
+        return
+    _density_state(w_gate, create=True).record(density)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------------------------
+def ffn_train(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    tile: int = 256,
+    slots: int = 32,
+    unit_counts: bool = False,
+    deterministic: bool | None = None,
+    dispatch: bool = True,
+) -> tuple[torch.Tensor, FFNStats]:
+    """Autograd-aware sparse FFN for training: ``x [M, K]`` -> ``(y [M, K], FFNStats)``.
+
+    Args:
+        x: ``[M, K]`` tokens; w_gate, w_up: ``[N, K]``; w_down: ``[K, N]`` (``nn.Linear`` layout).
+            CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. Under autocast all four are
+            cast to the autocast dtype.
+        tile, slots: TwELL geometry used for ``stats.overflow_rows`` (rows with a tile of ``tile``
+            units holding more than ``slots`` active ones); results never depend on it.
+        unit_counts: also return per-unit activation counts ``stats.unit_counts [N]`` (int64).
+        deterministic: fixed summation order everywhere (default: follows
+            ``torch.are_deterministic_algorithms_enabled()``).
+        dispatch: allow the dense path when this weight set last measured a density above
+            ``CONFIG.dense_density``.
+
+    Returns:
+        ``y [M, K]`` in x's dtype and :class:`FFNStats` whose ``l1`` is differentiable (its
+        gradient ``dl1 * sign(h) / M`` joins dh in the backward), ``l0`` the mean active units per
+        token, ``overflow_rows`` (int64), ``unit_counts`` or None. No host synchronisation.
+    """
+    K, N = check_ffn_args(x, w_gate, w_up, w_down)
+    check_tile_slots(tile, slots)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if N > MAX_COLUMNS:
+        raise ValueError(f"w_gate: N={N} units exceeds the limit of {MAX_COLUMNS}")
+    if not can_run_triton(x):
+        raise ValueError(
+            f"x: the training kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}"
+        )
+    key = w_gate  # the dispatch state follows the parameter, not an autocast copy of it
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    M = x.shape[0]
+    if dispatch and _dispatch_dense(key):
+        y, st = ffn_train_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+        _record_density(key, st.l0 / N)
+        return y, st
+    y, l1, nnz, over, uc, _, _, _ = _fwd_op(
+        x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic)
+    )
+    l0 = nnz.to(torch.float32) / max(M, 1)
+    if dispatch:
+        _record_density(key, l0 / N)
+    stats = FFNStats(l0=l0, l1=l1, overflow_rows=over, unit_counts=uc if unit_counts else None, tokens=M)
+    return y, stats

@@ -1,0 +1,142 @@
+"""CPU tests of the training kernels (Triton interpreter, fp32, small odd shapes).
+
+Each case: forward y, l0, l1, overflow count and the four gradients against fp64 autograd of the
+reference FFN, with a random upstream gradient on y and an L1 term on stats.l1.
+"""
+
+import pytest
+import torch
+
+from twell.ops import ffn_train as ft
+from twell.ops.ffn_ref import sparse_ffn_ref
+from twell.testing import assert_close, make_sparse_ffn
+
+L1 = 0.37
+
+
+def _inputs(M, K, N, a, *, pattern="iid", seed=0, device="cpu"):
+    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, pattern=pattern, dtype=torch.float64, seed=seed)
+    # make_sparse_ffn puts -inf/+inf thresholds on never/always active units: keep them finite
+    wg = torch.nan_to_num(wg, posinf=100.0, neginf=-100.0)
+    return [t.float().to(device) for t in (x, wg, wu, wd)]
+
+
+def _check(x, wg, wu, wd, *, deterministic=False, tile=256, slots=32, unit_counts=False):
+    leaves = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+    y, st = ft.ffn_train(
+        *leaves, tile=tile, slots=slots, unit_counts=unit_counts, deterministic=deterministic
+    )
+    dy = torch.randn_like(y)
+    torch.autograd.backward([y, st.l1], [dy, torch.tensor(L1)])
+    ref = [t.detach().double().requires_grad_() for t in (x, wg, wu, wd)]
+    yr, sr = sparse_ffn_ref(*ref, tile=tile, slots=slots, unit_counts=unit_counts)
+    torch.autograd.backward([yr, sr.l1], [dy.double(), torch.tensor(L1, dtype=torch.float64)])
+    assert_close(y, yr, name="y")
+    for name, t, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), leaves, ref):
+        assert_close(t.grad, r.grad, name=name, dtype=torch.float32, factor=64)
+    assert_close(st.l1.detach().reshape(1), sr.l1.detach().reshape(1), name="l1", factor=64)
+    assert float(st.l0) == pytest.approx(float(sr.l0), abs=1e-5)
+    assert int(st.overflow_rows) == int(sr.overflow_rows)
+    if unit_counts:
+        assert torch.equal(st.unit_counts, sr.unit_counts)
+    return y, st, leaves
+
+
+@pytest.mark.parametrize(
+    "M, K, N, a",
+    [
+        (13, 40, 100, 1.0),  # ~1%
+        (7, 33, 70, 35.0),  # 50%, odd K and N (N not a multiple of 32)
+        (1, 16, 33, 4.0),  # one token
+    ],
+)
+def test_forward_backward_vs_fp64(kdevice, poison, M, K, N, a):
+    _check(*_inputs(M, K, N, a, device=kdevice))
+
+
+def test_zero_and_full_density(kdevice, poison):
+    x, wg, wu, wd = _inputs(9, 24, 40, 4.0, device=kdevice)
+    x2 = x.clone()
+    x2[:, 1:] = 0.0  # g = w_gate[:, 0] < 0 everywhere: nothing active (0%)
+    _check(x2, -wg.abs() - 0.01, wu, wd)
+    wg_all = wg.clone()
+    wg_all[:, 0] = 100.0  # every unit active on every token (100%)
+    _, st, _ = _check(x, wg_all, wu, wd, tile=16, slots=4, unit_counts=True)
+    assert float(st.l0) == 40.0 and int(st.overflow_rows) == 9
+
+
+def test_heavy_rows_past_row_capacity(kdevice, poison, monkeypatch):
+    # capacity W = 4: sparse rows use the packed row index, the fully active token and the heavy
+    # ones walk the bitmask; units past the by-unit capacity E = M * W walk the transposed bitmask
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(row_capacity=4, chunk=3))
+    x, wg, wu, wd = _inputs(11, 20, 45, 2.0, device=kdevice, seed=3)
+    x[4, 0] = -50.0  # column 0 carries the (negative) threshold: token 4 gets every unit active
+    for det in (False, True):
+        _, st, _ = _check(x, wg, wu, wd, deterministic=det, unit_counts=True)
+        assert float(st.l0) > 45 / 11
+
+
+def test_deterministic_repeat_and_chunked_match(kdevice):
+    x, wg, wu, wd = _inputs(37, 24, 64, 6.0, device=kdevice, seed=4)
+    runs = []
+    for det in (True, True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+        y, st = ft.ffn_train(*leaves, deterministic=det)
+        torch.autograd.backward([y, st.l1], [torch.ones_like(y), torch.tensor(0.5)])
+        runs.append([y.detach()] + [t.grad for t in leaves])
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b)
+        assert_close(c, a.double(), name="chunked vs per-unit", factor=64)
+
+
+def test_nan_input_propagates(kdevice):
+    x, wg, wu, wd = _inputs(5, 16, 40, 3.0, device=kdevice)
+    x[2, 3] = float("nan")
+    y, st = ft.ffn_train(x, wg, wu, wd)
+    yr, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3, 4]]).any()
+
+
+def test_empty_batch(kdevice):
+    x, wg, wu, wd = _inputs(4, 16, 40, 3.0, device=kdevice)
+    x0 = x[:0].clone().requires_grad_()
+    w = wg.clone().requires_grad_()
+    y, st = ft.ffn_train(x0, w, wu, wd)
+    assert y.shape == (0, 16)
+    (y.sum() + st.l1).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_checkpoint_matches(kdevice):
+    from torch.utils.checkpoint import checkpoint
+
+    x, wg, wu, wd = _inputs(6, 16, 40, 4.0, device=kdevice, seed=5)
+    xr = x.clone().requires_grad_()
+    g1 = torch.autograd.grad(ft.ffn_train(xr, wg, wu, wd)[0].sum(), xr)[0]
+    g2 = torch.autograd.grad(
+        checkpoint(lambda t: ft.ffn_train(t, wg, wu, wd)[0], xr, use_reentrant=False).sum(), xr
+    )[0]
+    assert torch.equal(g1, g2)
+
+
+def test_opcheck(kdevice):
+    x, wg, wu, wd = _inputs(5, 16, 40, 4.0, device=kdevice, seed=6)
+    args = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+    torch.library.opcheck(
+        ft._fwd_op,
+        (*args, 256, 32, True, True),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+def test_bad_input():
+    x, wg, wu, wd = _inputs(4, 16, 40, 3.0)
+    with pytest.raises(ValueError, match="x"):
+        ft.ffn_train(x[None], wg, wu, wd)
+    with pytest.raises(TypeError, match="w_up"):
+        ft.ffn_train(x, wg, wu.double(), wd)
+    with pytest.raises(ValueError, match="w_down"):
+        ft.ffn_train(x, wg, wu, wd.t())
+    with pytest.raises(ValueError, match="tile"):
+        ft.ffn_train(x, wg, wu, wd, tile=100)
