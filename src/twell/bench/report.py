@@ -176,7 +176,7 @@ def _md_table(rows: list[dict]) -> list[str]:
     for p in provs:
         head += [f"{p} ms", f"{p} eager ms", "speedup", "bound", "ach/bound"]
     head += ["dense MiB"] + [f"{p} MiB" for p in provs] + ["dense mJ/tok"] + [f"{p} mJ/tok" for p in provs]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for (M, pat, _), d in sorted(by.items(), key=lambda kv: (str(kv[0][1]), float(kv[0][2]), kv[0][0])):
         any_row = next(iter(d.values()))
         dense = d.get("dense")
@@ -204,7 +204,11 @@ def _md_table(rows: list[dict]) -> list[str]:
         cells += [_fmt(d[p].get("peak_mem_mib") if p in d else None, ",.0f") for p in provs]
         cells.append(_fmt(dense.get("energy_mj_per_token") if dense else None, ".4f"))
         cells += [_fmt(d[p].get("energy_mj_per_token") if p in d else None, ".4f") for p in provs]
-        out.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    # columns empty in every line (eager time, memory and energy on CPU) are left out
+    keep = [j for j in range(len(head)) if any(c[j] != "-" for c in body)]
+    out = ["| " + " | ".join(head[j] for j in keep) + " |", "|" + "---|" * len(keep)]
+    out += ["| " + " | ".join(c[j] for j in keep) + " |" for c in body]
     return out
 
 
@@ -358,8 +362,8 @@ def render_report(
         if "roof_matmul_tflops" in r0:
             lines += [
                 "",
-                f"Measured roofs: matmul {r0['roof_matmul_tflops']:.1f} TFLOP/s, copy "
-                f"{r0['roof_copy_gbps']:.1f} GB/s (read + write).",
+                f"Measured roofs: matmul {r0['roof_matmul_tflops']:.3g} TFLOP/s, copy "
+                f"{r0['roof_copy_gbps']:.3g} GB/s (read + write).",
             ]
         if r0.get("device") == "cpu":
             lines += [

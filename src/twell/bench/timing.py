@@ -97,15 +97,23 @@ def _sync(device: torch.device) -> None:
 
 
 def _warmup(fns: Sequence[Callable], device: torch.device, warmup_ms: float) -> float:
-    """Calls ``fns`` round-robin for at least ``warmup_ms`` (and twice each); returns the mean
-    synchronised wall time per call in ms (an upper bound on one call's cost)."""
-    n = 0
+    """Calls each of ``fns`` once (compilation, autotuning, allocator growth happen here), then
+    round-robin for at least ``warmup_ms`` more and at least one more round; returns the median
+    synchronised wall time of those later calls in ms (an upper bound on one call's cost, used
+    to size the number of timed reps)."""
+    for f in fns:
+        f()
+    _sync(device)
+    times = []
     t0 = time.perf_counter()
-    while n < 2 * len(fns) or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+    n = 0
+    while n < len(fns) or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        t1 = time.perf_counter()
         fns[n % len(fns)]()
         _sync(device)
+        times.append((time.perf_counter() - t1) * 1e3)
         n += 1
-    return (time.perf_counter() - t0) * 1e3 / n
+    return statistics.median(times)
 
 
 def _reps_for(est_ms: float, target_ms: float, min_reps: int, max_reps: int, period: int) -> int:
