@@ -27,12 +27,12 @@ from twell.testing import assert_close  # noqa: E402
 A = 16  # active units per token of the fixture (of N = 1024; ~1.6%, like trained models)
 
 
-def _names(fn) -> set[str]:
-    """Operator and kernel names recorded while running ``fn``."""
+def _profiled(fn):
+    """``(fn(), names)``: the result and the operator and kernel names recorded while running ``fn``."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
+        res = fn()
         torch.cuda.synchronize()
-    return {e.key for e in prof.key_averages()}
+    return res, {e.key for e in prof.key_averages()}
 
 
 def _has(names: set[str], part: str) -> bool:
@@ -62,14 +62,13 @@ def test_prefill_and_decode_logits_on_kernel_path(dtype):
     ref, dense, sparse = _models(dtype)
     for B, S, kernel in ((4, 300, "_updown_kernel"), (3, 1, "_decode_gate_up_kernel")):
         ids = _ids(B, S)
-        out = {}
         with torch.no_grad():
-            names = _names(lambda: out.setdefault("y", sparse(ids).logits))
+            y, names = _profiled(lambda: sparse(ids).logits)  # noqa: B023 (called at once)
             expected = ref(ids).logits.double()
             baseline = dense(ids).logits
         assert _has(names, "twell::ffn_infer"), f"M={B * S}: the inference op did not run"
         assert _has(names, kernel), f"M={B * S}: {kernel} did not run (names: {sorted(names)[:40]})"
-        assert_close(out["y"], expected, name=f"logits {dtype} M={B * S}", baseline=baseline)
+        assert_close(y, expected, name=f"logits {dtype} M={B * S}", baseline=baseline)
         stats = twell.sparsity_stats(sparse)
         assert all(A * 0.6 <= s["l0"] <= A * 1.6 for s in stats.values()), stats
 
@@ -85,10 +84,9 @@ def test_greedy_generate_fp32_identical_to_dense(cache):
     sparse.generation_config.disable_compile = True
     with torch.no_grad():
         expected = dense.generate(prompt, **kw)
-        got = {}
-        names = _names(lambda: got.setdefault("t", sparse.generate(prompt, **kw)))
+        tokens, names = _profiled(lambda: sparse.generate(prompt, **kw))
     assert _has(names, "_updown_kernel") and _has(names, "_decode_gate_up_kernel")
-    assert torch.equal(got["t"], expected)
+    assert torch.equal(tokens, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -103,16 +101,15 @@ def test_generate_under_torch_compile_static_cache(dtype):
         eager = sparse.generate(prompt, **kw)
         sparse.forward = torch.compile(sparse.forward, fullgraph=True)
         compiled = sparse.generate(prompt, **kw)  # compiles
-        got = {}
-        names = _names(lambda: got.setdefault("t", sparse.generate(prompt, **kw)))
+        tokens, names = _profiled(lambda: sparse.generate(prompt, **kw))
     assert _has(names, "twell::ffn_infer") or _has(names, "_decode_gate_up_kernel")
-    assert torch.equal(compiled, got["t"])
+    assert torch.equal(compiled, tokens)
     if dtype == torch.float32:
         with torch.no_grad():
-            assert torch.equal(got["t"], dense.generate(prompt, **kw))
+            assert torch.equal(tokens, dense.generate(prompt, **kw))
     else:
         # bf16: the first new token comes from a single prefill forward; ties aside it must agree
-        assert torch.equal(got["t"][:, : 12 + 1], eager[:, : 12 + 1])
+        assert torch.equal(tokens[:, : 12 + 1], eager[:, : 12 + 1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -139,7 +136,7 @@ def test_training_gradients_on_kernel_path(dtype):
         out = sparse(ids, labels=ids)
         (out.loss + twell.l1_penalty(sparse)).backward()
 
-    names = _names(step)
+    _, names = _profiled(step)
     assert _has(names, "twell::ffn_train_fwd") and _has(names, "twell::ffn_train_bwd"), sorted(names)[:40]
     dense_loss(ref).backward()
     dense_loss(dense).backward()
@@ -168,12 +165,9 @@ def test_sparselm_checkpoint_bf16_on_cuda(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).cuda().eval()
     ids = _ids(2, 200, seed=5)
     with torch.no_grad():
-        got = {}
-        names = _names(lambda: got.setdefault("y", model(ids).logits))
+        y, names = _profiled(lambda: model(ids).logits)
         assert _has(names, "_updown_kernel")
-        assert_close(
-            got["y"], ref(ids).logits.double(), name="SparseLM bf16 logits", baseline=dense(ids).logits
-        )
+        assert_close(y, ref(ids).logits.double(), name="SparseLM bf16 logits", baseline=dense(ids).logits)
 
 
 def test_bench_model_runs_on_cuda():
