@@ -108,7 +108,9 @@ def print_table(rows: Sequence[dict], console=None, title: str | None = None) ->
             str(r["M"]),
             _fmt(r["active_per_token"], ".1f"),
             r["pattern"],
-            r["provider"] + ("*" if r.get("twell_path") == "reference" else ""),
+            r["provider"]
+            + ("*" if r.get("twell_path") == "reference" else "")
+            + (f" ({r['twell_dispatch']})" if r.get("twell_dispatch") else ""),
             f"{_ms(r['ms'])} ({_ms(r['ms_p20'])}-{_ms(r['ms_p80'])})",
             _ms(r.get("eager_ms")),
             _fmt(r["tokens_per_ms"], ",.0f"),
@@ -193,6 +195,8 @@ def _md_table(rows: list[dict]) -> list[str]:
                 cells += ["-"] * 5
                 continue
             note = "*" if r.get("twell_path") == "reference" else ""
+            if r.get("twell_dispatch"):
+                note += f" ({r['twell_dispatch']})"
             cells += [
                 _ms(r["ms"]) + note,
                 _ms(r.get("eager_ms")),
@@ -340,7 +344,8 @@ def render_report(
         "behind a GPU sleep, weights rotated over 4 layer sets so no call finds its weights in L2; CPU: wall "
         "time), `eager ms` is back-to-back calls from Python, `bound` is the roofline speedup limit at the "
         "measured roofs, active units and union density u(M) (DESIGN 5), `ach/bound` = speedup / bound. "
-        "`*`: twell ran its torch reference path.",
+        "`*`: twell ran its torch reference path; `(prefill)`/`(decode)`/`(dense)`: the path twell's "
+        "dispatcher picked for that call.",
         "",
     ]
     plots: list[Path] = []

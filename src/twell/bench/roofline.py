@@ -98,6 +98,13 @@ def measure_roofs(
         n, copy_bytes, reps = (4096, 256 << 20, 5) if quick else (8192, 1 << 30, 10)
     else:
         n, copy_bytes, reps = (512, 16 << 20, 3) if quick else (1024, 64 << 20, 5)
+    from .timing import on_device
+
+    with on_device(device):
+        return _measure(device, dtype, n, copy_bytes, reps)
+
+
+def _measure(device: torch.device, dtype: torch.dtype, n: int, copy_bytes: int, reps: int) -> Roofs:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):

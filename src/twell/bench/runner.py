@@ -239,6 +239,21 @@ def _twell_path(op: str, device: torch.device, N: int) -> str:
     return "reference"
 
 
+def _dispatch(op: str, device: torch.device, M: int, N: int, w_gate: torch.Tensor) -> str | None:
+    """The path ``twell.ops.ffn_infer`` picks for this call after warm-up (``prefill``, ``decode``
+    or ``dense``), from its density estimate for ``w_gate``; None where that cannot be read (CPU,
+    training op, or an install whose dispatcher differs)."""
+    if op != "ffn_fwd" or device.type != "cuda":
+        return None
+    try:
+        from twell.ops import ffn_infer as fi
+
+        d = fi._DENSITY.get(id(w_gate))
+        return fi.choose_path(M, N, None if d is None else d.est)
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
 def _fns(op: str, provider: str, xs, weights, opts: BenchOptions, dy=None) -> list[Callable]:
     """One zero-argument callable per weight set. ``xs`` is one x per set (shared or per layer)."""
     import twell
@@ -438,6 +453,7 @@ class _Session:
                 dense_ms = res["ms"]
             if prov == "twell":
                 res["twell_path"] = _twell_path(op, self.device, N)
+                res["twell_dispatch"] = _dispatch(op, self.device, M, N, weights[0][0])
             row = _row(self.env, base, res, prov, dense_ms, bound, floor_ms)
             check_row(row)
             self.rows.append(row)

@@ -17,6 +17,7 @@ CPU: ``wall``, ``time.perf_counter`` around each call.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Timing", "time_calls", "time_graphs", "peak_memory_mib", "percentile"]
+__all__ = ["Timing", "time_calls", "time_graphs", "peak_memory_mib", "percentile", "on_device"]
 
 _SLEEP_CYCLES_PER_MS: dict[int, float] = {}
 
@@ -89,6 +90,11 @@ def _cycles_per_ms(device: torch.device) -> float:
         e.synchronize()
         _SLEEP_CYCLES_PER_MS[idx] = 20_000_000 / max(s.elapsed_time(e), 1e-3)
     return _SLEEP_CYCLES_PER_MS[idx]
+
+
+def on_device(device: torch.device):
+    """Makes ``device`` current while timing (events and the sleep run on its current stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _sync(device: torch.device) -> None:
@@ -196,14 +202,15 @@ def time_calls(
     bad = [m for m in methods if m not in ("queued", "eager")]
     if bad:
         raise ValueError(f"methods: {bad} not in ('queued', 'eager') (graphs: use time_graphs)")
-    est = _warmup(fns, device, warmup_ms)
-    reps = _reps_for(est, target_ms, min_reps, max_reps, len(fns))
-    if device.type != "cuda":
-        return {"wall": _wall(fns, reps)}
-    out = {}
-    for m in methods:
-        out[m] = _queued(fns, device, reps) if m == "queued" else _eager(fns, device, reps)
-    return out
+    with on_device(device):
+        est = _warmup(fns, device, warmup_ms)
+        reps = _reps_for(est, target_ms, min_reps, max_reps, len(fns))
+        if device.type != "cuda":
+            return {"wall": _wall(fns, reps)}
+        out = {}
+        for m in methods:
+            out[m] = _queued(fns, device, reps) if m == "queued" else _eager(fns, device, reps)
+        return out
 
 
 def time_graphs(
@@ -223,6 +230,11 @@ def time_graphs(
     device = torch.device(device)
     if device.type != "cuda":
         return None, "CUDA graphs need a CUDA device"
+    with on_device(device):
+        return _time_graphs(fns, device, warmup_ms, target_ms, min_reps, max_reps)
+
+
+def _time_graphs(fns, device, warmup_ms, target_ms, min_reps, max_reps):
     graphs = []
     keep = []
     try:
