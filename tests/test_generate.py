@@ -173,3 +173,18 @@ def test_model_bound_paper_shapes():
     d1 = model_bound(cfg, "decode", 1, 1, 30, context=512)
     d8 = model_bound(cfg, "decode", 8, 1, 30, context=512)
     assert d1 > d8 > 1.0
+
+
+def test_gradient_checkpointing_non_reentrant_keeps_l1_gradient():
+    """The L1 term is read from module state set during forward; non-reentrant checkpointing keeps
+    its graph (reentrant checkpointing runs the forward under no_grad and would drop it)."""
+    _, sparse = _pair(True)
+    twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=3e-2))
+    sparse.train()
+    ckpt = copy.deepcopy(sparse)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
+    for m in (sparse, ckpt):
+        (m(ids, labels=ids).loss + twell.l1_penalty(m)).backward()
+    for (name, p), q in zip(sparse.named_parameters(), ckpt.parameters()):
+        assert_close(q.grad, p.grad.double(), name=f"checkpointed grad {name}", factor=64)
