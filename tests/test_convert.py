@@ -204,3 +204,24 @@ def test_import_twell_stays_light():
     code = "import sys, twell; twell.SparsityConfig; assert 'twell.convert' in sys.modules; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_partial_swap_of_silu_model_keeps_config_and_warns():
+    model = tiny_model("llama", hidden_act="silu")
+    with pytest.warns(UserWarning) as rec:
+        sparsify_(model, filter_fn=lambda m, name: name.endswith("layers.0.mlp"))
+    messages = " ".join(str(w.message) for w in rec)
+    assert "keep a non-ReLU activation" in messages
+    assert model.config.hidden_act == "silu"
+    # converting the rest makes the whole model ReLU
+    with pytest.warns(UserWarning, match="changes the model's outputs"):
+        sparsify_(model)
+    assert model.config.hidden_act == "relu"
+
+
+def test_filter_selecting_nothing_warns_and_changes_nothing():
+    model = tiny_model("llama", hidden_act="silu")
+    with pytest.warns(UserWarning, match="selected none"):
+        sparsify_(model, filter_fn=lambda m, name: False)
+    assert model.config.hidden_act == "silu"
+    assert not any(isinstance(m, twell.SparseGatedMLP) for m in model.modules())

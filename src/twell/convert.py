@@ -132,6 +132,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _set_relu_config(model: nn.Module, mods: list[nn.Module]) -> None:
+    """Sets ``hidden_act = "relu"`` on the model's config (and the MLPs') when every gated MLP of
+    the model now computes ReLU; warns when some still use another activation (a partial swap of
+    a SiLU model cannot be described by one ``hidden_act``)."""
+    others = [
+        n
+        for n, m in find_gated_mlps(model)
+        if not isinstance(m, SparseGatedMLP) and not _is_relu(getattr(m, "act_fn", None))
+    ]
+    if others:
+        warnings.warn(
+            f"sparsify_: {len(others)} gated MLP(s) (e.g. {others[0]!r}) keep a non-ReLU activation; the "
+            "model config's hidden_act is left unchanged, so save_pretrained would not describe this model",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
     configs = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in mods]
     seen = set()
     for cfg in configs:
@@ -190,6 +206,13 @@ def _sparsify(model, config, filter_fn, *, allow_meta: bool) -> nn.Module:
             f"model: no gated MLP (gate_proj/up_proj/down_proj linears) found in {type(model).__name__}"
         )
     chosen = [(n, m) for n, m in candidates if filter_fn is None or filter_fn(m, n)]
+    if not chosen:
+        warnings.warn(
+            f"sparsify_: filter_fn selected none of the {len(candidates)} gated MLPs; nothing was changed",
+            UserWarning,
+            stacklevel=3,
+        )
+        return model
     non_relu: dict[str, list[str]] = {}
     plans = []
     for name, mod in chosen:

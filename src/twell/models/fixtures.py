@@ -341,7 +341,11 @@ def bench_model(
     ``M = batch * seq``. Decode: per step time of ``generate`` at each batch in ``decode_batches``
     after a ``decode_context``-token prompt, ``(t(1 + decode_tokens new) - t(1 new)) / decode_tokens``,
     ``M = batch``. With ``compile=False`` transformers' automatic compile of static-cache decoding
-    is disabled (``generation_config.disable_compile``); with True it is left on.
+    is disabled (``generation_config.disable_compile``): eager decode of a small model is bound by
+    Python and kernel-launch overhead, not by the weight reads the FFN saves. With ``compile=True``
+    (and ``cache_implementation="static"`` on CUDA) transformers compiles the decode step itself
+    (inductor, ``mode="reduce-overhead"``: CUDA graphs), which is what shows the memory-bound gain;
+    the compilation happens in the warm-up runs.
 
     Returns:
         One dict per (op, batch, provider) in the benchmark row schema (DESIGN section 7), with
