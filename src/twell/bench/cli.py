@@ -42,7 +42,10 @@ def _common(p: argparse.ArgumentParser, default_preset: str) -> None:
         "--energy-s", type=float, default=1.0, help="seconds of calls per energy reading (default 1)"
     )
     p.add_argument(
-        "--time-budget", type=float, default=None, help="stop starting rows after this many seconds"
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop starting rows after this many seconds (default: the preset's; h100: 230)",
     )
     p.add_argument(
         "--out", default="benchmarks/results", help="directory for the JSON rows (default benchmarks/results)"
@@ -127,6 +130,12 @@ def _cases(args, mode: str):
     return out
 
 
+def _preset_budget(name: str) -> float | None:
+    from .registry import get_preset
+
+    return get_preset(name).time_budget_s
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -156,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_ms=args.warmup_ms,
         energy=not args.no_energy,
         energy_s=args.energy_s,
-        time_budget_s=args.time_budget,
+        time_budget_s=args.time_budget if args.time_budget is not None else _preset_budget(args.preset),
         seed=args.seed,
     )
     try:
