@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from twell.ops.configs import override
 from twell.ops.ffn_infer import ffn_infer
 from twell.ops.gate_pack import gate_pack_arrays
 from twell.testing import make_sparse_ffn
@@ -36,6 +37,34 @@ SHAPES = {
 #: measured roofs on the development H100 (research/reference-h100.md): bf16 GEMM and HBM copy
 PEAK_FLOPS = 765e12
 PEAK_BW = 3.0e12
+
+
+GATE_VARIANTS = [
+    ("gate_pack", {}),
+    ("gate_pack:noflatten", {"flatten": False}),
+    ("gate_pack:tl.store", {"use_asm_store": False}),
+    ("gate_pack:plain", {"use_tma": "never"}),
+]
+
+
+def profile(shape, M, a, dtype, path="auto"):
+    """Per-kernel device time (torch.profiler) of one twell forward: where the time goes."""
+    K, N = SHAPES[shape]
+    W = _weights(K, N, a, "iid", dtype, sets=1)
+    x = _x(M, K, dtype)
+    wg, wu, wd = W[0]
+    with torch.no_grad():
+        for _ in range(3):
+            ffn_infer(x, wg, wu, wd, path=path)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                ffn_infer(x, wg, wu, wd, path=path)
+            torch.cuda.synchronize()
+    print(f"--- profile {shape} M={M} a={a} path={path}")
+    for ev in prof.key_averages():
+        if ev.device_time_total > 0:
+            print(f"  {ev.key[:60]:60s} {ev.device_time_total / max(ev.count, 1):9.1f} us x{ev.count // 10}")
 
 
 def _commit() -> str:
@@ -119,14 +148,29 @@ def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False)
             t = _time([twell(i, v) for i in range(4)], reps)
             results.append(("twell", v, *t))
         if gate:
+            for name, ov in GATE_VARIANTS:
+                with override("gate", **ov):
+                    p_ms = _time([(lambda wg=w[0]: gate_pack_arrays(x, wg)) for w in W], reps)
+                results.append(("twell", name, *p_ms))
             g_ms = _time([(lambda wg=w[0]: F.linear(x, wg)) for w in W], reps)
             results.append(("dense", "gate_gemm", *g_ms))
-            p_ms = _time([(lambda wg=w[0]: gate_pack_arrays(x, wg)) for w in W], reps)
-            results.append(("twell", "gate_pack", *p_ms))
+        # accuracy against the fp32 reference on weight set 0 (max-rel error, as in the tests)
+        wg, wu, wd = W[0]
+        ref = F.linear(
+            torch.relu(F.linear(x.float(), wg.float())) * F.linear(x.float(), wu.float()), wd.float()
+        )
+        y_d = dense(0)()
+        y_t, _ = ffn_infer(x, wg, wu, wd)
+        scale = ref.abs().max().item()
+        errs = (
+            (y_d.float() - ref).abs().max().item() / scale,
+            (y_t.float() - ref).abs().max().item() / scale,
+        )
     bound = _bound(M, K, N, act)
+    print(f"  max-rel error vs fp32: dense {errs[0]:.2e}  twell {errs[1]:.2e}", flush=True)
     for provider, variant, ms, p20, p80, host in results:
-        is_gate = variant in ("gate_gemm", "gate_pack")
-        ref = results[-2][2] if is_gate else d_ms
+        is_gate = variant.startswith("gate")
+        ref = results[-1][2] if is_gate else d_ms
         sp = ref / ms
         row = {
             "bench": "kernels",
@@ -167,6 +211,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16
     env = {
@@ -179,6 +224,9 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     P = "paper-2048x5632"
+    if args.profile:
+        for M, path in ((1, "decode"), (64, "decode"), (256, "prefill"), (16384, "prefill")):
+            profile(P, M, 30, dtype, path)
     small = ["auto", "decode", "prefill"]
     cases = [
         (P, 1, 30, "iid", small, False),

@@ -53,6 +53,8 @@ def test_patterns_with_overflow_bf16(pattern, M):
     x[M // 2, 0] = -20.0  # one token with every unit active: all its tiles overflow
     y32, sr, y_t = _ref(x, wg, wu, wd)
     for path in ("prefill", "decode", "dense"):
+        if path == "decode" and M > 64:
+            continue
         y, st = ffn_infer(x, wg, wu, wd, path=path)
         assert_close(y.float(), y32, name=f"y[{path}, {pattern}]", dtype=torch.bfloat16, baseline=y_t.float())
         assert int(st.overflow_rows) == int(sr.overflow_rows) >= 1

@@ -37,6 +37,8 @@ class GateConfig:
     #: store the packed entries with a predicated inline-PTX store (NVIDIA only); the plain
     #: ``tl.store`` costs 1.29-1.31x the GEMM instead of 1.08-1.10x (layout conversions)
     use_asm_store: bool = True
+    #: flatten the persistent tile loop with the K loop (lets the pipeliner overlap tiles)
+    flatten: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,9 @@ class InferConfig:
     decode_bn_dot: int = 16
     decode_bk: int = 256
     #: decode stage 2 (down): rows of y per program, units per step, programs along N
-    decode_down_bk: int = 128
-    decode_down_bn: int = 64
-    decode_down_split: int = 8
+    decode_down_bk: int = 64
+    decode_down_bn: int = 256
+    decode_down_split: int = 32
     #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster
     #: (the reference's per-token stage breaks even at ~65-70)
     dense_above_prefill: float = 64.0

@@ -506,13 +506,18 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     use_dot = M > 1
     bm = max(16, _p2(M)) if use_dot else 1
     bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, tile)
-    bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+    # M = 1: the whole K row in one load (a K loop without tl.dot is not pipelined, and each
+    # step costs a memory round trip); M > 1: a pipelined tl.dot loop
+    bk = min(_p2(K), 4096) if not use_dot else max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
     NB = _cdiv(N, bn)
     bkd = max(16, min(cfg.decode_down_bk, _p2(K)))
     bnd = max(16, min(cfg.decode_down_bn, _p2(N)))
     KC = _cdiv(K, bkd)
-    nsplit = max(1, min(cfg.decode_down_split, _cdiv(N, bnd)))
-    nps = _cdiv(_cdiv(N, nsplit), bnd) * bnd
+    # enough N splits that each program walks <= 2 unit blocks (one dependent load chain each),
+    # with the fp32 partials kept under ~16 MB
+    nblk = _cdiv(N, bnd)
+    nsplit = max(1, min(cfg.decode_down_split, _cdiv(nblk, 2), (16 << 20) // max(1, 4 * M * K)))
+    nps = _cdiv(nblk, nsplit) * bnd
     nsplit = _cdiv(N, nps)
     h = _alloc.empty((M, N), dtype=x.dtype, device=dev)
     bcnt = _alloc.empty((M, NB), dtype=torch.int32, device=dev)
@@ -546,7 +551,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         DOT_PREC=prec,
         UNIT_COUNTS=unit_counts,
         KC_P2=_p2(KC),
-        num_warps=4,
+        num_warps=4 if use_dot else 8,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     part = _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else y
@@ -583,7 +588,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         S=slots,
         BPT=bpt,
         TCH=max(1, min(_p2(NT), 4096 // bpt)),
-        num_warps=4,
+        num_warps=8,
     )
     return y, l0, l1, over, ucounts
 
@@ -702,6 +707,8 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path):
     if x.stride(-1) != 1 or (x.is_cuda and (x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16)):
         x = x.contiguous()
     w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    if path == "decode" and M > 128:
+        raise ValueError(f"path: 'decode' handles at most 128 tokens per call, got M={M} (use 'auto')")
     if path == "prefill":
         out = _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     elif path == "decode":

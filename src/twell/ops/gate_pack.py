@@ -77,10 +77,10 @@ def _popc(v, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _pack_tile(
-    acc,
+def _pack_chunk(
+    c,
     i_m,
-    off_n,
+    col0,
     base,
     t,
     M,
@@ -94,31 +94,24 @@ def _pack_tile(
     INF_BITS: tl.constexpr,
     MAG_MASK: tl.constexpr,
     BM: tl.constexpr,
-    BN: tl.constexpr,
     CH: tl.constexpr,
     S: tl.constexpr,
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
 ):
-    # acc [BM, BN] fp32 -> stores the active entries of rows i_m, columns off_n.., at slot
-    # base + rank; returns the number of active entries per row [BM]
-    o_n = off_n + tl.arange(0, BN)
-    b_v = acc.to(OUT_DTYPE)
-    b_bits = b_v.to(BITS_DTYPE, bitcast=True)
+    # c [BM, CH <= 32] fp32 accumulators of columns col0.. -> stores the active entries at slot
+    # base + rank (rank = popcount of the active bits left of the column); returns the new base
+    o_l = tl.arange(0, CH)
+    o_n = col0 + o_l
+    b_bits = c.to(OUT_DTYPE).to(BITS_DTYPE, bitcast=True)
     m_in = (i_m < M)[:, None] & (o_n < N)[None, :]
     b_act = ((b_bits > 0) | ((b_bits & MAG_MASK) > INF_BITS)) & m_in
-    o_l = tl.arange(0, CH)
-    # [BM, BN/CH, CH] -> one bit word per (row, 32-column chunk)
-    b_a3 = tl.reshape(b_act.to(tl.int32), (BM, BN // CH, CH))
-    b_word = tl.sum(b_a3 << o_l[None, None, :], axis=2)
-    b_cnt = _popc(b_word, HW_POPC)
-    b_excl = tl.cumsum(b_cnt, axis=1) - b_cnt
-    b_below = _popc(b_word[:, :, None] & ((1 << o_l) - 1)[None, None, :], HW_POPC)
-    b_rank = tl.reshape(b_excl[:, :, None] + b_below, (BM, BN)) + base[:, None]
+    b_word = tl.sum(b_act.to(tl.int32) << o_l[None, :], axis=1)
+    b_rank = base[:, None] + _popc(b_word[:, None] & ((1 << o_l) - 1)[None, :], HW_POPC)
     m_keep = b_act & (b_rank < S)
     p_slot = (i_m.to(tl.int64) * NT + t)[:, None] * S + b_rank
-    b_col = tl.broadcast_to(o_n[None, :], (BM, BN)).to(tl.int16)
+    b_col = tl.broadcast_to(o_n[None, :], (BM, CH)).to(tl.int16)
     if ASM_STORE:
         p_v = (values_ptr + p_slot).to(tl.int64)
         p_c = (columns_ptr + p_slot).to(tl.int64)
@@ -147,7 +140,404 @@ def _pack_tile(
         tl.store(columns_ptr + p_slot, b_col, mask=m_keep)
     if UNIT_COUNTS:
         tl.atomic_add(ucounts_ptr + o_n, tl.sum(b_act.to(tl.int32), axis=0), mask=o_n < N)
-    return tl.sum(b_cnt, axis=1)
+    return base + _popc(b_word, HW_POPC)
+
+
+@triton.jit
+def _halves(c, BM: tl.constexpr, W: tl.constexpr):
+    # [BM, W] -> columns [0, W/2) and [W/2, W) (register-level split of the MMA tile)
+    return tl.split(tl.permute(tl.reshape(c, (BM, 2, W // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _pack_tile(
+    acc,
+    i_m,
+    off_n,
+    base,
+    t,
+    M,
+    N,
+    NT,
+    values_ptr,
+    columns_ptr,
+    ucounts_ptr,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CH: tl.constexpr,
+    S: tl.constexpr,
+    HW_POPC: tl.constexpr,
+    ASM_STORE: tl.constexpr,
+    UNIT_COUNTS: tl.constexpr,
+):
+    # acc [BM, BN] fp32, packed in 32-column chunks from left to right (a whole-tile rank
+    # computation keeps ~6 [BM, BN] temporaries live and spills); returns the active count per row
+    b = base
+    if BN <= 32:
+        b = _pack_chunk(
+            acc,
+            i_m,
+            off_n,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+    elif BN == 64:
+        c0, c1 = _halves(acc, BM, 64)
+        b = _pack_chunk(
+            c0,
+            i_m,
+            off_n,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c1,
+            i_m,
+            off_n + 32,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+    elif BN == 128:
+        h0, h1 = _halves(acc, BM, 128)
+        c0, c1 = _halves(h0, BM, 64)
+        c2, c3 = _halves(h1, BM, 64)
+        b = _pack_chunk(
+            c0,
+            i_m,
+            off_n,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c1,
+            i_m,
+            off_n + 32,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c2,
+            i_m,
+            off_n + 64,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c3,
+            i_m,
+            off_n + 96,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+    else:
+        q0, q1 = _halves(acc, BM, 256)
+        h0, h1 = _halves(q0, BM, 128)
+        h2, h3 = _halves(q1, BM, 128)
+        c0, c1 = _halves(h0, BM, 64)
+        c2, c3 = _halves(h1, BM, 64)
+        c4, c5 = _halves(h2, BM, 64)
+        c6, c7 = _halves(h3, BM, 64)
+        b = _pack_chunk(
+            c0,
+            i_m,
+            off_n,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c1,
+            i_m,
+            off_n + 32,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c2,
+            i_m,
+            off_n + 64,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c3,
+            i_m,
+            off_n + 96,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c4,
+            i_m,
+            off_n + 128,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c5,
+            i_m,
+            off_n + 160,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c6,
+            i_m,
+            off_n + 192,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+        b = _pack_chunk(
+            c7,
+            i_m,
+            off_n + 224,
+            b,
+            t,
+            M,
+            N,
+            NT,
+            values_ptr,
+            columns_ptr,
+            ucounts_ptr,
+            OUT_DTYPE,
+            BITS_DTYPE,
+            INF_BITS,
+            MAG_MASK,
+            BM,
+            CH,
+            S,
+            HW_POPC,
+            ASM_STORE,
+            UNIT_COUNTS,
+        )
+    return b - base
 
 
 @triton.jit
@@ -396,7 +786,7 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         )
         grid = (min(n_sms, n_tiles),)
         for asm in asm_choices:
-            for flatten in (True, False):
+            for flatten in (cfg.flatten, not cfg.flatten):
                 key = f"tma-asm{asm}-flat{flatten}"
                 if key in _BROKEN:
                     continue
