@@ -182,3 +182,35 @@ def test_stats_bad_arguments(tiny_dir, tmp_path):
     assert main(["stats", str(tiny_dir), "--data", data, "--hot", "2", "--out", str(tmp_path)]) == 2
     assert main(["stats", str(tiny_dir), "--data", data, "--tile", "100", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_bench_kernels_on_real_activations(tiny_dir, tmp_path):
+    from twell.bench.runner import check_row
+
+    out = tmp_path / "r"
+    argv = ["bench", "kernels", "--from-model", str(tiny_dir), "--data", str(tiny_dir / "data.txt")]
+    argv += [
+        "--M",
+        "1",
+        "32",
+        "--ops",
+        "fwd",
+        "fwdbwd",
+        "--target-ms",
+        "5",
+        "--warmup-ms",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    (f,) = out.glob("kernels-*.jsonl")
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    assert {(r["op"], r["M"], r["provider"]) for r in rows} == {
+        (op, M, p) for op in ("ffn_fwd", "ffn_fwdbwd") for M in (1, 32) for p in ("dense", "twell")
+    }
+    for r in rows:
+        check_row(r)
+        assert r["pattern"] == f"real:{tiny_dir.name}" and (r["K"], r["N"]) == (64, 200)
+        assert r["layers"] == 3  # the model's 3 MLPs, each with its own captured inputs
+        assert 0 < r["active_per_token"] < 200
