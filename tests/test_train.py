@@ -140,11 +140,19 @@ def test_tiny_preset_20_steps_loss_and_l1_fall(tmp_path):
     assert evals[-1]["val_ce"] < ce[0]
     for png in ("loss.png", "sparsity.png"):
         assert (out / png).stat().st_size > 1000
-    # the final model is a plain ReLU Llama for transformers
-    from transformers import AutoModelForCausalLM
+    # the final model loads as a twell model, and as a plain ReLU Llama in transformers
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    import twell
+    import twell.models  # noqa: F401  (registers the model type)
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert sum(isinstance(m, twell.SparseGatedMLP) for m in model.modules()) == 4
     assert model.config.hidden_act == "relu" and model.config.tie_word_embeddings
+    plain = LlamaForCausalLM.from_pretrained(out / "final")
+    ids = torch.randint(0, 8192, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-4, rtol=1e-4)
     assert (out / "final" / "tokenizer.json").is_file()
 
 

@@ -1,5 +1,5 @@
-"""The model a run trains: a Llama-style decoder with ReLU-gated FFNs swapped for
-:class:`twell.SparseGatedMLP` by :func:`twell.sparsify_` (or a local HF checkpoint, ReLUfied)."""
+"""The model a run trains: a Llama-style decoder whose ReLU-gated FFNs are :class:`twell.SparseGatedMLP`
+(``twell.models``), or a local HF checkpoint ReLUfied by :func:`twell.sparsify_`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch import nn
 __all__ = ["build_model", "sparse_mlps", "count_parameters"]
 
 
-def _llama_config(cfg, vocab_size: int, eos: int):
-    from transformers import LlamaConfig
+def _model_config(cfg, vocab_size: int, eos: int):
+    from ..models import TwellSparseLlamaConfig
 
-    return LlamaConfig(
+    return TwellSparseLlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -32,13 +32,19 @@ def _llama_config(cfg, vocab_size: int, eos: int):
         attention_bias=False,
         mlp_bias=False,
         use_cache=False,
+        sparsity_l1_coeff=cfg.l1_coeff,
+        twell_tile=cfg.tile,
+        twell_slots=cfg.slots,
+        twell_backend=cfg.backend,
     )
 
 
 def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
     """A sparsified causal LM for ``cfg`` (a :class:`TrainConfig`), fp32 weights on the CPU.
 
-    Fresh: ``LlamaForCausalLM`` with ``hidden_act="relu"``, initialised from ``cfg.seed``.
+    Fresh: a :class:`twell.models.TwellSparseLlamaForCausalLM` (a ``LlamaForCausalLM`` with
+    ``hidden_act="relu"`` whose ``save_pretrained`` output loads in twell and, as a ReLU Llama, in
+    plain transformers), initialised from ``cfg.seed``.
     ``cfg.init_from``: that local HF checkpoint (any gated-MLP decoder ``AutoModelForCausalLM``
     loads); a SiLU/GELU gate is switched to ReLU by ``sparsify_`` (ReLUfication), so its outputs
     change until fine-tuning recovers them. Either way every MLP becomes a ``SparseGatedMLP`` that
@@ -48,6 +54,8 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
 
     if cfg.init_from:
         from transformers import AutoModelForCausalLM
+
+        from .. import models  # noqa: F401  (registers twell's model types, so twell checkpoints load too)
 
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
         act = getattr(model.config, "hidden_act", None)
@@ -65,7 +73,7 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
                 "pass the model's own tokenizer with --tokenizer"
             )
     else:
-        from transformers import LlamaForCausalLM
+        from ..models import TwellSparseLlamaForCausalLM
 
         if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
             raise ValueError(
@@ -73,7 +81,7 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = LlamaForCausalLM(_llama_config(cfg, cfg.vocab_size or vocab_size, eos))
+            model = TwellSparseLlamaForCausalLM(_model_config(cfg, cfg.vocab_size or vocab_size, eos))
     model.config.use_cache = False
     twell.sparsify_(
         model,
