@@ -174,7 +174,7 @@ def _md_table(rows: list[dict]) -> list[str]:
     for r in rows:
         by[(r["M"], r.get("pattern"), r.get("target_active", r["active_per_token"]))][r["provider"]] = r
     provs = sorted({p for d in by.values() for p in d if p != "dense"})
-    head = ["M", "pattern", "act/tok", "u(M)", "dense ms"]
+    head = ["M", "pattern", "act/tok", "u(M)", "dense ms", "dense eager ms"]
     for p in provs:
         head += [f"{p} ms", f"{p} eager ms", "speedup", "bound", "ach/bound"]
     head += ["dense MiB"] + [f"{p} MiB" for p in provs] + ["dense mJ/tok"] + [f"{p} mJ/tok" for p in provs]
@@ -189,6 +189,7 @@ def _md_table(rows: list[dict]) -> list[str]:
             _fmt(any_row.get("union_density"), ".3f"),
         ]
         cells.append(_ms(dense["ms"]) if dense else "-")
+        cells.append(_ms(dense.get("eager_ms")) if dense else "-")
         for p in provs:
             r = d.get(p)
             if r is None:
@@ -284,33 +285,36 @@ def _plot_speedup_vs_active(rows: list[dict], title: str, path: Path) -> Path | 
     return _save(fig, path)
 
 
-def _plot_bars(rows: list[dict], field: str, ylabel: str, title: str, path: Path) -> Path | None:
+def _cat(r: dict) -> tuple:
+    a = r.get("target_active", r["active_per_token"])
+    return (r["shape"], r["op"], str(r.get("pattern")), float(a), r["M"])
+
+
+def _plot_bars(
+    rows: list[dict], field: str, ylabel: str, title: str, path: Path, *, largest_m: bool = False
+) -> Path | None:
+    """Grouped bars of ``field`` per (shape, op, pattern, active, M), one bar per provider. With
+    ``largest_m``, only each (shape, op)'s largest M is drawn (memory grows with M; one bar set
+    per density stays readable)."""
     have = [r for r in rows if r.get(field) is not None]
+    if largest_m:
+        top: dict[tuple, int] = {}
+        for r in have:
+            k = (r["shape"], r["op"])
+            top[k] = max(top.get(k, 0), r["M"])
+        have = [r for r in have if r["M"] == top[(r["shape"], r["op"])]]
     if not have:
         return None
-    cats = sorted(
-        {(r["op"], r["shape"], r["M"], r.get("pattern"), round(r["active_per_token"], 1)) for r in have},
-        key=str,
-    )
+    cats = sorted({_cat(r) for r in have})[:40]
     provs = sorted({r["provider"] for r in have}, key=lambda p: (p != "dense", p))
-    fig, ax = _new_fig(max(6.0, 0.9 * len(cats) + 2), 4.5)
+    by = {(_cat(r), r["provider"]): r[field] for r in have}
+    fig, ax = _new_fig(max(6.0, 0.8 * len(cats) + 2), 4.5)
     width = 0.8 / len(provs)
     for j, p in enumerate(provs):
-        vals = []
-        for c in cats:
-            r = next(
-                (
-                    r
-                    for r in have
-                    if r["provider"] == p
-                    and (r["op"], r["shape"], r["M"], r.get("pattern"), round(r["active_per_token"], 1)) == c
-                ),
-                None,
-            )
-            vals.append(r[field] if r is not None else 0.0)
+        vals = [by.get((c, p), 0.0) for c in cats]
         ax.bar([i + j * width for i in range(len(cats))], vals, width, label=p, color=f"C{j}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))])
-    ax.set_xticklabels([f"{c[1]}\n{c[0]} M={c[2]}\n{c[3]} a={c[4]}" for c in cats], fontsize=6)
+    ax.set_xticklabels([f"{c[0]}\n{c[1]} M={c[4]}\n{c[2]} a={c[3]:g}" for c in cats], fontsize=6)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -396,7 +400,12 @@ def render_report(
             ("peak_mem_mib", "peak memory above baseline (MiB)", "memory"),
         ):
             p = _plot_bars(
-                grows, field, ylabel, f"{name} on {gpu}", plots_dir / f"{_slug(str(gpu))}-{name}.png"
+                grows,
+                field,
+                ylabel,
+                f"{name} on {gpu}" + (" (largest M of each shape and op)" if name == "memory" else ""),
+                plots_dir / f"{_slug(str(gpu))}-{name}.png",
+                largest_m=name == "memory",
             )
             if p is not None:
                 plots.append(p)
