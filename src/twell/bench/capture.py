@@ -39,15 +39,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None
         pass
     from transformers import AutoModelForCausalLM
 
-    kw = {"local_files_only": True}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    except TypeError:  # transformers before the `dtype` keyword
-        kw["torch_dtype"] = kw.pop("dtype", None)
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    return model.to(device).eval()
+    # the dtype is applied after loading: the keyword's name changed across transformers versions
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_tokenizer(path: str | Path):
