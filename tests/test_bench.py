@@ -159,7 +159,11 @@ def test_energy_not_available_on_cpu():
 # -- measured activity -------------------------------------------------------------------------
 
 
-def test_activity_matches_reference_counts():
+@pytest.mark.parametrize("chunk", [16, 16384])
+def test_activity_matches_reference_counts(chunk, monkeypatch):
+    from twell.bench import runner
+
+    monkeypatch.setattr(runner, "_TOKEN_CHUNK", chunk)  # 16: several chunks per prefix
     K, N, tile, slots = 32, 300, 64, 4
     weights = []
     for s in range(2):
@@ -168,12 +172,15 @@ def test_activity_matches_reference_counts():
     x, *_ = make_sparse_ffn(70, K, N, 12.0, pattern="heavy", seed=0)
     act = _activity(x, weights, [1, 7, 70], tile, slots)
     for M in (1, 7, 70):
-        exp_a = exp_u = exp_over = 0.0
+        exp_a = exp_u = exp_over = exp_max = 0.0
         for wg, _, _ in weights:
             g = x[:M] @ wg.T > 0
             exp_a += g.sum().item() / M / 2
             exp_u += roofline.union_density(g) / 2
             exp_over += int(tile_overflow_rows(g, tile, slots)) / 2
+            padded = torch.nn.functional.pad(g.int(), (0, 320 - N))  # 5 tiles of 64
+            exp_max = max(exp_max, padded.view(M, 5, tile).sum(-1).max().item())
+        assert act[M]["tile_max"] == exp_max
         assert act[M]["active"] == pytest.approx(exp_a)
         assert act[M]["union"] == pytest.approx(exp_u)
         assert act[M]["overflow_rows"] == pytest.approx(exp_over)
