@@ -264,3 +264,16 @@ def test_init_from_relufies_a_silu_checkpoint(tmp_path):
 def test_resume_without_checkpoint_raises(tmp_path):
     with pytest.raises(ValueError, match="resume"):
         train(get_preset("tiny", **SMALL, max_steps=1, resume="latest", output_dir=str(tmp_path)))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
+    cfg = get_preset("tiny", **SMALL, max_steps=2, dead_window_tokens=128)
+    plain = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "a")))
+    ckpt = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), activation_checkpointing=True))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
+    a = [r for r in plain.history if r["event"] == "train"]
+    b = [r for r in ckpt.history if r["event"] == "train"]
+    for key in ("ce", "l1", "grad_norm", "dead_frac"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
+    for ra, rb in zip(a, b):
+        assert ra["active_per_layer"] == pytest.approx(rb["active_per_layer"], rel=1e-5)

@@ -95,7 +95,13 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
         ),
     )
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {
+            "use_reentrant": False
+        }  # the paper's recipe; reentrant checkpointing drops the L1 statistics' graph
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return model
 
 
