@@ -9,7 +9,8 @@ bias), dense (Hugging Face MLPs, ReLU, SDPA) against the same model after :func:
   roofs) and checks them against DESIGN 7.
 - train: ``loss = CE + coeff * L1`` (the dense side computes the same L1 from the input of each
   ``down_proj``, so both sides pay for it), ``backward()``, ``AdamW.step()``, ``zero_grad``; the
-  bound is Amdahl over the decoder's FLOPs with the FFN's training bound 18 / (2 + 16 rho).
+  bound is Amdahl over the decoder's FLOPs with the FFN's training bound 18 / (2 + 16 rho);
+  energy per token from NVML over about ``energy_s`` seconds of steps (CUDA).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .energy import measure_energy, open_meter
 from .env import env_info, resolve_device, resolve_dtype
 from .registry import MODEL_OPS, TRAIN_OPS, Case, Shape, get_shape
 from .roofline import amdahl, measure_roofs, model_ffn_share
@@ -154,6 +156,7 @@ def _train_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
 
     results = {}
     active = None
+    meter = open_meter(device)[0] if opts.energy else None
     for provider in ("dense", "twell"):
         hooks = []
         if provider == "twell":
@@ -166,13 +169,17 @@ def _train_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
         try:
             fn = lambda sparse=(provider == "twell"): step(sparse)
             times, peak = _time_steps(fn, device, opts)
+            energy = None
+            if meter is not None:
+                e = measure_energy(meter, [fn], device, call_ms=percentile(times, 50), seconds=opts.energy_s)
+                energy = e["mj_per_call"] / M
             if provider == "twell":
                 st = twell.sparsity_stats(model)
                 active = sum(v["l0"] for v in st.values()) / max(len(st), 1)
         finally:
             for h in hooks:
                 h.remove()
-        results[provider] = (times, peak)
+        results[provider] = (times, peak, energy)
     twell.unsparsify_(model)
     a = active if active is not None else a_target
     share = model_ffn_share(
@@ -181,7 +188,7 @@ def _train_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
     bound = amdahl(share, 18.0 / (2.0 + 16.0 * a / shape.N))
     rows = []
     dense_ms = percentile(results["dense"][0], 50)
-    for provider, (times, peak) in results.items():
+    for provider, (times, peak, energy) in results.items():
         ms = percentile(times, 50)
         rows.append(
             {
@@ -203,7 +210,7 @@ def _train_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
                 "bound": bound,
                 "ffn_share": share,
                 "peak_mem_mib": peak,
-                "energy_mj_per_token": None,
+                "energy_mj_per_token": energy,
                 "layers": shape.layers,
                 "batch": case.batch,
                 "seq": case.seq,
