@@ -148,7 +148,7 @@ def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False)
             t = _time([twell(i, v) for i in range(4)], reps)
             results.append(("twell", v, *t))
         if gate:
-            for name, ov in GATE_VARIANTS:
+            for name, ov in GATE_VARIANTS if gate == "all" else GATE_VARIANTS[:1]:
                 with override("gate", **ov):
                     p_ms = _time([(lambda wg=w[0]: gate_pack_arrays(x, wg)) for w in W], reps)
                 results.append(("twell", name, *p_ms))
@@ -227,32 +227,34 @@ def main() -> int:
     if args.profile:
         for M, path in ((1, "decode"), (64, "decode"), (256, "prefill"), (16384, "prefill")):
             profile(P, M, 30, dtype, path)
-    small = ["auto", "decode", "prefill"]
+    d = ["auto", "decode"]
+    L, Q = "llama3-8b-4096x14336", "qwen2-0.5b-896x4864"
     cases = [
-        (P, 1, 30, "iid", small, False),
-        (P, 8, 30, "iid", small, False),
-        (P, 64, 30, "iid", small, False),
-        (P, 256, 30, "iid", ["auto", "prefill", "decode"], False),
+        (P, 1, 30, "iid", d, False),
+        (P, 2, 30, "iid", d, False),
+        (P, 4, 30, "iid", d, False),
+        (P, 8, 30, "iid", d, False),
+        (P, 64, 30, "iid", d, False),
+        (P, 256, 30, "iid", ["auto", "prefill"], False),
+        (P, 1024, 30, "iid", ["auto", "prefill"], False),
         (P, 2048, 30, "iid", ["auto"], True),
-        (P, 16384, 30, "iid", ["auto"], True),
+        (P, 16384, 30, "iid", ["auto"], "all"),
         (P, 131072, 30, "iid", ["auto"], True),
         (P, 1, 30, "skewed", ["auto"], False),
         (P, 64, 30, "skewed", ["auto"], False),
         (P, 2048, 30, "skewed", ["auto"], False),
         (P, 16384, 30, "skewed", ["auto"], False),
         (P, 1, 100, "iid", ["auto"], False),
-        (P, 64, 100, "iid", ["auto"], False),
         (P, 2048, 100, "iid", ["auto", "prefill"], False),
         (P, 16384, 100, "iid", ["auto", "prefill"], False),
         (P, 8, 900, "iid", ["auto"], False),
-        (P, 256, 900, "iid", ["auto"], False),
         (P, 2048, 900, "iid", ["auto"], False),
-        ("llama3-8b-4096x14336", 1, 30, "iid", ["auto"], False),
-        ("llama3-8b-4096x14336", 64, 30, "iid", ["auto"], False),
-        ("llama3-8b-4096x14336", 2048, 30, "iid", ["auto"], False),
-        ("llama3-8b-4096x14336", 16384, 30, "iid", ["auto"], False),
-        ("qwen2-0.5b-896x4864", 1, 30, "iid", ["auto"], False),
-        ("qwen2-0.5b-896x4864", 2048, 30, "iid", ["auto"], False),
+        (L, 1, 30, "iid", ["auto"], False),
+        (L, 64, 30, "iid", ["auto"], False),
+        (L, 2048, 30, "iid", ["auto"], False),
+        (L, 16384, 30, "iid", ["auto"], False),
+        (Q, 1, 30, "iid", ["auto"], False),
+        (Q, 2048, 30, "iid", ["auto"], False),
     ]
     if args.quick:
         cases = [c for c in cases if c[0] == P and c[2] == 30 and c[3] == "iid"]

@@ -91,12 +91,15 @@ def test_noncontiguous_inputs(kdevice, poison, path):
 
 
 def test_auto_dispatch_and_choose_path(kdevice, poison):
-    with override("infer", decode_max_m=4, dense_above_prefill=20.0):
+    with override("infer", decode_max_m=4, prefill_min_m=5, dense_above_prefill=20.0):
         assert choose_path(4, 1000, None) == "decode"
         assert choose_path(5, 1000, None) == "prefill"
         assert choose_path(5, 1000, 10.0) == "prefill"
         assert choose_path(5, 1000, 500.0) == "dense"
         assert choose_path(1, 1000, 5.0) == "decode"
+    with override("infer", decode_max_m=4, prefill_min_m=100):
+        assert choose_path(50, 1000, None) == "dense"  # between the two: dense (measured faster)
+    with override("infer", decode_max_m=4, prefill_min_m=5, dense_above_prefill=20.0):
         x, wg, wu, wd = make_sparse_ffn(6, 16, 64, 40, device=kdevice, seed=2)
         y1, _ = _check(x, wg, wu, wd, 16, 4, "auto")  # first call: sparse, measures ~40 active
         y2, _ = _check(x, wg, wu, wd, 16, 4, "auto")  # second call: dense (40 > 20)

@@ -48,7 +48,10 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    decode_max_m: int = 64
+    decode_max_m: int = 4
+    #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
+    #: latency-bound at small M (M = 256: gate_pack 27.8 us + up/down 42.0 us vs dense 53 us)
+    prefill_min_m: int = 1024
     #: decode stage 1: units per program (8 for M = 1 GEMV form, 16 with tl.dot for M > 1)
     decode_bn_gemv: int = 8
     decode_bn_dot: int = 16
