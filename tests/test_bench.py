@@ -373,3 +373,35 @@ def test_cli_bench_model_and_train_tiny(tmp_path):
     tr = [r for r in rows if r["op"] == "train_step" and r["provider"] == "twell"]
     # the fixture calibrates ~8 active units per token; the sparse model's own l0 is what rows report
     assert 2.0 < tr[0]["active_per_token"] < 24.0
+
+
+# -- CUDA (run by the GPU suite) ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_bench_kernels_on_cuda(tmp_path):
+    case = registry.Case("1024x4096", (1, 64, 2048), (30.0,), ("iid",), registry.KERNEL_OPS)
+    rows = run_kernels(
+        cases=[case], target_ms=30, warmup_ms=10, quick_roofs=True, out_dir=tmp_path, graphs=True,
+        energy_min_tokens=2048, energy_s=0.5,
+    )  # fmt: skip
+    assert len(rows) == 3 * 2 * 2
+    meter, _ = open_meter("cuda")
+    for r in rows:
+        check_row(r)
+        assert r["device"] == "cuda" and r["dtype"] == "bfloat16" and r["timing"] == "queued"
+        assert r["queued_ok"] is True  # every timed call was issued before the GPU reached it
+        assert r["peak_mem_mib"] > 0 and r["roof_matmul_tflops"] > 1.0 and r["roof_copy_gbps"] > 10.0
+        assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        if meter is not None and r["M"] >= 2048:
+            assert r["energy_mj_per_token"] > 0
+        if r["op"] == "ffn_fwd":
+            assert "graph_ms" in r
+    dense_1 = next(r for r in rows if r["M"] == 1 and r["op"] == "ffn_fwd" and r["provider"] == "dense")
+    # device time excludes host launch cost: it cannot exceed the eager time by more than noise
+    assert dense_1["ms"] <= 1.2 * dense_1["eager_ms"]
+    for r in rows:
+        if r["provider"] == "twell" and r["op"] == "ffn_fwd":
+            assert r["twell_path"] == "triton"
+            # None: the dispatcher of this install could not be read
+            assert r["twell_dispatch"] in ("prefill", "decode", "dense", None)
