@@ -1,6 +1,6 @@
 """Assets shipped with twell: a public-domain English corpus and a BPE tokenizer trained on it.
 
-``corpus.jsonl.gz``: one JSON object per line, ``{"text", "source"}``; 4,504 documents, 5.8 M
+``corpus.jsonl.gz``: one JSON object per line, ``{"text", "source"}``; 4,500 documents, 5.8 M
 characters (King James Bible by chapter, Jargon File 4.4.7 and The Devil's Dictionary by entry;
 see ``SOURCES.md``). ``tokenizer.json``: byte-level BPE, 8,192 tokens, id 0 = ``<|endoftext|>``
 (1.49 M tokens on the corpus). Rebuilt by ``scripts/build_corpus.py`` and ``scripts/train_tokenizer.py``.
