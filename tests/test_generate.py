@@ -188,3 +188,74 @@ def test_gradient_checkpointing_non_reentrant_keeps_l1_gradient():
         (m(ids, labels=ids).loss + twell.l1_penalty(m)).backward()
     for (name, p), q in zip(sparse.named_parameters(), ckpt.parameters()):
         assert_close(q.grad, p.grad.double(), name=f"checkpointed grad {name}", factor=64)
+
+
+# -- the kernel path (Triton on CUDA, or the Triton interpreter on CPU) through the HF model ---------
+
+
+def _kernel_models(kdevice):
+    """(float64 reference, float32 dense, float32 sparse on the Triton backend), same weights.
+
+    ``block_out_scale=1`` keeps the FFN's share of the residual stream large, so an error in the
+    FFN shows in the logits."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(intermediate_size=512)).eval()
+    make_sparse_llama_(base, active_per_token=12, calib_seq=64, block_out_scale=1.0)
+    base = base.to(kdevice)
+    ref = copy.deepcopy(base).double()
+    sparse = twell.sparsify_(copy.deepcopy(base), twell.SparsityConfig(backend="triton"))
+    return ref, base, sparse
+
+
+def _mlp_outputs(model):
+    """Records (input, output) of every gated MLP of ``model`` (hooks; returns the list and handles)."""
+    seen = []
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o)))
+        for layer in model.model.layers
+    ]
+    return seen, hooks
+
+
+def _check_mlp_outputs(seen, what):
+    for i, (mlp, x, y) in enumerate(seen):
+        xd = x.double()
+        g = xd @ mlp.gate_proj.weight.double().T
+        h = torch.relu(g) * (xd @ mlp.up_proj.weight.double().T)
+        assert_close(y, h @ mlp.down_proj.weight.double().T, name=f"{what} MLP output {i}", factor=64)
+
+
+def test_kernel_path_prefill_decode_generate(kdevice):
+    ref, dense, sparse = _kernel_models(kdevice)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(10)).to(kdevice)
+    seen, hooks = _mlp_outputs(sparse)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        logits = sparse(ids).logits  # M = 80 tokens: the prefill path
+        _check_mlp_outputs(seen, "prefill")
+        assert_close(logits, ref(ids).logits, name="prefill logits", baseline=dense(ids).logits, factor=64)
+        seen.clear()
+        tokens = sparse.generate(ids[:, :9], **kw)  # decode steps: M = 2
+        assert len(seen) == 2 * 6
+        _check_mlp_outputs(seen[-2:], "decode")
+        assert torch.equal(tokens, dense.generate(ids[:, :9], **kw))
+    for h in hooks:
+        h.remove()
+
+
+def test_kernel_path_training_gradients(kdevice):
+    ref, dense, sparse = _kernel_models(kdevice)
+    coeff = 3e-2
+    twell.sparsify_(sparse, twell.SparsityConfig(backend="triton", l1_coeff=coeff))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(11)).to(kdevice)
+    for m in (ref, dense, sparse):
+        m.train()
+    (sparse(ids, labels=ids).loss + twell.l1_penalty(sparse)).backward()
+    _dense_loss_with_l1(ref, ids, coeff).backward()
+    _dense_loss_with_l1(dense, ids, coeff).backward()
+    rp, dp = dict(ref.named_parameters()), dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        assert p.grad is not None, name
+        assert_close(
+            p.grad, rp[name].grad, name=f"kernel-path grad {name}", baseline=dp[name].grad, factor=64
+        )
