@@ -5,7 +5,7 @@ weights so that no call finds its weights in L2 from the previous call), called 
 
 CUDA methods:
 - ``queued`` (the default): a GPU sleep kernel (``torch.cuda._sleep``) is enqueued first and
-  every timed call is issued behind it, so the host has issued all calls before the GPU reaches
+  the timed calls (in batches of 32) are issued behind it, so the host has issued them before the GPU reaches
   them; CUDA events around each call then measure device time with no host gaps. At small M a
   dense FFN forward is ~0.045 ms of device work but 0.08-0.15 ms of host launch cost on the H100,
   which eager timing would report instead.
@@ -28,6 +28,8 @@ import torch
 __all__ = ["Timing", "time_calls", "time_graphs", "peak_memory_mib", "percentile", "on_device"]
 
 _SLEEP_CYCLES_PER_MS: dict[int, float] = {}
+#: timed calls queued behind one GPU sleep (see _queued)
+_QUEUE_BATCH = 32
 
 
 @dataclass
@@ -143,19 +145,26 @@ def _queued(fns: Sequence[Callable], device: torch.device, reps: int) -> Timing:
         fns[i]()
     host_ms = (time.perf_counter() - t0) * 1e3 / L
     _sync(device)
-    # the sleep must outlast issuing every timed call; at least ~50 ms, at most 2 s
-    sleep_ms = min(2000.0, max(50.0, 1.5 * host_ms * reps + 5.0))
-    starts, ends = _events(reps), _events(reps)
-    torch.cuda._sleep(int(sleep_ms * cpm))
-    t0 = time.perf_counter()
-    for i in range(reps):
-        starts[i].record()
-        fns[i % L]()
-        ends[i].record()
-    issue_ms = (time.perf_counter() - t0) * 1e3
-    _sync(device)
-    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    return _summary(times, "queued", host_ms=host_ms, queued_ok=issue_ms < sleep_ms)
+    # Calls are queued in batches of at most _QUEUE_BATCH, each behind its own sleep: a deep
+    # queue of launches (100 reps of a ~20-kernel backward) could fill the driver's launch queue
+    # and block the host, which would look like a host gap. Each sleep must outlast issuing its
+    # batch: at least 20 ms, at most 2 s.
+    times: list[float] = []
+    ok = True
+    for b0 in range(0, reps, _QUEUE_BATCH):
+        n = min(_QUEUE_BATCH, reps - b0)
+        sleep_ms = min(2000.0, max(20.0, 1.5 * host_ms * n + 5.0))
+        starts, ends = _events(n), _events(n)
+        torch.cuda._sleep(int(sleep_ms * cpm))
+        t0 = time.perf_counter()
+        for i in range(n):
+            starts[i].record()
+            fns[(b0 + i) % L]()
+            ends[i].record()
+        ok = ok and (time.perf_counter() - t0) * 1e3 < sleep_ms
+        _sync(device)
+        times += [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return _summary(times, "queued", host_ms=host_ms, queued_ok=ok)
 
 
 def _eager(fns: Sequence[Callable], device: torch.device, reps: int) -> Timing:
