@@ -277,3 +277,20 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key
     for ra, rb in zip(a, b):
         assert ra["active_per_layer"] == pytest.approx(rb["active_per_layer"], rel=1e-5)
+
+
+def test_trackers_and_metrics_log(tmp_path):
+    from twell.train.loop import _trackers
+    from twell.train.tracking import MetricsLog, plot_run
+
+    assert _trackers(get_preset("tiny", trackers="none")) == []
+    with pytest.raises(ValueError, match="trackers"):
+        _trackers(get_preset("tiny", trackers="mlflow"))
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.write({"event": "train", "step": 1, "ce": float("nan"), "l1": 1.0})
+    log.write({"event": "train", "step": 2, "ce": 2.0, "l1": float("inf")})
+    recs = read_metrics(tmp_path / "m.jsonl")
+    assert recs[0]["ce"] is None and recs[1]["l1"] is None, "non-finite floats are stored as null"
+    assert [r["step"] for r in log.truncate_after(1)] == [1]
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1]
+    assert plot_run([], tmp_path) == []

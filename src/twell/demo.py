@@ -15,7 +15,6 @@ reached, let it write a few lines, and time its FFNs on its own activations.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -149,17 +148,18 @@ def run(args: argparse.Namespace) -> int:
         trackers="none",
     )  # fmt: skip
     console.rule("[bold]1. training a tiny sparse LM on the embedded corpus")
+    from twell.train.data import build_data
+
+    data = build_data(cfg)
     t0 = time.perf_counter()
-    res = train(cfg, console=console)
+    res = train(cfg, console=console, data=data)
     train_s = time.perf_counter() - t0
     model, tok = res.model, res.tokenizer
     hist = [r for r in res.history if r["event"] == "train"]
     first, last = hist[0], hist[-1]
 
     console.rule("[bold]2. sparsity reached")
-    from twell.train.data import build_data
-
-    val = build_data(dataclasses.replace(cfg, resume=None)).val
+    val = data.val
     rows = _sparsity_rows(model, val, cfg.micro_batch_size) if val is not None else []
     table = Table(title=f"FFN sparsity on {rows[0]['tokens'] if rows else 0:,} held-out tokens")
     for col in ("layer", "active units / token", "zeros in FFN hidden", "units never active"):
