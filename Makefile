@@ -31,8 +31,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
+BENCH_PRESET ?= tiny
+
 bench: $(STAMP)
-	$(BIN)/twell bench kernels
+	$(BIN)/twell bench kernels --preset $(BENCH_PRESET)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
