@@ -216,12 +216,49 @@ def profile_case(K, N, M, a, pattern="iid"):
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
 
 
+SWEEP = [
+    {},
+    {"pack_block": 1024, "pack_warps": 8},
+    {"row_group": 2},
+    {"row_warps": 8},
+    {"fill_words": 32},
+    {"unit_group": 8},
+    {"unit_block_k": 256},
+    {"unit_block_k": 1024},
+    {"unit_warps": 8},
+    {"chunk": 512},
+]
+
+
+def sweep(K=2048, N=5632, M=16384, a=30):
+    """Per-kernel profile of one step for each launch-shape variant of ``ft.CONFIG``."""
+    import dataclasses
+
+    base = ft.CONFIG
+    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, dtype=torch.bfloat16, device="cuda", seed=1)
+    ws = [t.requires_grad_() for t in (wg, wu, wd)]
+    dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    for var in SWEEP:
+        ft.CONFIG = dataclasses.replace(base, **var)
+        try:
+            step = _time(lambda: _step(_twell, x, ws, dy), 8)[0]
+            prof = profile_case(K, N, M, a)
+            short = {k.strip("_").replace("_kernel", ""): v for k, v in prof.items() if k.startswith("_")}
+            print(f"sweep {var}: step {step:.3f} ms  {short}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep {var}: FAILED {repr(e)[:200]}", flush=True)
+    ft.CONFIG = base
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/train-h100.jsonl")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
+    if args.sweep:
+        sweep()
     rows: list[dict] = []
     print("sync check:", sync_check(), flush=True)
     cases = [

@@ -68,7 +68,9 @@ def test_zero_and_full_density(kdevice, poison):
 def test_heavy_rows_past_row_capacity(kdevice, poison, monkeypatch):
     # capacity W = 4: sparse rows use the packed row index, the fully active token and the heavy
     # ones walk the bitmask; units past the by-unit capacity E = M * W walk the transposed bitmask
-    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(row_capacity=4, chunk=3))
+    monkeypatch.setattr(
+        ft, "CONFIG", ft.TrainConfig(row_capacity=4, chunk=3, unit_block_k=8, unit_group=2, row_group=2)
+    )
     x, wg, wu, wd = _inputs(11, 20, 45, 2.0, device=kdevice, seed=3)
     x[4, 0] = -50.0  # column 0 carries the (negative) threshold: token 4 gets every unit active
     for det in (False, True):
@@ -140,3 +142,16 @@ def test_bad_input():
         ft.ffn_train(x, wg, wu, wd.t())
     with pytest.raises(ValueError, match="tile"):
         ft.ffn_train(x, wg, wu, wd, tile=100)
+
+
+def test_dense_path_matches_reference():
+    x, wg, wu, wd = _inputs(9, 16, 64, 20.0, seed=7)
+    for tile, slots in ((16, 3), (32, 40 // 4)):  # N % tile == 0 and the padded case below
+        y, st = ft.ffn_train_ref(x, wg, wu, wd, tile=tile, slots=slots, unit_counts=True)
+        yr, sr = sparse_ffn_ref(x, wg, wu, wd, tile=tile, slots=slots, unit_counts=True)
+        assert torch.equal(y, yr) and torch.equal(st.unit_counts, sr.unit_counts)
+        assert int(st.overflow_rows) == int(sr.overflow_rows) and float(st.l0) == float(sr.l0)
+        assert_close(st.l1.reshape(1), sr.l1.reshape(1), name="l1")
+    y, st = ft.ffn_train_ref(x[:, :], wg[:60], wu[:60], wd[:, :60], tile=16, slots=3)
+    yr, sr = sparse_ffn_ref(x, wg[:60], wu[:60], wd[:, :60], tile=16, slots=3)
+    assert int(st.overflow_rows) == int(sr.overflow_rows)

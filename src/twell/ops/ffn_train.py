@@ -42,6 +42,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -49,7 +50,7 @@ from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
 from ._triton import can_run_triton
-from .ffn_ref import sparse_ffn_ref
+from .ffn_ref import tile_overflow_rows
 
 __all__ = [
     "TrainConfig",
@@ -70,8 +71,17 @@ class TrainConfig:
     """
 
     row_capacity: int = 256
-    chunk: int = 256
+    chunk: int = 128
     dense_density: float = 0.05
+    #: launch shapes (see docs/training-kernels.md for the measurements behind them)
+    pack_block: int = 256
+    pack_warps: int = 4
+    row_group: int = 1
+    row_warps: int = 4
+    fill_words: int = 8
+    unit_group: int = 4
+    unit_block_k: int = 512
+    unit_warps: int = 4
 
 
 CONFIG = TrainConfig()
@@ -81,8 +91,27 @@ CONFIG = TrainConfig()
 # reference (plain torch)
 # ---------------------------------------------------------------------------------------------
 def ffn_train_ref(x, w_gate, w_up, w_down, *, tile: int = 256, slots: int = 32, unit_counts: bool = False):
-    """The dense torch path: ``x [M, K]`` -> ``(y [M, K], FFNStats)`` through autograd."""
-    return sparse_ffn_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+    """The dense torch path: ``x [M, K]`` -> ``(y [M, K], FFNStats)`` through autograd.
+
+    Also the dense dispatch target, so it computes its statistics in one pass over the gate's
+    activity (the oracle ``sparse_ffn_ref`` pads to int32 tiles and costs ~0.4 ms more at the paper
+    shape)."""
+    M = x.shape[0]
+    N = w_gate.shape[0]
+    g = F.linear(x, w_gate)
+    h = torch.relu(g) * F.linear(x, w_up)
+    y = F.linear(h, w_down)
+    l1 = torch.linalg.vector_norm(h, 1, dtype=torch.float32) / max(M, 1)
+    with torch.no_grad():
+        act = g > 0
+        l0 = act.sum(dtype=torch.float32) / max(M, 1)
+        if N % tile == 0:
+            per_tile = act.view(M, N // tile, tile).sum(-1, dtype=torch.int32)
+            over = (per_tile > slots).any(dim=1).sum()
+        else:
+            over = tile_overflow_rows(act, tile, slots)
+        counts = act.sum(0, dtype=torch.int64) if unit_counts else None
+    return y, FFNStats(l0=l0, l1=l1, overflow_rows=over, unit_counts=counts, tokens=M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,11 +131,21 @@ def _ctz(lsb):
 
 
 @triton.jit
+def _popc(v):
+    # set bits of v (int64 holding 32 bits)
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+@triton.jit
 def _pack_rows_kernel(
     g_ptr,
     cols_ptr,
     cnt_ptr,
     bits_ptr,
+    wpre_ptr,
     ovf_ptr,
     ucnt_ptr,
     N,
@@ -140,6 +179,11 @@ def _pack_rows_kernel(
         b_a2 = (((b_g2 > 0) | (b_g2 != b_g2)) & m_2).to(tl.int64)
         b_w = tl.sum(b_a2 << tl.arange(0, 32)[None, :].to(tl.int64), axis=1)
         tl.store(bits_ptr + i_m * NW + o_w, b_w.to(tl.int32), mask=o_w < NW)
+        # active units of the row before each word (ranks a unit inside the row's packed index)
+        b_wc = tl.sum(b_a2, axis=1)
+        tl.store(
+            wpre_ptr + i_m * NW + o_w, (n_act + tl.cumsum(b_wc, axis=0) - b_wc).to(tl.int32), mask=o_w < NW
+        )
         # TwELL overflow statistic: a tile of T columns with more than S active units
         if T <= BN:
             b_t = tl.sum(tl.reshape(b_one, (BN // T, T)), axis=1)
@@ -179,6 +223,7 @@ def _fwd_rows_kernel(
     K,
     NW,
     W,
+    G: tl.constexpr,
     BK: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
@@ -190,9 +235,18 @@ def _fwd_rows_kernel(
     g_row = g_ptr + i_m * N
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
-        for j in range(0, n_act):
-            n = tl.load(cols_ptr + i_m * W + j).to(tl.int64)
-            b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
+        o_g = tl.arange(0, G)
+        for j0 in range(0, n_act, G):
+            m_g = j0 + o_g < n_act
+            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            m_t = m_g[:, None] & m_k[None, :]
+            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
+            # [G, BK] rows of W_up and W_down^T
+            b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            b_h = b_gv * tl.sum(b_wu * b_x[None, :], axis=1)
+            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
+            l1 += tl.sum(tl.abs(b_h), axis=0)
     else:
         for i_w in range(0, NW):
             word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
@@ -230,9 +284,13 @@ def _bwd_rows_kernel(
     bits_ptr,
     c1_ptr,
     dx_ptr,
+    dg_ptr,
+    du_ptr,
+    h_ptr,
     K,
     NW,
     W,
+    G: tl.constexpr,
     BK: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
@@ -244,9 +302,26 @@ def _bwd_rows_kernel(
     b_dx = tl.zeros([BK], dtype=tl.float32)
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
-        for j in range(0, n_act):
-            n = tl.load(cols_ptr + i_m * W + j).to(tl.int64)
-            b_dx = _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K)
+        o_g = tl.arange(0, G)
+        for j0 in range(0, n_act, G):
+            m_g = j0 + o_g < n_act
+            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            m_t = m_g[:, None] & m_k[None, :]
+            p_w = i_n[:, None] * K + o_k[None, :]
+            # [G, BK] rows of W_gate, W_up and W_down^T
+            b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+            b_wu = tl.load(wu_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+            b_wd = tl.load(wdt_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+            b_g = tl.sum(b_wg * b_x[None, :], axis=1)
+            b_u = tl.sum(b_wu * b_x[None, :], axis=1)
+            b_dh = tl.sum(b_wd * b_dy[None, :], axis=1)
+            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+            b_dx += tl.sum((b_dh * b_u)[:, None] * b_wg + (b_dh * b_g)[:, None] * b_wu, axis=0)
+            # per-slot dg, du, h for the weight gradients (which then need no dot products)
+            p_s = i_m * W + j0 + o_g
+            tl.store(dg_ptr + p_s, b_dh * b_u, mask=m_g)
+            tl.store(du_ptr + p_s, b_dh * b_g, mask=m_g)
+            tl.store(h_ptr + p_s, b_g * b_u, mask=m_g)
     else:
         for i_w in range(0, NW):
             word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
@@ -274,155 +349,156 @@ def _transpose_bits_kernel(bits_ptr, tbits_ptr, ucnt_ptr, M, NW, MW):
 
 
 @triton.jit
-def _fill_units_kernel(tbits_ptr, uoff_ptr, rows_ptr, units_ptr, MW, E, BW: tl.constexpr):
-    # counting sort: unit n's rows, in increasing order, at [uoff[n], uoff[n + 1]); positions past
-    # the capacity E are dropped here (those units are walked through the transposed bitmask)
+def _fill_units_kernel(
+    tbits_ptr, bits_ptr, wpre_ptr, cnt_ptr, uoff_ptr, slots_ptr, NW, MW, W, E, BW: tl.constexpr
+):
+    # counting sort: unit n's entries, rows in increasing order, at [uoff[n], uoff[n + 1]); an
+    # entry is m * W + j (j = rank of n in row m's packed index) or -1 - m for a row above W;
+    # positions past the capacity E are dropped (those units walk the transposed bitmask)
     i_n = tl.program_id(0).to(tl.int64)
     base = tl.load(uoff_ptr + i_n)
     if base < E:
         o_i = tl.arange(0, BW * 32)
+        i_wn = i_n // 32
+        below = (tl.full([BW * 32], 1, tl.int64) << (i_n % 32)) - 1
         for w0 in range(0, MW, BW):
             o_w = w0 + o_i // 32
             word = tl.load(tbits_ptr + i_n * MW + o_w, mask=o_w < MW, other=0).to(tl.int64) & 0xFFFFFFFF
             b_a = ((word >> (o_i % 32).to(tl.int64)) & 1).to(tl.int32)
             b_rank = base + tl.cumsum(b_a, axis=0) - 1
             m_s = (b_a != 0) & (b_rank < E)
-            tl.store(rows_ptr + b_rank, (w0 * 32 + o_i).to(tl.int32), mask=m_s)
-            tl.store(units_ptr + b_rank, tl.zeros([BW * 32], dtype=tl.int32) + i_n.to(tl.int32), mask=m_s)
+            i_m = (w0 * 32 + o_i).to(tl.int64)
+            b_rw = tl.load(bits_ptr + i_m * NW + i_wn, mask=m_s, other=0).to(tl.int64) & 0xFFFFFFFF
+            b_j = tl.load(wpre_ptr + i_m * NW + i_wn, mask=m_s, other=0).to(tl.int64) + _popc(b_rw & below)
+            b_c = tl.load(cnt_ptr + i_m, mask=m_s, other=0)
+            b_slot = tl.where(b_c <= W, i_m * W + b_j, -1 - i_m)
+            tl.store(slots_ptr + b_rank, b_slot.to(tl.int32), mask=m_s)
             base += tl.sum(b_a, axis=0)
 
 
 @triton.jit
-def _wgrad_entry(m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K):
-    b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_g = tl.sum(b_x * b_wg, axis=0)
-    b_u = tl.sum(b_x * b_wu, axis=0)
-    b_dh = tl.sum(b_dy * b_wd, axis=0)
-    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
-    return a_g + (b_dh * b_u) * b_x, a_u + (b_dh * b_g) * b_x, a_d + (b_g * b_u) * b_dy
+def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.constexpr):
+    # g, u, dh (with the l1 term) of one entry (m, n), over the whole of K in BKC steps
+    o_c = tl.arange(0, BKC)
+    a_g = tl.zeros([BKC], dtype=tl.float32)
+    a_u = tl.zeros([BKC], dtype=tl.float32)
+    a_h = tl.zeros([BKC], dtype=tl.float32)
+    for k0 in range(0, K, BKC):
+        o_k = k0 + o_c
+        m_k = o_k < K
+        b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        a_g += b_x * tl.load(wg_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        a_u += b_x * tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        a_h += b_dy * tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_g = tl.sum(a_g, axis=0)
+    b_u = tl.sum(a_u, axis=0)
+    b_dh = tl.sum(a_h, axis=0) + c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+    return b_g, b_u, b_dh
 
 
 @triton.jit
-def _wgrad_units_kernel(
+def _wgrad_kernel(
     x_ptr,
     dy_ptr,
     wg_ptr,
     wu_ptr,
     wdt_ptr,
-    rows_ptr,
-    ucnt_ptr,
+    slots_ptr,
+    dg_ptr,
+    du_ptr,
+    h_ptr,
     uoff_ptr,
     tbits_ptr,
+    item_unit_ptr,
+    item_first_ptr,
     c1_ptr,
     dwg_ptr,
     dwu_ptr,
     dwdt_ptr,
+    N,
     K,
     MW,
     E,
-    ONLY_SPILLED: tl.constexpr,
-    BK: tl.constexpr,
+    W,
+    CH,
+    G: tl.constexpr,
+    BKC: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    # one program per unit, whole list in row order (deterministic); with ONLY_SPILLED, only
-    # the units whose index did not fit E (the chunked kernel does the others)
-    i_n = tl.program_id(0).to(tl.int64)
-    start = tl.load(uoff_ptr + i_n)
-    stop = start + tl.load(ucnt_ptr + i_n)
-    spilled = stop > E
-    if spilled | (not ONLY_SPILLED):
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
+    # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list,
+    # G per step; columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The
+    # k-chunk is the slow grid axis, so the programs running together share one BKC-wide slice
+    # of x and dy (2 * M * BKC * 2 bytes: 32 MiB at M = 16384, BKC = 512, inside the 50 MiB L2).
+    # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores.
+    i_p = tl.program_id(0)
+    i_kc = tl.program_id(1)
+    i_n = tl.load(item_unit_ptr + i_p).to(tl.int64)
+    if i_n < N:
+        u_start = tl.load(uoff_ptr + i_n)
+        u_stop = tl.load(uoff_ptr + i_n + 1)
+        chunk = i_p - tl.load(item_first_ptr + i_n)
+        start = u_start + chunk * CH
+        stop = tl.minimum(u_stop, start + CH)
         c1 = tl.load(c1_ptr)
-        b_wg = tl.load(wg_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_wu = tl.load(wu_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_wd = tl.load(wdt_ptr + i_n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        a_g = tl.zeros([BK], dtype=tl.float32)
-        a_u = tl.zeros([BK], dtype=tl.float32)
-        a_d = tl.zeros([BK], dtype=tl.float32)
-        if not spilled:
-            for p in range(start, stop):
-                m = tl.load(rows_ptr + p).to(tl.int64)
-                a_g, a_u, a_d = _wgrad_entry(
-                    m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
-                )
-        else:
+        o_k = i_kc * BKC + tl.arange(0, BKC)
+        m_k = o_k < K
+        a_g = tl.zeros([BKC], dtype=tl.float32)
+        a_u = tl.zeros([BKC], dtype=tl.float32)
+        a_d = tl.zeros([BKC], dtype=tl.float32)
+        if u_stop <= E:
+            o_g = tl.arange(0, G)
+            for p0 in range(start, stop, G):
+                m_g = p0 + o_g < stop
+                b_s = tl.load(slots_ptr + p0 + o_g, mask=m_g, other=0).to(tl.int64)
+                b_ok = b_s >= 0
+                b_m = tl.where(b_ok, b_s // W, -1 - b_s)
+                m_v = m_g & b_ok
+                b_dg = tl.load(dg_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                b_du = tl.load(du_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                b_h = tl.load(h_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                if tl.sum((m_g & ~b_ok).to(tl.int32), axis=0) > 0:
+                    # rows above W kept no per-slot values: recompute them (full-K dot products)
+                    for i_g in range(0, G):
+                        sel = o_g == i_g
+                        m_one = tl.sum(tl.where(sel, b_m, 0), axis=0)
+                        need = tl.sum((sel & m_g & ~b_ok).to(tl.int32), axis=0) > 0
+                        if need:
+                            r_g, r_u, r_dh = _dots_full(
+                                m_one, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
+                            )
+                            b_dg = tl.where(sel, r_dh * r_u, b_dg)
+                            b_du = tl.where(sel, r_dh * r_g, b_du)
+                            b_h = tl.where(sel, r_g * r_u, b_h)
+                m_t = m_g[:, None] & m_k[None, :]
+                # [G, BKC] slices of x and dy rows
+                b_x = tl.load(x_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+                b_dy = tl.load(dy_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+                a_g += tl.sum(b_dg[:, None] * b_x, axis=0)
+                a_u += tl.sum(b_du[:, None] * b_x, axis=0)
+                a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
+        elif chunk == 0:
+            # the unit's list did not fit E: walk its column of the transposed bitmask
             for i_w in range(0, MW):
                 word = tl.load(tbits_ptr + i_n * MW + i_w).to(tl.int64) & 0xFFFFFFFF
                 while word != 0:
                     lsb = word & (-word)
                     m = i_w * 32 + _ctz(lsb)
-                    a_g, a_u, a_d = _wgrad_entry(
-                        m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
-                    )
+                    r_g, r_u, r_dh = _dots_full(m, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC)
+                    b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    a_g += (r_dh * r_u) * b_x
+                    a_u += (r_dh * r_g) * b_x
+                    a_d += (r_g * r_u) * b_dy
                     word = word ^ lsb
-        tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
-        tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
-        tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
-
-
-@triton.jit
-def _wgrad_chunks_kernel(
-    x_ptr,
-    dy_ptr,
-    wg_ptr,
-    wu_ptr,
-    wdt_ptr,
-    rows_ptr,
-    units_ptr,
-    ucnt_ptr,
-    uoff_ptr,
-    c1_ptr,
-    dwg_ptr,
-    dwu_ptr,
-    dwdt_ptr,
-    K,
-    N,
-    E,
-    CHUNK: tl.constexpr,
-    BK: tl.constexpr,
-):
-    # entries [c * CHUNK, (c + 1) * CHUNK) of the by-unit index; per unit run, one fp32
-    # atomic add per gradient row at the end of the run
-    start = tl.program_id(0).to(tl.int64) * CHUNK
-    total = tl.load(uoff_ptr + N)
-    stop = tl.minimum(tl.minimum(start + CHUNK, total), E)
-    if start < stop:
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        c1 = tl.load(c1_ptr)
-        cur = tl.load(units_ptr + start).to(tl.int64)
-        live = tl.load(uoff_ptr + cur) + tl.load(ucnt_ptr + cur) <= E
-        b_wg = tl.load(wg_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_wu = tl.load(wu_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_wd = tl.load(wdt_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        a_g = tl.zeros([BK], dtype=tl.float32)
-        a_u = tl.zeros([BK], dtype=tl.float32)
-        a_d = tl.zeros([BK], dtype=tl.float32)
-        for p in range(start, stop):
-            n = tl.load(units_ptr + p).to(tl.int64)
-            if n != cur:
-                if live:
-                    tl.atomic_add(dwg_ptr + cur * K + o_k, a_g, mask=m_k)
-                    tl.atomic_add(dwu_ptr + cur * K + o_k, a_u, mask=m_k)
-                    tl.atomic_add(dwdt_ptr + cur * K + o_k, a_d, mask=m_k)
-                cur = n
-                live = tl.load(uoff_ptr + cur) + tl.load(ucnt_ptr + cur) <= E
-                b_wg = tl.load(wg_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                b_wu = tl.load(wu_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                b_wd = tl.load(wdt_ptr + cur * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                a_g = a_g * 0.0
-                a_u = a_u * 0.0
-                a_d = a_d * 0.0
-            if live:
-                m = tl.load(rows_ptr + p).to(tl.int64)
-                a_g, a_u, a_d = _wgrad_entry(
-                    m, b_wg, b_wu, b_wd, a_g, a_u, a_d, c1, x_ptr, dy_ptr, o_k, m_k, K
-                )
-        if live:
-            tl.atomic_add(dwg_ptr + cur * K + o_k, a_g, mask=m_k)
-            tl.atomic_add(dwu_ptr + cur * K + o_k, a_u, mask=m_k)
-            tl.atomic_add(dwdt_ptr + cur * K + o_k, a_d, mask=m_k)
+        if ATOMIC:
+            tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+            tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+            tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
+        else:
+            tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+            tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+            tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
 
 
 _KERNELS = {
@@ -431,8 +507,7 @@ _KERNELS = {
     "bwd": _bwd_rows_kernel,
     "transpose": _transpose_bits_kernel,
     "fill": _fill_units_kernel,
-    "wgrad_units": _wgrad_units_kernel,
-    "wgrad_chunks": _wgrad_chunks_kernel,
+    "wgrad": _wgrad_kernel,
 }
 
 
@@ -447,12 +522,6 @@ def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
 
-def _bk(K: int) -> tuple[int, int]:
-    """Block over K (the whole row in registers) and warps: 4 warps up to K = 2048, 8 above."""
-    bk = triton.next_power_of_2(K)
-    return bk, 4 if bk <= 2048 else 8
-
-
 def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     M, K = x.shape
     N = w_gate.shape[0]
@@ -462,7 +531,10 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
     cnt = _alloc.empty((M,), dtype=torch.int32, device=dev)
-    bits = _alloc.empty((M, NW), dtype=torch.int32, device=dev)
+    pat = _alloc.empty(
+        (2, M, NW), dtype=torch.int32, device=dev
+    )  # bitmask words, active units before each word
+    bits, wpre = pat[0], pat[1]
     ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
     ucnt = torch.zeros((N if unit_counts else 1,), dtype=torch.int32, device=dev)
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
@@ -473,6 +545,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
             cols,
             cnt,
             bits,
+            wpre,
             ovf,
             ucnt,
             N,
@@ -480,25 +553,29 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
             W,
             slots,
             T=tile,
-            BN=max(256, min(tile, 1024)),
+            BN=max(CONFIG.pack_block, 32),
             UNIT_COUNTS=unit_counts,
-            num_warps=4,
+            num_warps=CONFIG.pack_warps,
         )
         wdt = w_down.t().contiguous()  # [N, K]: row n of W_down^T is contiguous
-        bk, nw = _bk(K)
-        _k("fwd")[(M,)](x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W, BK=bk, num_warps=nw)
+        bk = triton.next_power_of_2(K)
+        _k("fwd")[(M,)](
+            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W,
+            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
+        )  # fmt: skip
     l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
     over = ovf.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
-    return y, l1, nnz, over, uc, cols, cnt, bits
+    return y, l1, nnz, over, uc, cols, cnt, pat
 
 
-def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
+def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
     M, K = x.shape
     N = w_gate.shape[0]
     W = cols.shape[1]
-    NW = bits.shape[1]
+    NW = pat.shape[2]
+    bits, wpre = pat[0], pat[1]
     MW = (M + 31) // 32
     dev = x.device
     dx = _alloc.empty((M, K), dtype=x.dtype, device=dev)
@@ -508,8 +585,13 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
     dy = dy.contiguous()
     c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
     wdt = w_down.t().contiguous()
-    bk, nw = _bk(K)
-    _k("bwd")[(M,)](x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, K, NW, W, BK=bk, num_warps=nw)
+    bk = triton.next_power_of_2(K)
+    # per-slot dg, du, h of rows within W (x's dtype, like dense autograd's intermediates)
+    vals = _alloc.empty((3, M, W), dtype=x.dtype, device=dev)
+    _k("bwd")[(M,)](
+        x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], K, NW, W,
+        G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
+    )  # fmt: skip
     # by-unit index: bit transpose, per-unit counts, exclusive prefix, counting sort by unit
     tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
     ucnt = torch.zeros((NW * 32,), dtype=torch.int32, device=dev)
@@ -518,48 +600,33 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
     torch.cumsum(ucnt, 0, out=uoff[1:])
     E = M * W
-    rows = _alloc.empty((E,), dtype=torch.int32, device=dev)
-    units = _alloc.empty((E,), dtype=torch.int32, device=dev)
-    _k("fill")[(N,)](tbits, uoff, rows, units, MW, E, BW=8, num_warps=4)
+    slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
+    _k("fill")[(N,)](tbits, bits, wpre, cnt, uoff, slots, NW, MW, W, E, BW=CONFIG.fill_words, num_warps=4)
+    # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
+    # and for units whose list did not fit E); item -> unit by a binary search on the device
+    ch = M if deterministic else CONFIG.chunk
+    spilled = uoff[1:] > E
+    items = torch.where(spilled, 1, ((ucnt.to(torch.int64) + ch - 1) // ch).clamp(min=1))
+    item_end = torch.cumsum(items, 0)
+    item_first = item_end - items
+    n_items = (E + ch - 1) // ch + N  # upper bound: sum of ceil(cnt / ch) over units that fit E
+    item_unit = torch.searchsorted(item_end, torch.arange(n_items, device=dev), right=True).to(torch.int32)
     if deterministic:
-        dwg = torch.empty_like(w_gate)
-        dwu = torch.empty_like(w_up)
-        dwdt = _alloc.empty((N, K), dtype=w_down.dtype, device=dev)
-        _k("wgrad_units")[(N,)](
-            x,
-            dy,
-            w_gate,
-            w_up,
-            wdt,
-            rows,
-            ucnt,
-            uoff,
-            tbits,
-            c1,
-            dwg,
-            dwu,
-            dwdt,
-            K,
-            MW,
-            E,
-            ONLY_SPILLED=False,
-            BK=bk,
-            num_warps=nw,
+        outs = (
+            torch.empty_like(w_gate),
+            torch.empty_like(w_up),
+            _alloc.empty((N, K), dtype=w_down.dtype, device=dev),
         )
-        return dx, dwg, dwu, dwdt.t().contiguous()
-    # fp32 accumulators (chunks meeting at a unit add atomically); three separate buffers so that
-    # fp32 outputs do not alias each other
-    a_g, a_u, a_dt = (torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
-    chunk = CONFIG.chunk
-    _k("wgrad_chunks")[((E + chunk - 1) // chunk,)](
-        x, dy, w_gate, w_up, wdt, rows, units, ucnt, uoff, c1, a_g, a_u, a_dt, K, N, E,
-        CHUNK=chunk, BK=bk, num_warps=nw,
+    else:
+        outs = tuple(torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
+    bkc = min(CONFIG.unit_block_k, bk)
+    _k("wgrad")[(n_items, triton.cdiv(K, bkc))](
+        x, dy, w_gate, w_up, wdt, slots, vals[0], vals[1], vals[2], uoff, tbits, item_unit, item_first, c1,
+        *outs, N, K, MW, E, W, ch,
+        G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, num_warps=CONFIG.unit_warps,
     )  # fmt: skip
-    _k("wgrad_units")[(N,)](
-        x, dy, w_gate, w_up, wdt, rows, ucnt, uoff, tbits, c1, a_g, a_u, a_dt, K, MW, E,
-        ONLY_SPILLED=True, BK=bk, num_warps=nw,
-    )  # fmt: skip
-    return dx, a_g.to(w_gate.dtype), a_u.to(w_up.dtype), a_dt.t().to(w_down.dtype).contiguous()
+    dwg, dwu, dwdt = outs
+    return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), dwdt.t().to(w_down.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,7 +670,7 @@ def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic):
         x.new_empty((N if unit_counts else 0,), dtype=torch.int64),
         x.new_empty((M, W), dtype=i32),
         x.new_empty((M,), dtype=i32),
-        x.new_empty((M, (N + 31) // 32), dtype=i32),
+        x.new_empty((2, M, (N + 31) // 32), dtype=i32),
     )
 
 
@@ -617,32 +684,32 @@ def _bwd_op(
     w_down: torch.Tensor,
     cols: torch.Tensor,
     cnt: torch.Tensor,
-    bits: torch.Tensor,
+    pat: torch.Tensor,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
-    return _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic)
+    return _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic)
 
 
 @_bwd_op.register_fake
-def _(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, deterministic):
+def _(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
     return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic = inputs
-    _, _, _, _, _, cols, cnt, bits = output
-    ctx.save_for_backward(x, w_gate, w_up, w_down, cols, cnt, bits)
+    _, _, _, _, _, cols, cnt, pat = output
+    ctx.save_for_backward(x, w_gate, w_up, w_down, cols, cnt, pat)
     ctx.deterministic = deterministic
 
 
 def _backward(ctx, dy, gl1, *_unused):
-    x, w_gate, w_up, w_down, cols, cnt, bits = ctx.saved_tensors
+    x, w_gate, w_up, w_down, cols, cnt, pat = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     if gl1 is None:
         gl1 = torch.zeros((), dtype=torch.float32, device=x.device)
-    dx, dwg, dwu, dwd = _bwd_op(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, bits, ctx.deterministic)
+    dx, dwg, dwu, dwd = _bwd_op(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, ctx.deterministic)
     return dx, dwg, dwu, dwd, None, None, None, None
 
 
