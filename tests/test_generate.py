@@ -182,7 +182,10 @@ def test_gradient_checkpointing_non_reentrant_keeps_l1_gradient():
     twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=3e-2))
     sparse.train()
     ckpt = copy.deepcopy(sparse)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(ckpt, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        ckpt.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(8))
     for m in (sparse, ckpt):
         (m(ids, labels=ids).loss + twell.l1_penalty(m)).backward()
