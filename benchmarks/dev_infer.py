@@ -212,6 +212,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--recheck", action="store_true", help="only the cases changed after the full run")
     args = ap.parse_args()
     dtype = torch.bfloat16
     env = {
@@ -225,7 +226,11 @@ def main() -> int:
     rows: list[dict] = []
     P = "paper-2048x5632"
     if args.profile:
-        for M, path in ((1, "decode"), (64, "decode"), (256, "prefill"), (16384, "prefill")):
+        for M, path in (
+            ((1, "decode"), (16384, "prefill"))
+            if args.recheck
+            else ((1, "decode"), (64, "decode"), (256, "prefill"), (16384, "prefill"))
+        ):
             profile(P, M, 30, dtype, path)
     d = ["auto", "decode"]
     L, Q = "llama3-8b-4096x14336", "qwen2-0.5b-896x4864"
@@ -256,6 +261,16 @@ def main() -> int:
         (Q, 1, 30, "iid", ["auto"], False),
         (Q, 2048, 30, "iid", ["auto"], False),
     ]
+    if args.recheck:
+        cases = [
+            (P, 1, 30, "iid", ["auto", "decode"], False),
+            (P, 1, 30, "skewed", ["auto"], False),
+            (P, 1, 100, "iid", ["auto"], False),
+            (L, 1, 30, "iid", ["auto"], False),
+            (Q, 1, 30, "iid", ["auto"], False),
+            (P, 16384, 30, "iid", ["auto"], False),
+            (P, 8, 30, "iid", ["auto"], False),
+        ]
     if args.quick:
         cases = [c for c in cases if c[0] == P and c[2] == 30 and c[3] == "iid"]
     for shape, M, a, pattern, variants, gate in cases:

@@ -136,3 +136,13 @@ def test_ffn_infer_bad_input():
         ffn_infer(x, wg, wu, wd, path="fast")
     with pytest.raises(ValueError, match="tile"):
         ffn_infer(x, wg, wu, wd, tile=100)
+
+
+@pytest.mark.parametrize("active", [0, 5, 100])
+def test_decode_single_token(kdevice, poison, active):
+    # M = 1 takes the compacted walk over active units in the down kernel
+    x, wg, wu, wd = make_sparse_ffn(1, 48, 300, active, device=kdevice, seed=active)
+    _check(x, wg, wu, wd, 64, 8, "decode")
+    x[0, 9] = float("nan")
+    y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
+    assert torch.isnan(y).all()

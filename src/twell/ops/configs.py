@@ -48,9 +48,12 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    decode_max_m: int = 4
+    #: (measured, device time: M = 1 decode 0.0377 ms vs dense 0.0436 (1.16x); M = 2, 4, 8, 64:
+    #: 0.69x, 0.70x, 0.67x, 0.65x, bound by the down kernel's predicated full-tile work)
+    decode_max_m: int = 1
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
-    #: latency-bound at small M (M = 256: gate_pack 27.8 us + up/down 42.0 us vs dense 53 us)
+    #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
+    #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
     #: decode stage 1: units per program (8 for M = 1 GEMV form, 16 with tl.dot for M > 1)
     decode_bn_gemv: int = 8
@@ -60,9 +63,13 @@ class InferConfig:
     decode_down_bk: int = 64
     decode_down_bn: int = 256
     decode_down_split: int = 32
-    #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster
-    #: (the reference's per-token stage breaks even at ~65-70)
-    dense_above_prefill: float = 64.0
+    #: M = 1: units per down program in the compacted walk over active units (0: off)
+    decode_sparse_units: int = 512
+    #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster.
+    #: Measured: up/down costs 1.20-1.24 ns per (token x active unit) and gate_pack 1.15-1.3x the
+    #: cuBLAS gate GEMM, so sparse breaks even at ~55 (M = 2048 and 16384); at 99 active it ran
+    #: 0.68-0.72x dense
+    dense_above_prefill: float = 52.0
     #: decode: fraction of units active in at least one token of the batch above which dense is
     #: faster (sparse reads (1 + 2 union) / 3 of dense's bytes, at lower efficiency than cuBLAS)
     decode_dense_union: float = 0.65
