@@ -14,6 +14,7 @@ Usage: ``PYTHONPATH=src python benchmarks/dev_train.py --out benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -218,36 +219,35 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"pack_block": 1024, "pack_warps": 8},
-    {"row_group": 2},
-    {"row_warps": 8},
-    {"fill_words": 32},
     {"unit_group": 8},
-    {"unit_block_k": 256},
-    {"unit_block_k": 1024},
-    {"unit_warps": 8},
-    {"chunk": 512},
+    {"unit_block_k": 2048},
+    {"unit_block_k": 2048, "unit_group": 8},
+    {"unit_warps": 2},
+    {"row_group": 2},
 ]
 
 
 def sweep(K=2048, N=5632, M=16384, a=30):
-    """Per-kernel profile of one step for each launch-shape variant of ``ft.CONFIG``."""
-    import dataclasses
-
+    """Per-kernel profile of one step for each launch-shape variant of ``ft.CONFIG``; keeps the
+    fastest (by more than 3%) for the cases that follow."""
     base = ft.CONFIG
     x, wg, wu, wd = make_sparse_ffn(M, K, N, a, dtype=torch.bfloat16, device="cuda", seed=1)
     ws = [t.requires_grad_() for t in (wg, wu, wd)]
     dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    best = (float("inf"), base)
     for var in SWEEP:
         ft.CONFIG = dataclasses.replace(base, **var)
         try:
             step = _time(lambda: _step(_twell, x, ws, dy), 8)[0]
+            if step < 0.97 * best[0] or not var:
+                best = (step, ft.CONFIG)
             prof = profile_case(K, N, M, a)
             short = {k.strip("_").replace("_kernel", ""): v for k, v in prof.items() if k.startswith("_")}
             print(f"sweep {var}: step {step:.3f} ms  {short}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"sweep {var}: FAILED {repr(e)[:200]}", flush=True)
-    ft.CONFIG = base
+    ft.CONFIG = best[1]
+    print("config used below:", ft.CONFIG, flush=True)
 
 
 def main():

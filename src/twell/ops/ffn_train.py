@@ -78,9 +78,9 @@ class TrainConfig:
     pack_warps: int = 4
     row_group: int = 1
     row_warps: int = 4
-    fill_words: int = 8
+    fill_words: int = 32
     unit_group: int = 4
-    unit_block_k: int = 512
+    unit_block_k: int = 1024
     unit_warps: int = 4
 
 
@@ -334,7 +334,7 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _transpose_bits_kernel(bits_ptr, tbits_ptr, ucnt_ptr, M, NW, MW):
+def _transpose_bits_kernel(bits_ptr, tbits_ptr, M, NW, MW):
     # one 32 x 32 bit block: rows 32*i_mw.., units 32*i_w..
     i_mw = tl.program_id(0).to(tl.int64)
     i_w = tl.program_id(1).to(tl.int64)
@@ -345,7 +345,6 @@ def _transpose_bits_kernel(bits_ptr, tbits_ptr, ucnt_ptr, M, NW, MW):
     b_bit = (b_row[:, None] >> o_b[None, :]) & 1  # [32 rows, 32 units]
     b_t = tl.sum(b_bit << o_r[:, None].to(tl.int64), axis=0)  # [32 units]
     tl.store(tbits_ptr + (i_w * 32 + o_b) * MW + i_mw, b_t.to(tl.int32))
-    tl.atomic_add(ucnt_ptr + i_w * 32 + o_b, tl.sum(b_bit, axis=0).to(tl.int32))
 
 
 @triton.jit
@@ -377,6 +376,39 @@ def _fill_units_kernel(
 
 
 @triton.jit
+def _scatter_units_kernel(
+    cols_ptr, cnt_ptr, bits_ptr, uoff_ptr, cur_ptr, slots_ptr, NW, W, E, BS: tl.constexpr
+):
+    # by-unit index through atomic cursors (order inside a unit is arbitrary): entry (m, n) goes to
+    # uoff[n] + cursor[n]++ as m * W + j (j its slot in row m's packed index), or as -1 - m for a
+    # row above W (walked through its bitmask); positions past the capacity E are dropped
+    i_m = tl.program_id(0).to(tl.int64)
+    n_act = tl.load(cnt_ptr + i_m)
+    o_s = tl.arange(0, BS)
+    if n_act <= W:
+        for j0 in range(0, n_act, BS):
+            m_s = j0 + o_s < n_act
+            i_n = tl.load(cols_ptr + i_m * W + j0 + o_s, mask=m_s, other=0).to(tl.int64)
+            old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s).to(tl.int64)
+            pos = tl.load(uoff_ptr + i_n, mask=m_s, other=0) + old
+            tl.store(slots_ptr + pos, (i_m * W + j0 + o_s).to(tl.int32), mask=m_s & (pos < E))
+    else:
+        o_b = tl.arange(0, 32)
+        for i_w in range(0, NW):
+            word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
+            if word != 0:
+                m_s = ((word >> o_b.to(tl.int64)) & 1) != 0
+                i_n = i_w * 32 + o_b.to(tl.int64)
+                old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s).to(tl.int64)
+                pos = tl.load(uoff_ptr + i_n, mask=m_s, other=0) + old
+                tl.store(
+                    slots_ptr + pos,
+                    tl.zeros([32], dtype=tl.int32) + (-1 - i_m).to(tl.int32),
+                    mask=m_s & (pos < E),
+                )
+
+
+@triton.jit
 def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.constexpr):
     # g, u, dh (with the l1 term) of one entry (m, n), over the whole of K in BKC steps
     o_c = tl.arange(0, BKC)
@@ -399,33 +431,11 @@ def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.cons
 
 @triton.jit
 def _wgrad_kernel(
-    x_ptr,
-    dy_ptr,
-    wg_ptr,
-    wu_ptr,
-    wdt_ptr,
-    slots_ptr,
-    dg_ptr,
-    du_ptr,
-    h_ptr,
-    uoff_ptr,
-    tbits_ptr,
-    item_unit_ptr,
-    item_first_ptr,
-    c1_ptr,
-    dwg_ptr,
-    dwu_ptr,
-    dwdt_ptr,
-    N,
-    K,
-    MW,
-    E,
-    W,
-    CH,
-    G: tl.constexpr,
-    BKC: tl.constexpr,
-    ATOMIC: tl.constexpr,
-):
+    x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, dg_ptr, du_ptr, h_ptr, uoff_ptr, bits_ptr,
+    item_unit_ptr, item_first_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
+    M, N, K, NW, MW, E, W, CH,
+    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
     # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list,
     # G per step; columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The
     # k-chunk is the slow grid axis, so the programs running together share one BKC-wide slice
@@ -479,8 +489,13 @@ def _wgrad_kernel(
                 a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
         elif chunk == 0:
             # the unit's list did not fit E: walk its column of the transposed bitmask
+            o_r = tl.arange(0, 32)
             for i_w in range(0, MW):
-                word = tl.load(tbits_ptr + i_n * MW + i_w).to(tl.int64) & 0xFFFFFFFF
+                # bit r of word: unit n active in row 32 * i_w + r (a column of the row bitmask)
+                m_r = i_w * 32 + o_r < M
+                b_c = tl.load(bits_ptr + (i_w * 32 + o_r).to(tl.int64) * NW + i_n // 32, mask=m_r, other=0)
+                b_c = (b_c.to(tl.int64) >> (i_n % 32)) & 1
+                word = tl.sum(b_c << o_r.to(tl.int64), axis=0)
                 while word != 0:
                     lsb = word & (-word)
                     m = i_w * 32 + _ctz(lsb)
@@ -507,6 +522,7 @@ _KERNELS = {
     "bwd": _bwd_rows_kernel,
     "transpose": _transpose_bits_kernel,
     "fill": _fill_units_kernel,
+    "scatter": _scatter_units_kernel,
     "wgrad": _wgrad_kernel,
 }
 
@@ -530,13 +546,14 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     dev = x.device
     g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
-    cnt = _alloc.empty((M,), dtype=torch.int32, device=dev)
+    # counts: [M] active units per row, then [N] rows per unit (kept for the backward's index)
+    counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
+    cnt, ucnt = counts[:M], counts[M:]
     pat = _alloc.empty(
         (2, M, NW), dtype=torch.int32, device=dev
     )  # bitmask words, active units before each word
     bits, wpre = pat[0], pat[1]
     ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
-    ucnt = torch.zeros((N if unit_counts else 1,), dtype=torch.int32, device=dev)
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     if M > 0:
@@ -554,7 +571,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
             slots,
             T=tile,
             BN=max(CONFIG.pack_block, 32),
-            UNIT_COUNTS=unit_counts,
+            UNIT_COUNTS=True,
             num_warps=CONFIG.pack_warps,
         )
         wdt = w_down.t().contiguous()  # [N, K]: row n of W_down^T is contiguous
@@ -567,10 +584,10 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     nnz = cnt.sum(dtype=torch.int64)
     over = ovf.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
-    return y, l1, nnz, over, uc, cols, cnt, pat
+    return y, l1, nnz, over, uc, cols, counts, pat
 
 
-def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
+def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic):
     M, K = x.shape
     N = w_gate.shape[0]
     W = cols.shape[1]
@@ -578,6 +595,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
     bits, wpre = pat[0], pat[1]
     MW = (M + 31) // 32
     dev = x.device
+    cnt = counts[:M]
     dx = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     if M == 0:
         z = torch.zeros_like(w_gate)
@@ -592,16 +610,20 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
         x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], K, NW, W,
         G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
     )  # fmt: skip
-    # by-unit index: bit transpose, per-unit counts, exclusive prefix, counting sort by unit
-    tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
-    ucnt = torch.zeros((NW * 32,), dtype=torch.int32, device=dev)
-    _k("transpose")[(MW, NW)](bits, tbits, ucnt, M, NW, MW, num_warps=1)
-    ucnt = ucnt[:N]
+    ucnt = counts[M:]
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
     torch.cumsum(ucnt, 0, out=uoff[1:])
     E = M * W
     slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
-    _k("fill")[(N,)](tbits, bits, wpre, cnt, uoff, slots, NW, MW, W, E, BW=CONFIG.fill_words, num_warps=4)
+    if deterministic:
+        # by-unit index in row order: bit transpose, then a counting sort by unit
+        tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
+        _k("transpose")[(MW, NW)](bits, tbits, M, NW, MW, num_warps=1)
+        _k("fill")[(N,)](tbits, bits, wpre, cnt, uoff, slots, NW, MW, W, E, BW=CONFIG.fill_words, num_warps=4)
+    else:
+        # order inside a unit is free (its sum is split over fp32 atomics anyway): atomic cursors
+        cursor = torch.zeros((N,), dtype=torch.int32, device=dev)
+        _k("scatter")[(M,)](cols, cnt, bits, uoff, cursor, slots, NW, W, E, BS=64, num_warps=2)
     # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
     # and for units whose list did not fit E); item -> unit by a binary search on the device
     ch = M if deterministic else CONFIG.chunk
@@ -621,8 +643,8 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
         outs = tuple(torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
     bkc = min(CONFIG.unit_block_k, bk)
     _k("wgrad")[(n_items, triton.cdiv(K, bkc))](
-        x, dy, w_gate, w_up, wdt, slots, vals[0], vals[1], vals[2], uoff, tbits, item_unit, item_first, c1,
-        *outs, N, K, MW, E, W, ch,
+        x, dy, w_gate, w_up, wdt, slots, vals[0], vals[1], vals[2], uoff, bits, item_unit, item_first, c1,
+        *outs, M, N, K, NW, MW, E, W, ch,
         G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, num_warps=CONFIG.unit_warps,
     )  # fmt: skip
     dwg, dwu, dwdt = outs
@@ -669,7 +691,7 @@ def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic):
         x.new_empty((), dtype=torch.int64),
         x.new_empty((N if unit_counts else 0,), dtype=torch.int64),
         x.new_empty((M, W), dtype=i32),
-        x.new_empty((M,), dtype=i32),
+        x.new_empty((M + N,), dtype=i32),
         x.new_empty((2, M, (N + 31) // 32), dtype=i32),
     )
 
