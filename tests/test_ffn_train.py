@@ -155,3 +155,10 @@ def test_dense_path_matches_reference():
     y, st = ft.ffn_train_ref(x[:, :], wg[:60], wu[:60], wd[:, :60], tile=16, slots=3)
     yr, sr = sparse_ffn_ref(x, wg[:60], wu[:60], wd[:, :60], tile=16, slots=3)
     assert int(st.overflow_rows) == int(sr.overflow_rows)
+
+
+def test_unsplit_row_backward(kdevice, monkeypatch):
+    # dh computed in the row backward itself (all three weight rows per entry) instead of by the
+    # separate W_down^T pass
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(split_dh=False, row_group=2))
+    _check(*_inputs(7, 33, 70, 20.0, device=kdevice, seed=8))

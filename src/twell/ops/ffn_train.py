@@ -78,6 +78,7 @@ class TrainConfig:
     pack_warps: int = 4
     row_group: int = 1
     row_warps: int = 4
+    split_dh: bool = True
     fill_words: int = 32
     unit_group: int = 4
     unit_block_k: int = 1024
@@ -292,7 +293,10 @@ def _bwd_rows_kernel(
     W,
     G: tl.constexpr,
     BK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    # SPLIT: dh of rows within W was stored in dg's slot by _dh_rows_kernel (W_down^T alone, so
+    # each kernel's weights stay in L2); this kernel adds the l1 term and loads W_gate, W_up only
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -308,17 +312,20 @@ def _bwd_rows_kernel(
             i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
             p_w = i_n[:, None] * K + o_k[None, :]
-            # [G, BK] rows of W_gate, W_up and W_down^T
+            p_s = i_m * W + j0 + o_g
+            # [G, BK] rows of W_gate, W_up (and W_down^T)
             b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
             b_wu = tl.load(wu_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
-            b_wd = tl.load(wdt_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
             b_g = tl.sum(b_wg * b_x[None, :], axis=1)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
-            b_dh = tl.sum(b_wd * b_dy[None, :], axis=1)
+            if SPLIT:
+                b_dh = tl.load(dg_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            else:
+                b_wd = tl.load(wdt_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+                b_dh = tl.sum(b_wd * b_dy[None, :], axis=1)
             b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
             b_dx += tl.sum((b_dh * b_u)[:, None] * b_wg + (b_dh * b_g)[:, None] * b_wu, axis=0)
             # per-slot dg, du, h for the weight gradients (which then need no dot products)
-            p_s = i_m * W + j0 + o_g
             tl.store(dg_ptr + p_s, b_dh * b_u, mask=m_g)
             tl.store(du_ptr + p_s, b_dh * b_g, mask=m_g)
             tl.store(h_ptr + p_s, b_g * b_u, mask=m_g)
@@ -331,6 +338,27 @@ def _bwd_rows_kernel(
                 b_dx = _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K)
                 word = word ^ lsb
     tl.store(dx_ptr + i_m * K + o_k, b_dx, mask=m_k)
+
+
+@triton.jit
+def _dh_rows_kernel(dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr):
+    # dh = dy . W_down[:, n] at the packed slots of rows within W (rows above W: _bwd_rows_kernel)
+    i_m = tl.program_id(0).to(tl.int64)
+    n_act = tl.load(cnt_ptr + i_m)
+    if n_act <= W:
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        o_g = tl.arange(0, G)
+        for j0 in range(0, n_act, G):
+            m_g = j0 + o_g < n_act
+            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            # [G, BK] rows of W_down^T
+            b_wd = tl.load(
+                wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0
+            )
+            b_dh = tl.sum(b_wd.to(tl.float32) * b_dy[None, :], axis=1)
+            tl.store(dh_ptr + i_m * W + j0 + o_g, b_dh, mask=m_g)
 
 
 @triton.jit
@@ -520,6 +548,7 @@ _KERNELS = {
     "pack": _pack_rows_kernel,
     "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
+    "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
     "fill": _fill_units_kernel,
     "scatter": _scatter_units_kernel,
@@ -606,9 +635,14 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
     bk = triton.next_power_of_2(K)
     # per-slot dg, du, h of rows within W (x's dtype, like dense autograd's intermediates)
     vals = _alloc.empty((3, M, W), dtype=x.dtype, device=dev)
+    split = CONFIG.split_dh
+    if split:
+        _k("dh")[(M,)](
+            dy, wdt, cols, cnt, vals[0], K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps
+        )
     _k("bwd")[(M,)](
         x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], K, NW, W,
-        G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
+        G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps, SPLIT=split,
     )  # fmt: skip
     ucnt = counts[M:]
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
