@@ -219,11 +219,12 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
+    {"split_dh": False},
     {"unit_group": 8},
     {"unit_block_k": 2048},
-    {"unit_block_k": 2048, "unit_group": 8},
     {"unit_warps": 2},
     {"row_group": 2},
+    {"pack_warps": 2},
 ]
 
 
