@@ -21,6 +21,10 @@ without an MLP bias, as follows:
    unit fires on a fraction ``a/N`` of tokens ("iid" pattern); later layers are calibrated on the
    outputs of the already-sparse earlier ones.
 
+Measured on CPU (bf16, K = 2048, N = 5632, vocab 49152, 3 layers, target 30, default calibration
+of 8 x 512 tokens): 30.1-30.2 active units per layer on fresh 2 x 256-token inputs, 30.2-30.9 on
+2 x 32-token inputs.
+
 The same model then serves as the dense baseline (plain HF MLPs, ReLU, SDPA attention) and, after
 :func:`twell.sparsify_`, as the sparse model: identical weights and outputs.
 
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import math
 import os
 import subprocess
 import time
@@ -120,8 +123,8 @@ def make_sparse_llama_(
     value: float | None = None,
     embed_std: float = 1.0,
     block_out_scale: float = 0.05,
-    calib_batch: int = 4,
-    calib_seq: int = 256,
+    calib_batch: int = 8,
+    calib_seq: int = 512,
     seed: int = 0,
 ) -> nn.Module:
     """Makes, in place, each FFN of a random-weight Llama-like model fire about ``active_per_token``
@@ -162,9 +165,13 @@ def make_sparse_llama_(
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if float(norm.weight[channel]) <= 0:
                 norm.weight[channel] = 1.0
-    rank = max(
-        1, min(calib_batch * calib_seq, math.ceil((1.0 - active_per_token / N) * calib_batch * calib_seq))
-    )
+    T = calib_batch * calib_seq
+    # The k-th smallest of T samples leaves an expected fraction (T + 1 - k) / (T + 1) above it, so
+    # k = (T + 1)(1 - a/N), interpolated between neighbours; ceil((1 - a/N) T) instead gave 33 units
+    # for a target of 30 (T = 512, N = 5632): the rank step is N / (T + 1) units.
+    kf = min(max((T + 1) * (1.0 - active_per_token / N), 1.0), float(T))
+    k0 = int(kf)
+    frac = kf - k0
 
     def calibrate(mod, args):
         x = args[0].reshape(-1, K).float()
@@ -173,7 +180,9 @@ def make_sparse_llama_(
         v = x[:, channel]
         rest = x @ wf.t() - v[:, None] * wf[:, channel][None, :]  # [T, N]
         r = rest / v[:, None]
-        thr = r.kthvalue(rank, dim=0).values  # [N]
+        lo = r.kthvalue(k0, dim=0).values  # [N]
+        hi = r.kthvalue(min(k0 + 1, T), dim=0).values if frac > 0 else lo
+        thr = lo + frac * (hi - lo)
         w[:, channel] = (-thr).to(w.dtype)
 
     hooks = [m.register_forward_pre_hook(calibrate) for m in mlps]
