@@ -59,7 +59,11 @@ class TwellSparseLlamaConfig(LlamaConfig):
         **kwargs,
     ):
         if hidden_act != "relu":
-            raise ValueError(f"hidden_act: a {type(self).__name__} is ReLU-gated, got {hidden_act!r}")
+            raise ValueError(
+                f"hidden_act: a {type(self).__name__} is ReLU-gated, got {hidden_act!r} (a released SparseLM "
+                "checkpoint, model_type 'llama_sparse_relu', loads with SparseLMForCausalLM or "
+                "AutoModelForCausalLM after `import twell.models`)"
+            )
         super().__init__(hidden_act=hidden_act, **kwargs)
         self.sparsity_l1_coeff = sparsity_l1_coeff
         self.twell_tile = twell_tile
