@@ -146,3 +146,15 @@ def test_decode_single_token(kdevice, poison, active):
     x[0, 9] = float("nan")
     y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
     assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("path", ["auto", "prefill", "decode", "dense"])
+def test_empty_batch_and_no_stats(kdevice, poison, path):
+    x, wg, wu, wd = make_sparse_ffn(4, 16, 40, 4, device=kdevice)
+    y, st = ffn_infer(x[:0], wg, wu, wd, tile=16, slots=4, path=path, unit_counts=True)
+    assert y.shape == (0, 16) and float(st.l0) == 0.0 and int(st.overflow_rows) == 0
+    assert torch.equal(st.unit_counts, torch.zeros(40, dtype=torch.int64, device=kdevice))
+    y, st = ffn_infer(x, wg, wu, wd, tile=16, slots=4, path=path, return_stats=False)
+    y64, _, y_torch = _ref(x, wg, wu, wd, 16, 4)
+    assert st is None
+    assert_close(y, y64, name=f"y[{path}, no stats]", dtype=x.dtype, baseline=y_torch)
