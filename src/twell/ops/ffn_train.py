@@ -75,14 +75,14 @@ class TrainConfig:
     dense_density: float = 0.05
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
     pack_block: int = 256
-    pack_warps: int = 4
-    row_group: int = 1
+    pack_warps: int = 2
+    row_group: int = 2
     row_warps: int = 4
     split_dh: bool = True
     fill_words: int = 32
     unit_group: int = 4
     unit_block_k: int = 1024
-    unit_warps: int = 4
+    unit_warps: int = 2
 
 
 CONFIG = TrainConfig()
@@ -105,11 +105,12 @@ def ffn_train_ref(x, w_gate, w_up, w_down, *, tile: int = 256, slots: int = 32, 
     l1 = torch.linalg.vector_norm(h, 1, dtype=torch.float32) / max(M, 1)
     with torch.no_grad():
         act = g > 0
-        l0 = act.sum(dtype=torch.float32) / max(M, 1)
         if N % tile == 0:
-            per_tile = act.view(M, N // tile, tile).sum(-1, dtype=torch.int32)
+            per_tile = act.view(M, N // tile, tile).sum(-1, dtype=torch.int32)  # one pass gives l0 too
+            l0 = per_tile.sum(dtype=torch.float32) / max(M, 1)
             over = (per_tile > slots).any(dim=1).sum()
         else:
+            l0 = act.sum(dtype=torch.float32) / max(M, 1)
             over = tile_overflow_rows(act, tile, slots)
         counts = act.sum(0, dtype=torch.int64) if unit_counts else None
     return y, FFNStats(l0=l0, l1=l1, overflow_rows=over, unit_counts=counts, tokens=M)
