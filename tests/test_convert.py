@@ -225,3 +225,22 @@ def test_filter_selecting_nothing_warns_and_changes_nothing():
         sparsify_(model, filter_fn=lambda m, name: False)
     assert model.config.hidden_act == "silu"
     assert not any(isinstance(m, twell.SparseGatedMLP) for m in model.modules())
+
+
+def test_shared_mlp_module_is_replaced_everywhere():
+    """A module reachable under two names (shared layers) becomes one SparseGatedMLP under both."""
+    model = tiny_model("llama")
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    sparsify_(model)
+    a, b = model.model.layers[0].mlp, model.model.layers[1].mlp
+    assert isinstance(a, twell.SparseGatedMLP) and a is b
+    with torch.no_grad():
+        assert_close(model(ids).logits, ref.double(), name="shared-MLP logits", factor=16)
+    unsparsify_(model)
+    a, b = model.model.layers[0].mlp, model.model.layers[1].mlp
+    assert type(a).__name__ == "LlamaMLP" and a is b
+    with torch.no_grad():
+        assert_close(model(ids).logits, ref.double(), name="shared-MLP logits after unsparsify_", factor=16)

@@ -77,7 +77,9 @@ def find_gated_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every gated MLP of ``model``: modules with ``gate_proj``, ``up_proj``
     and ``down_proj`` linears, :class:`twell.SparseGatedMLP` included (outermost match only)."""
     found = []
-    for name, mod in model.named_modules():
+    # remove_duplicate=False: a module reachable under two names (shared layers) is listed under
+    # each, so that every reference to it gets replaced
+    for name, mod in model.named_modules(remove_duplicate=False):
         if any(name.startswith(f + ".") for f, _ in found if f):
             continue
         if _is_gated_mlp(mod):
@@ -234,9 +236,13 @@ def _sparsify(model, config, filter_fn, *, allow_meta: bool) -> nn.Module:
             stacklevel=3,
         )
     replaced = []
+    done: dict[int, SparseGatedMLP] = {}
     for name, mod, shape in plans:
         if shape is None:
             _apply_config(mod, config)
+            continue
+        if id(mod) in done:  # the same module under another name
+            _set_module(model, name, done[id(mod)])
             continue
         K, N = shape
         # Built on the meta device so that no weight is allocated; the HF linears are adopted below.
@@ -251,6 +257,7 @@ def _sparsify(model, config, filter_fn, *, allow_meta: bool) -> nn.Module:
         _apply_config(new, config)
         object.__setattr__(new, _SHELL_ATTR, mod)
         _set_module(model, name, new)
+        done[id(mod)] = new
         replaced.append(mod)
     _set_relu_config(model, replaced or [m for _, m in chosen])
     return model
@@ -296,11 +303,15 @@ def unsparsify_(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | 
         )
     targets = [
         (n, m)
-        for n, m in model.named_modules()
+        for n, m in model.named_modules(remove_duplicate=False)
         if isinstance(m, SparseGatedMLP) and (filter_fn is None or filter_fn(m, n))
     ]
+    done: dict[int, nn.Module] = {}
     for name, mlp in targets:
-        shell = _plain_mlp(mlp)
+        if id(mlp) in done:  # the same module under another name
+            _set_module(model, name, done[id(mlp)])
+            continue
+        shell = done[id(mlp)] = _plain_mlp(mlp)
         for p in _PROJ:
             setattr(shell, p, getattr(mlp, p))
         shell.act_fn = nn.ReLU()
