@@ -363,6 +363,21 @@ def _dh_rows_kernel(dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.cons
 
 
 @triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    # dst [C, R] = src [R, C]^T, cast to dst's dtype on the store
+    i_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    i_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_r = i_r < R
+    m_c = i_c < C
+    b_v = tl.load(src_ptr + i_r[:, None].to(tl.int64) * C + i_c[None, :], mask=m_r[:, None] & m_c[None, :])
+    tl.store(
+        dst_ptr + i_c[:, None].to(tl.int64) * R + i_r[None, :],
+        tl.trans(b_v),
+        mask=m_c[:, None] & m_r[None, :],
+    )
+
+
+@triton.jit
 def _transpose_bits_kernel(bits_ptr, tbits_ptr, M, NW, MW):
     # one 32 x 32 bit block: rows 32*i_mw.., units 32*i_w..
     i_mw = tl.program_id(0).to(tl.int64)
@@ -551,6 +566,7 @@ _KERNELS = {
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
+    "t": _transpose_kernel,
     "fill": _fill_units_kernel,
     "scatter": _scatter_units_kernel,
     "wgrad": _wgrad_kernel,
@@ -564,6 +580,16 @@ def _k(name: str):
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
+def _transposed(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``src [R, C]`` -> ``[C, R]`` in ``dtype`` by a tiled Triton transpose: torch's strided copies
+    for the three transposes of a step took 0.26 ms on the H100 (K = 2048, N = 5632)."""
+    R, C = src.shape
+    dst = _alloc.empty((C, R), dtype=dtype, device=src.device)
+    if R and C:
+        _k("t")[(triton.cdiv(R, 64), triton.cdiv(C, 64))](src, dst, R, C, BR=64, BC=64, num_warps=4)
+    return dst
+
+
 def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
@@ -604,7 +630,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
             UNIT_COUNTS=True,
             num_warps=CONFIG.pack_warps,
         )
-        wdt = w_down.t().contiguous()  # [N, K]: row n of W_down^T is contiguous
+        wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
             x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W,
@@ -632,7 +658,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
         return dx, z, torch.zeros_like(w_up), torch.zeros_like(w_down)
     dy = dy.contiguous()
     c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
-    wdt = w_down.t().contiguous()
+    wdt = _transposed(w_down, w_down.dtype)
     bk = triton.next_power_of_2(K)
     # per-slot dg, du, h of rows within W (x's dtype, like dense autograd's intermediates)
     vals = _alloc.empty((3, M, W), dtype=x.dtype, device=dev)
@@ -683,7 +709,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
         G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, num_warps=CONFIG.unit_warps,
     )  # fmt: skip
     dwg, dwu, dwdt = outs
-    return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), dwdt.t().to(w_down.dtype).contiguous()
+    return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), _transposed(dwdt, w_down.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
