@@ -3,7 +3,8 @@ torch.compile + static cache), training gradients, SparseLM loading, the model b
 
 That the kernel path ran is read from the profiler, without patching: the custom ops
 ``twell::ffn_infer`` / ``twell::ffn_train_fwd`` / ``twell::ffn_train_bwd`` and the Triton kernels
-of the sparse paths (``_updown_kernel`` for prefill, ``_decode_gate_up_kernel`` for decode).
+of each path (``_updown_kernel`` for prefill, ``_decode_gate_up_kernel`` for decode at M = 1,
+``_relu_mul_stats_kernel`` for the dense path the dispatch picks between them).
 """
 
 import copy
@@ -43,7 +44,13 @@ def _models(dtype, layers=2):
     """(float64 dense reference, dense in ``dtype`` (torch's own error), sparsified in ``dtype``),
     same weights, on CUDA."""
     torch.manual_seed(0)
-    cfg = tiny_llama_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=layers, vocab_size=512)
+    cfg = tiny_llama_config(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=layers,
+        vocab_size=512,
+        max_position_embeddings=2048,
+    )
     base = LlamaForCausalLM(cfg).cuda().eval()
     make_sparse_llama_(base, active_per_token=A, calib_seq=128)
     base = base.to(dtype)  # the weights every model holds (rounded once to dtype)
@@ -60,7 +67,9 @@ def _ids(B, S, V=512, seed=1):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_and_decode_logits_on_kernel_path(dtype):
     ref, dense, sparse = _models(dtype)
-    for B, S, kernel in ((4, 300, "_updown_kernel"), (3, 1, "_decode_gate_up_kernel")):
+    # the dispatch of twell.ops.configs: prefill from M = 1024, decode at M = 1, dense path between
+    cases = ((4, 300, "_updown_kernel"), (1, 1, "_decode_gate_up_kernel"), (3, 1, "_relu_mul_stats_kernel"))
+    for B, S, kernel in cases:
         ids = _ids(B, S)
         with torch.no_grad():
             y, names = _profiled(lambda: sparse(ids).logits)  # noqa: B023 (called at once)
@@ -76,7 +85,8 @@ def test_prefill_and_decode_logits_on_kernel_path(dtype):
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_greedy_generate_fp32_identical_to_dense(cache):
     _, dense, sparse = _models(torch.float32)
-    prompt = _ids(2, 12, seed=2)
+    # batch 1 with a 1100-token prompt: prefill (M >= 1024) and decode (M = 1) kernels both run
+    prompt = _ids(1, 1100, seed=2)
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     if cache:
         kw["cache_implementation"] = cache

@@ -33,7 +33,7 @@ def _needs_grad(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts):
+def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts, return_stats):
     """The Triton path, or None when this install has no kernel for the case."""
     if _needs_grad(x2, w_gate, w_up, w_down):
         mod = _kernel_module("ffn_train")
@@ -47,7 +47,14 @@ def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts):
         None
         if mod is None
         else mod.ffn_infer(
-            x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=True, unit_counts=unit_counts
+            x2,
+            w_gate,
+            w_up,
+            w_down,
+            tile=tile,
+            slots=slots,
+            return_stats=return_stats,
+            unit_counts=unit_counts,
         )
     )
 
@@ -105,7 +112,10 @@ def sparse_ffn(
                     f"x: dtype {x.dtype} has no kernel (float32, bfloat16, float16); use the reference"
                 )
         else:
-            out = _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts)
+            # without statistics the inference dense fallback is the plain 3-GEMM forward
+            out = _kernel_path(
+                x2, w_gate, w_up, w_down, tile, slots, unit_counts, return_stats or unit_counts
+            )
         if out is None and backend == "triton":
             raise ValueError("backend: 'triton' requested but this install has no kernel for this case")
     if out is None:

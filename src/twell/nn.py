@@ -67,17 +67,20 @@ class SparseGatedMLP(nn.Module):
         self.tokens_seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, st = sparse_ffn(
+        out = sparse_ffn(
             x,
             self.gate_proj.weight,
             self.up_proj.weight,
             self.down_proj.weight,
-            return_stats=True,
+            return_stats=self.collect_stats or self.track_unit_counts,
             tile=self.tile,
             slots=self.slots,
             unit_counts=self.track_unit_counts,
             backend=self.backend,
         )
+        if not isinstance(out, tuple):
+            return out
+        y, st = out
         if self.collect_stats:
             self.last_stats = st
         if self.track_unit_counts and st.unit_counts is not None:

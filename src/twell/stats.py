@@ -50,7 +50,19 @@ def _collect(source) -> list[tuple[FFNStats, float | None]]:
                         f"l1_penalty: {type(mod).__name__} has no statistics yet; run a forward pass first "
                         "(statistics are collected while collect_stats=True)"
                     )
-                found.append((mod.last_stats, float(mod.l1_coeff)))
+                st = mod.last_stats
+                if (
+                    torch.is_grad_enabled()
+                    and mod.training
+                    and not st.l1.requires_grad
+                    and any(p.requires_grad for p in mod.parameters())
+                ):
+                    raise RuntimeError(
+                        f"l1_penalty: the last forward of {type(mod).__name__} ran without autograd "
+                        "(torch.no_grad / inference_mode, or reentrant gradient checkpointing), so the L1 "
+                        "term would carry no gradient; use gradient checkpointing with use_reentrant=False"
+                    )
+                found.append((st, float(mod.l1_coeff)))
         if not found:
             raise ValueError(
                 "source: the module holds no sparse MLP (use twell.sparsify_ or twell.SparseGatedMLP)"
