@@ -190,3 +190,19 @@ def test_float64_has_no_kernel():
     with pytest.raises(TypeError, match="x: dtype torch.float64 has no kernel"):
         twell.sparse_ffn(*args, backend="triton")
     assert twell.sparse_ffn(*args).dtype == torch.float64
+
+
+def test_l1_penalty_refuses_stats_without_autograd():
+    mlp = twell.SparseGatedMLP(K, 64, l1_coeff=1.0)
+    with torch.no_grad():
+        mlp(torch.randn(3, K))
+    with pytest.raises(RuntimeError, match="ran without autograd"):
+        twell.l1_penalty(mlp)
+    mlp.eval()  # evaluation statistics are fine to read
+    assert twell.l1_penalty(mlp).requires_grad is False
+
+
+def test_mlp_without_stats_returns_output_only():
+    mlp = twell.SparseGatedMLP(K, 64, collect_stats=False)
+    y = mlp(torch.randn(3, K))
+    assert y.shape == (3, K) and mlp.last_stats is None
