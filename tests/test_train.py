@@ -294,3 +294,25 @@ def test_trackers_and_metrics_log(tmp_path):
     assert [r["step"] for r in log.truncate_after(1)] == [1]
     assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1]
     assert plot_run([], tmp_path) == []
+
+
+def test_dense_mlp_baseline_matches_sparse_mlp_without_l1(tmp_path):
+    """sparse_mlp=False keeps HF's dense ReLU MLP (the throughput baseline): same init, same losses
+    as the sparse MLP with L1 = 0, and sparsity measured at evaluation."""
+    from transformers import LlamaForCausalLM
+
+    cfg = get_preset("tiny", **SMALL, max_steps=3, l1_coeff=0.0, backend="reference")
+    sparse = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "s")))
+    dense = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "d"), sparse_mlp=False))
+    assert type(dense.model) is LlamaForCausalLM
+    assert not any(type(m).__name__ == "SparseGatedMLP" for m in dense.model.modules()), "eval must restore"
+    a = [r for r in sparse.history if r["event"] == "train"]
+    b = [r for r in dense.history if r["event"] == "train"]
+    assert [r["ce"] for r in b] == pytest.approx([r["ce"] for r in a], rel=1e-5)
+    assert b[-1]["active_mean"] is None and b[-1]["l1"] is None
+    ea, eb = sparse.final_eval, dense.final_eval
+    for key in ("val_ce", "val_active", "val_never_active"):
+        assert eb[key] == pytest.approx(ea[key], rel=1e-4), key
+    assert 0 < eb["val_active"] < 256 and len(eb["val_active_per_layer"]) == 2
+    with pytest.raises(ValueError, match="sparse_mlp"):
+        get_preset("tiny", sparse_mlp=False, l1_coeff=1e-3)

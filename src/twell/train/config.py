@@ -50,6 +50,13 @@ class TrainConfig:
         default="auto",
         metadata={"help": "sparse FFN backend: auto (kernels on CUDA) | reference (dense torch) | triton"},
     )
+    sparse_mlp: bool = field(
+        default=True,
+        metadata={
+            "help": "MLPs as twell.SparseGatedMLP; false: the model's own dense ReLU MLP (the throughput "
+            "baseline; sparsity is then measured at evaluation only, and l1_coeff must be 0)"
+        },
+    )
     dead_window_tokens: int = field(
         default=65536, metadata={"help": "a unit is dead if it never fired over a window of this many tokens"}
     )
@@ -143,6 +150,10 @@ class TrainConfig:
             raise ValueError(f"precision: expected auto, no, bf16 or fp16, got {self.precision!r}")
         if self.backend not in ("auto", "reference", "triton"):
             raise ValueError(f"backend: expected auto, reference or triton, got {self.backend!r}")
+        if not self.sparse_mlp and self.l1_coeff > 0:
+            raise ValueError(
+                f"l1_coeff: {self.l1_coeff} needs sparse_mlp=True (the dense MLP has no L1 statistic)"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction: expected in [0, 1), got {self.val_fraction!r}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):

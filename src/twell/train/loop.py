@@ -105,38 +105,65 @@ def _peak_mem_mib(device: torch.device) -> float:
 
 
 def evaluate(model, val: torch.Tensor, batch_size: int, accelerator) -> dict:
-    """Mean next-token CE (nats) and perplexity over the validation blocks ``val [V, L]``, split
-    across processes; also the mean active units per token seen in evaluation."""
+    """Validation over ``val [V, L]`` (split across processes): mean next-token CE (nats),
+    perplexity, active units per token (mean and per layer) and the fraction of units that never
+    fired on these tokens (mean and per layer). A model with dense MLPs is sparsified for the
+    measurement (same weights, torch reference path) and restored afterwards."""
+    import twell
+
     raw = accelerator.unwrap_model(model)
     mlps = sparse_mlps(raw)
-    tracking = [m.track_unit_counts for m in mlps]
-    for m in mlps:
-        m.track_unit_counts = False  # evaluation tokens do not count towards the dead-unit window
+    temporary = not mlps
+    if temporary:
+        twell.sparsify_(raw, twell.SparsityConfig(backend="reference", force_relu=True))
+        mlps = sparse_mlps(raw)
+    saved = [(m.track_unit_counts, m.unit_counts.clone(), m.tokens_seen) for m in mlps]
+    for m in mlps:  # count on the validation tokens alone; the training window is restored below
+        m.track_unit_counts = True
+        m.reset_unit_counts()
     was_training = model.training
     model.eval()
     shard = val[accelerator.process_index :: accelerator.num_processes]
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # CE sum, tokens, active sum
+    device = accelerator.device
+    totals = torch.zeros(
+        3 + len(mlps), dtype=torch.float64, device=device
+    )  # CE sum, predicted, tokens, l0 sums
     try:
         with torch.no_grad():
             for i in range(0, shard.shape[0], batch_size):
-                ids = shard[i : i + batch_size].to(accelerator.device)
+                ids = shard[i : i + batch_size].to(device)
                 with accelerator.autocast():
                     out = model(input_ids=ids, labels=ids)
                 n = ids.shape[0] * (ids.shape[1] - 1)  # predicted positions
                 totals[0] += out.loss.double() * n
                 totals[1] += n
-                if mlps:
-                    l0 = torch.stack([m.last_stats.l0.double() for m in mlps]).mean()
-                    totals[2] += l0 * n
+                totals[2] += ids.numel()
+                totals[3:] += torch.stack([m.last_stats.l0.double() for m in mlps]) * ids.numel()
+        counts = torch.stack([m.unit_counts.to(device) for m in mlps])
     finally:
-        for m, t in zip(mlps, tracking):
-            m.track_unit_counts = t
+        for m, (track, c, seen) in zip(mlps, saved):
+            m.track_unit_counts = track
+            m.unit_counts.copy_(c)
+            m.tokens_seen = seen
+        if temporary:
+            twell.unsparsify_(raw)
         model.train(was_training)
     totals = accelerator.reduce(totals, "sum")
+    counts = accelerator.reduce(counts, "sum")
     if totals[1] == 0:
         return {}
     ce = float(totals[0] / totals[1])
-    return {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_active": float(totals[2] / totals[1])}
+    per_layer = (totals[3:] / totals[2]).tolist()
+    never = (counts == 0).double().mean(dim=1).tolist()
+    return {
+        "val_ce": ce,
+        "val_ppl": math.exp(min(ce, 50.0)),
+        "val_tokens": int(totals[2]),
+        "val_active": sum(per_layer) / len(per_layer),
+        "val_active_per_layer": per_layer,
+        "val_never_active": sum(never) / len(never),
+        "val_never_active_per_layer": never,
+    }
 
 
 def _optimizer(model, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
@@ -152,10 +179,15 @@ def _optimizer(model, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
 
 def _console_line(r: dict) -> str:
     dead = "-" if r.get("dead_frac") is None else f"{100 * r['dead_frac']:.1f}%"
+    sparsity = ""
+    if r.get("active_mean") is not None:
+        sparsity = (
+            f"l1 {r['l1']:.4g}  coeff {r['l1_coeff']:.3g}  active/token {r['active_mean']:.1f} "
+            f"[{r['active_min']:.1f}..{r['active_max']:.1f}]  dead {dead}  "
+        )
     return (
-        f"step {r['step']:>6}  ce {r['ce']:.4f}  l1 {r['l1']:.4g}  coeff {r['l1_coeff']:.3g}  "
-        f"active/token {r['active_mean']:.1f} [{r['active_min']:.1f}..{r['active_max']:.1f}]  dead {dead}  "
-        f"lr {r['lr']:.3g}  {r['tokens_per_s']:.0f} tok/s  mem {r['peak_mem_mib']:.0f} MiB"
+        f"step {r['step']:>6}  ce {r['ce']:.4f}  {sparsity}lr {r['lr']:.3g}  "
+        f"{r['tokens_per_s']:.0f} tok/s  mem {r['peak_mem_mib']:.0f} MiB"
     )
 
 
@@ -194,9 +226,10 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
     tok = data.tokenizer
     model = build_model(cfg, len(tok), data.info["eos"])
     mlps = sparse_mlps(model)
-    if not mlps:
+    if cfg.sparse_mlp and not mlps:
         raise ValueError("model: no sparse MLP after sparsify_ (not a gated-MLP decoder?)")
-    n_units = mlps[0].intermediate_size
+    n_units = int(model.config.intermediate_size)
+    n_layers = int(model.config.num_hidden_layers)
     n_params = count_parameters(model)
     from accelerate.utils import DistributedType
 
@@ -206,7 +239,7 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
     raw = accelerator.unwrap_model(model)
     mlps = sparse_mlps(raw)
     scheduler = make_lr_scheduler(getattr(optimizer, "optimizer", optimizer), cfg.warmup_steps, cfg.max_steps)
-    state = _RunState(len(mlps), n_units)
+    state = _RunState(n_layers, n_units)
     accelerator.register_for_checkpointing(scheduler, data.train, state)
 
     W, A, B, L = accelerator.num_processes, cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len
@@ -247,7 +280,8 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
         accelerator.init_trackers("twell-train", config=flat)
 
     say(
-        f"[bold]twell train[/]: {n_params / 1e6:.2f} M params, {len(mlps)} sparse FFNs of {n_units} units, "
+        f"[bold]twell train[/]: {n_params / 1e6:.2f} M params, {n_layers} {'sparse' if mlps else 'dense'} FFNs "
+        f"of {n_units} units, "
         f"{A * W * B * L:,} tokens/step ({W} process(es) x {A} accum x {B} x {L}), {cfg.max_steps} steps, "
         f"L1 {cfg.l1_coeff:g} ({cfg.l1_schedule}; paper convention {cfg.paper_l1_coeff:.3g}), "
         f"{accelerator.mixed_precision} on {accelerator.device}"
@@ -267,8 +301,9 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
         progress.start()
 
     def save_checkpoint() -> None:
-        counts = torch.stack([m.unit_counts for m in mlps])
-        state.window_counts = accelerator.reduce(counts, "sum").cpu()
+        if mlps:
+            counts = torch.stack([m.unit_counts for m in mlps])
+            state.window_counts = accelerator.reduce(counts, "sum").cpu()
         path = out / "checkpoints" / f"step_{state.step:07d}"
         accelerator.save_state(str(path), safe_serialization=False)
         say(f"saved checkpoint {path}")
@@ -292,17 +327,17 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
                 sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
                 with sync:
                     out_ = model(input_ids=ids, labels=ids)
-                    stats = [m.last_stats for m in mlps]
-                    l1_stat = torch.stack([s.l1 for s in stats]).mean()
                     loss = out_.loss
                     if coeff > 0:
                         loss = loss + twell.l1_penalty(raw, coeff)
                     accelerator.backward(loss / A)
                 with torch.no_grad():
                     acc[0] += out_.loss.detach().float()
-                    acc[1] += l1_stat.detach().float()
-                    acc[2] += sum(s.overflow_rows for s in stats).float()
-                    acc[3:] += torch.stack([s.l0.float() for s in stats])
+                    if mlps:
+                        stats = [m.last_stats for m in mlps]
+                        acc[1] += torch.stack([s.l1.detach() for s in stats]).mean().float()
+                        acc[2] += sum(s.overflow_rows for s in stats).float()
+                        acc[3:] += torch.stack([s.l0.float() for s in stats])
             grad_norm = None
             if cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -315,7 +350,7 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
             state.step += 1
             state.tokens += A * W * B * L
             state.window_tokens += A * W * B * L
-            if state.window_tokens >= cfg.dead_window_tokens:
+            if mlps and state.window_tokens >= cfg.dead_window_tokens:
                 counts = accelerator.reduce(torch.stack([m.unit_counts for m in mlps]), "sum")
                 dead = (counts == 0).float().mean(dim=1).tolist()
                 last_dead = (sum(dead) / len(dead), dead)
@@ -323,25 +358,25 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
                     m.reset_unit_counts()
                 state.window_tokens = 0
             vals = acc.tolist()
-            per_layer = vals[3:]
+            per_layer = vals[3:] or None
             dt = time.perf_counter() - t0
             rec = {
                 "event": "train",
                 "step": state.step,
                 "tokens": state.tokens,
                 "ce": vals[0],
-                "l1": vals[1],
+                "l1": vals[1] if mlps else None,
                 "l1_coeff": coeff,
                 "l1_loss": coeff * vals[1],
                 "loss": vals[0] + coeff * vals[1],
                 "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "active_mean": sum(per_layer) / len(per_layer),
-                "active_min": min(per_layer),
-                "active_max": max(per_layer),
+                "active_mean": sum(per_layer) / len(per_layer) if per_layer else None,
+                "active_min": min(per_layer) if per_layer else None,
+                "active_max": max(per_layer) if per_layer else None,
                 "active_per_layer": per_layer,
-                "zeros_pct": 100.0 * (1.0 - sum(per_layer) / len(per_layer) / n_units),
-                "overflow_rows": vals[2],
+                "zeros_pct": 100.0 * (1.0 - sum(per_layer) / len(per_layer) / n_units) if per_layer else None,
+                "overflow_rows": vals[2] if mlps else None,
                 "dead_frac": None if last_dead is None else last_dead[0],
                 "dead_per_layer": None if last_dead is None else last_dead[1],
                 "tokens_per_s": A * W * B * L / dt,
@@ -356,10 +391,10 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
                     step=state.step,
                 )
             if progress is not None:
-                progress.update(
-                    task, completed=state.step,
-                    info=f"ce {rec['ce']:.3f} l1 {rec['l1']:.3g} active {rec['active_mean']:.1f}/{n_units}",
-                )  # fmt: skip
+                info = f"ce {rec['ce']:.3f}"
+                if per_layer:
+                    info += f" l1 {rec['l1']:.3g} active {rec['active_mean']:.1f}/{n_units}"
+                progress.update(task, completed=state.step, info=info)
             if main and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
                 say(_console_line(rec))
             last = state.step == cfg.max_steps
@@ -371,7 +406,8 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
                 if accelerator.log_with:
                     accelerator.log({k: ev[k] for k in ("val_ce", "val_ppl")}, step=state.step)
                 say(
-                    f"step {state.step:>6}  [bold]validation[/] ce {ev['val_ce']:.4f}  ppl {ev['val_ppl']:.2f}"
+                    f"step {state.step:>6}  [bold]validation[/] ce {ev['val_ce']:.4f}  ppl {ev['val_ppl']:.2f}  "
+                    f"active/token {ev['val_active']:.1f}  never active {100 * ev['val_never_active']:.1f}%"
                 )
             if cfg.save_every and state.step % cfg.save_every == 0:
                 save_checkpoint()

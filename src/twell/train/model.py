@@ -11,10 +11,8 @@ from torch import nn
 __all__ = ["build_model", "sparse_mlps", "count_parameters"]
 
 
-def _model_config(cfg, vocab_size: int, eos: int):
-    from ..models import TwellSparseLlamaConfig
-
-    return TwellSparseLlamaConfig(
+def _model_kwargs(cfg, vocab_size: int, eos: int) -> dict:
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -32,10 +30,6 @@ def _model_config(cfg, vocab_size: int, eos: int):
         attention_bias=False,
         mlp_bias=False,
         use_cache=False,
-        sparsity_l1_coeff=cfg.l1_coeff,
-        twell_tile=cfg.tile,
-        twell_slots=cfg.slots,
-        twell_backend=cfg.backend,
     )
 
 
@@ -48,7 +42,8 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
     ``cfg.init_from``: that local HF checkpoint (any gated-MLP decoder ``AutoModelForCausalLM``
     loads); a SiLU/GELU gate is switched to ReLU by ``sparsify_`` (ReLUfication), so its outputs
     change until fine-tuning recovers them. Either way every MLP becomes a ``SparseGatedMLP`` that
-    tracks per-unit activation counts (dead units).
+    tracks per-unit activation counts (dead units). With ``cfg.sparse_mlp=False`` the MLPs stay
+    Hugging Face's dense ReLU MLPs (a plain ``LlamaForCausalLM``): the throughput baseline.
     """
     import twell
 
@@ -73,7 +68,9 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
                 "pass the model's own tokenizer with --tokenizer"
             )
     else:
-        from ..models import TwellSparseLlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ..models import TwellSparseLlamaConfig, TwellSparseLlamaForCausalLM
 
         if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
             raise ValueError(
@@ -81,8 +78,21 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = TwellSparseLlamaForCausalLM(_model_config(cfg, cfg.vocab_size or vocab_size, eos))
+            kw = _model_kwargs(cfg, cfg.vocab_size or vocab_size, eos)
+            if cfg.sparse_mlp:
+                sparse = {"sparsity_l1_coeff": cfg.l1_coeff, "twell_tile": cfg.tile, "twell_slots": cfg.slots}
+                model = TwellSparseLlamaForCausalLM(
+                    TwellSparseLlamaConfig(**kw, **sparse, twell_backend=cfg.backend)
+                )
+            else:
+                # the same architecture and initialisation with Hugging Face's own (dense) MLP
+                model = LlamaForCausalLM(LlamaConfig(**kw))
     model.config.use_cache = False
+    if not cfg.sparse_mlp:
+        if cfg.init_from:  # switch the activation to ReLU, keep the dense MLP modules
+            twell.unsparsify_(twell.sparsify_(model, twell.SparsityConfig(force_relu=True)))
+        _checkpointing(model, cfg)
+        return model
     twell.sparsify_(
         model,
         twell.SparsityConfig(
@@ -94,6 +104,11 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
             backend=cfg.backend,
         ),
     )
+    _checkpointing(model, cfg)
+    return model
+
+
+def _checkpointing(model: nn.Module, cfg) -> None:
     if cfg.activation_checkpointing:
         kw = {
             "use_reentrant": False
@@ -102,7 +117,6 @@ def build_model(cfg, vocab_size: int, eos: int) -> nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    return model
 
 
 def sparse_mlps(model: nn.Module) -> list[nn.Module]:

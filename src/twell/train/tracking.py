@@ -110,7 +110,8 @@ def plot_run(records: list[dict], out_dir, intermediate_size: int | None = None)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax2 = ax.twinx()
-    ax2.plot(steps, [r["l1"] for r in train], color="tab:red", lw=1, label="L1 statistic")
+    l1 = [(r["step"], r["l1"]) for r in train if r.get("l1") is not None]
+    ax2.plot([x[0] for x in l1], [x[1] for x in l1], color="tab:red", lw=1, label="L1 statistic")
     ax2.set_ylabel("L1 (mean over layers of sum |h| per token)", color="tab:red")
     ax2.set_yscale("log")
     lines = ax.get_legend_handles_labels()
@@ -123,14 +124,20 @@ def plot_run(records: list[dict], out_dir, intermediate_size: int | None = None)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["active_mean"] for r in train], label="active units/token (mean over layers)")
+    sp = [r for r in train if r.get("active_mean") is not None]
+    ax.plot(
+        [r["step"] for r in sp], [r["active_mean"] for r in sp], label="active units/token (mean over layers)"
+    )
     ax.fill_between(
-        steps,
-        [r["active_min"] for r in train],
-        [r["active_max"] for r in train],
+        [r["step"] for r in sp],
+        [r["active_min"] for r in sp],
+        [r["active_max"] for r in sp],
         alpha=0.25,
         label="min..max layer",
     )
+    ev = [r for r in evals if r.get("val_active") is not None]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["val_active"] for r in ev], "o", label="validation")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     title = "active FFN units per token"
