@@ -79,7 +79,8 @@ def test_prefill_and_decode_logits_on_kernel_path(dtype):
         assert _has(names, kernel), f"M={B * S}: {kernel} did not run (names: {sorted(names)[:40]})"
         assert_close(y, expected, name=f"logits {dtype} M={B * S}", baseline=baseline)
         stats = twell.sparsity_stats(sparse)
-        assert all(A * 0.6 <= s["l0"] <= A * 1.6 for s in stats.values()), stats
+        if B * S >= 64:  # the mean over a handful of tokens is too noisy to check
+            assert all(A * 0.6 <= s["l0"] <= A * 1.6 for s in stats.values()), stats
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
@@ -180,7 +181,7 @@ def test_sparselm_checkpoint_bf16_on_cuda(tmp_path):
         json.dump(cfg, fh)
     with pytest.warns(UserWarning, match="stored transposed"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).cuda().eval()
-    ids = _ids(2, 200, seed=5)
+    ids = _ids(2, 600, seed=5)  # M = 1200: the prefill kernels run
     with torch.no_grad():
         y, names = _profiled(lambda: model(ids).logits)
         assert _has(names, "_updown_kernel")

@@ -5,13 +5,19 @@ Legend: M = tokens (all leading dims of x), K = model dim, N = FFN units.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from ._checks import FLOAT_DTYPES, MAX_COLUMNS, check_ffn_args, check_tile_slots
 from .ops.ffn_ref import sparse_ffn_ref
 from .stats import FFNStats
+
+try:  # the kernels need Triton; without it (e.g. macOS) every call takes the torch reference
+    from .ops import ffn_infer as _ffn_infer
+    from .ops import ffn_train as _ffn_train
+except ImportError as _e:  # pragma: no cover
+    if _e.name not in ("triton", "triton.language"):
+        raise
+    _ffn_infer = _ffn_train = None
 
 __all__ = ["sparse_ffn", "BACKENDS"]
 
@@ -19,43 +25,20 @@ __all__ = ["sparse_ffn", "BACKENDS"]
 BACKENDS = ("auto", "reference", "triton")
 
 
-def _kernel_module(name: str):
-    """The kernel module ``twell.ops.<name>`` if it is part of this install, else None."""
-    try:
-        return importlib.import_module(f"twell.ops.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"twell.ops.{name}":
-            raise
-        return None
-
-
 def _needs_grad(*ts: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts, return_stats):
-    """The Triton path, or None when this install has no kernel for the case."""
+    """The Triton path, or None when this install has no kernels (no Triton)."""
     if _needs_grad(x2, w_gate, w_up, w_down):
-        mod = _kernel_module("ffn_train")
-        return (
-            None
-            if mod is None
-            else mod.ffn_train(x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
-        )
-    mod = _kernel_module("ffn_infer")
-    return (
-        None
-        if mod is None
-        else mod.ffn_infer(
-            x2,
-            w_gate,
-            w_up,
-            w_down,
-            tile=tile,
-            slots=slots,
-            return_stats=return_stats,
-            unit_counts=unit_counts,
-        )
+        if _ffn_train is None:
+            return None
+        return _ffn_train.ffn_train(x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
+    if _ffn_infer is None:
+        return None
+    return _ffn_infer.ffn_infer(
+        x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=return_stats, unit_counts=unit_counts
     )
 
 
