@@ -27,10 +27,10 @@ def _check(x, wg, wu, wd, *, deterministic=False, tile=256, slots=32, unit_count
         *leaves, tile=tile, slots=slots, unit_counts=unit_counts, deterministic=deterministic
     )
     dy = torch.randn_like(y)
-    torch.autograd.backward([y, st.l1], [dy, torch.tensor(L1)])
+    torch.autograd.backward([y, st.l1], [dy, torch.full_like(st.l1, L1)])
     ref = [t.detach().double().requires_grad_() for t in (x, wg, wu, wd)]
     yr, sr = sparse_ffn_ref(*ref, tile=tile, slots=slots, unit_counts=unit_counts)
-    torch.autograd.backward([yr, sr.l1], [dy.double(), torch.tensor(L1, dtype=torch.float64)])
+    torch.autograd.backward([yr, sr.l1], [dy.double(), torch.full_like(sr.l1, L1)])
     assert_close(y, yr, name="y")
     for name, t, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), leaves, ref):
         assert_close(t.grad, r.grad, name=name, dtype=torch.float32, factor=64)
@@ -84,7 +84,7 @@ def test_deterministic_repeat_and_chunked_match(kdevice):
     for det in (True, True, False):
         leaves = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
         y, st = ft.ffn_train(*leaves, deterministic=det)
-        torch.autograd.backward([y, st.l1], [torch.ones_like(y), torch.tensor(0.5)])
+        torch.autograd.backward([y, st.l1], [torch.ones_like(y), torch.full_like(st.l1, 0.5)])
         runs.append([y.detach()] + [t.grad for t in leaves])
     for a, b, c in zip(*runs):
         assert torch.equal(a, b)
@@ -186,3 +186,25 @@ def test_tiny_training_follows_reference(kdevice):
     ref = train(lambda *a: sparse_ffn_ref(*a))
     assert ours[-1] < 0.95 * ours[0]
     assert torch.allclose(ours, ref, rtol=1e-5, atol=0), (ours - ref).abs().max()
+
+
+def test_compile_fullgraph_and_backward_op(kdevice):
+    x, wg, wu, wd = _inputs(6, 16, 40, 4.0, device=kdevice, seed=10)
+
+    def f(x, wg, wu, wd):
+        y, st = ft.ffn_train(x, wg, wu, wd)
+        return y.square().sum() + st.l1
+
+    leaves = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+    torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves).backward()
+    ref = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
+    f(*ref).backward()
+    for a, b in zip(leaves, ref):
+        assert torch.equal(a.grad, b.grad) or torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+    y, l1, nnz, over, uc, cols, counts, pat = ft._fwd_op(x, wg, wu, wd, 256, 32, False, True)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(
+        ft._bwd_op,
+        (dy, torch.tensor(0.3, device=kdevice), x, wg, wu, wd, cols, counts, pat, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )

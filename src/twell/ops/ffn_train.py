@@ -895,6 +895,11 @@ def ffn_train(
         raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
     if N > MAX_COLUMNS:
         raise ValueError(f"w_gate: N={N} units exceeds the limit of {MAX_COLUMNS}")
+    if x.shape[0] * _row_capacity(N) >= 2**31:
+        raise ValueError(
+            f"x: M={x.shape[0]} tokens is too many for one call (slot ids are int32: M * "
+            f"{_row_capacity(N)} must stay below 2^31); split the batch"
+        )
     if not can_run_triton(x):
         raise ValueError(
             f"x: the training kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}"
