@@ -115,9 +115,10 @@ def test_checkpoint_matches(kdevice):
 
     x, wg, wu, wd = _inputs(6, 16, 40, 4.0, device=kdevice, seed=5)
     xr = x.clone().requires_grad_()
-    g1 = torch.autograd.grad(ft.ffn_train(xr, wg, wu, wd)[0].sum(), xr)[0]
+    g1 = torch.autograd.grad(ft.ffn_train(xr, wg, wu, wd, dispatch=False)[0].sum(), xr)[0]
     g2 = torch.autograd.grad(
-        checkpoint(lambda t: ft.ffn_train(t, wg, wu, wd)[0], xr, use_reentrant=False).sum(), xr
+        checkpoint(lambda t: ft.ffn_train(t, wg, wu, wd, dispatch=False)[0], xr, use_reentrant=False).sum(),
+        xr,
     )[0]
     assert torch.equal(g1, g2)
 
@@ -208,3 +209,24 @@ def test_compile_fullgraph_and_backward_op(kdevice):
         (dy, torch.tensor(0.3, device=kdevice), x, wg, wu, wd, cols, counts, pat, True),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_dispatch_and_checkpoint_keep_one_path(kdevice):
+    # dense weights (~50 % active): the first call measures the density and runs the kernels; a
+    # checkpoint's recomputation inside the backward must replay that choice, and the next call
+    # switches to the dense path
+    from torch.utils.checkpoint import checkpoint
+
+    x, wg, wu, wd = _inputs(8, 16, 40, 20.0, device=kdevice, seed=11)
+    ws = [t.clone().requires_grad_() for t in (wg, wu, wd)]
+    xr = x.clone().requires_grad_()
+    out = checkpoint(lambda t: ft.ffn_train(t, *ws)[0], xr, use_reentrant=False)
+    out.square().sum().backward()
+    g_ckpt = xr.grad.clone()
+    assert ft._dispatch_dense(ws[0])  # measured above CONFIG.dense_density
+    xr.grad = None
+    y, st = ft.ffn_train(xr, *ws)  # dense path now
+    y.square().sum().backward()
+    assert_close(xr.grad, g_ckpt.double(), name="dx dense vs kernels", factor=64)
+    y2, _ = ft.ffn_train(xr, *ws, dispatch=False)
+    assert_close(y, y2.double(), name="y dense vs kernels", factor=64)

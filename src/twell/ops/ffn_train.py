@@ -804,12 +804,14 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # dense dispatch (lagged, never waits on the device)
 # ---------------------------------------------------------------------------------------------
 class _Density:
-    """Last measured density of one weight set, copied to pinned host memory behind an event."""
+    """Last measured density of one weight set: on CUDA a pinned host copy behind an event that is
+    only queried; on CPU the value itself (reading it costs no synchronisation there)."""
 
     def __init__(self):
-        self.host = torch.zeros((), dtype=torch.float32, pin_memory=True)
+        self.host = None
         self.event = None
         self.known: float | None = None
+        self.last_dense = False  # the last decision, replayed by a checkpoint's recomputation
 
     def read(self) -> float | None:
         if self.event is not None and self.event.query():
@@ -818,8 +820,13 @@ class _Density:
         return self.known
 
     def record(self, density: torch.Tensor):
+        if not density.is_cuda:
+            self.known = float(density)
+            return
         if self.event is not None:  # previous copy still in flight: keep it
             return
+        if self.host is None:
+            self.host = torch.zeros((), dtype=torch.float32, pin_memory=True)
         self.host.copy_(density.detach(), non_blocking=True)
         self.event = torch.cuda.Event()
         self.event.record()
@@ -841,16 +848,28 @@ def _density_state(w: torch.Tensor, create: bool) -> _Density | None:
     return state
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _dispatch_dense(w_gate: torch.Tensor) -> bool:
-    if not w_gate.is_cuda or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
     state = _density_state(w_gate, create=False)
-    d = state.read() if state is not None else None
-    return d is not None and d > CONFIG.dense_density
+    if state is None:
+        return False
+    if _in_backward():
+        # a checkpoint recomputes the forward inside the backward: it must take the same path
+        # (same saved tensors) as the original forward, whatever was measured in between
+        return state.last_dense
+    d = state.read()
+    state.last_dense = d is not None and d > CONFIG.dense_density
+    return state.last_dense
 
 
 def _record_density(w_gate: torch.Tensor, density: torch.Tensor):
-    if not w_gate.is_cuda or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _in_backward():
         return
     _density_state(w_gate, create=True).record(density)
 
