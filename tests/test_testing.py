@@ -85,3 +85,9 @@ def test_poison_allocations():
     assert (i == _alloc.INT_POISON).all()
     assert (s == torch.iinfo(torch.int16).min).all()
     assert _alloc._state["poison"] is False
+
+
+def test_make_sparse_ffn_dead_units_have_finite_thresholds():
+    x, wg, wu, wd = make_sparse_ffn(16, 32, 400, 5, pattern="skewed")
+    assert torch.isfinite(wg).all()
+    assert not (x @ wg.T > 0).any(dim=0)[(wg[:, 0] < -0.6)].any()

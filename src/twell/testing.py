@@ -180,7 +180,8 @@ def make_sparse_ffn(
     w_gate = torch.randn(N, K, generator=g) * weight_std
     w_up = torch.randn(N, K, generator=g) * weight_std
     w_down = torch.randn(K, N, generator=g) * weight_std
-    p = _unit_rates(N, active_per_token, pattern, g).clamp(1e-12, 1 - 1e-12)
+    # float64: in float32 1 - 1e-12 rounds to 1 and never-active units would get an infinite threshold
+    p = _unit_rates(N, active_per_token, pattern, g).double().clamp(1e-12, 1 - 1e-12)
     sigma = weight_std * math.sqrt(K - 1)
     tau = sigma * _normal_quantile(1.0 - p)
     x[:, 0] = x_const
@@ -188,9 +189,11 @@ def make_sparse_ffn(
     if pattern == "heavy" and M > 0:
         heavy = torch.randperm(M, generator=g)[: max(1, M // 100)]
         # tau_h / tau scales every unit's threshold so that ~min(N, 300) fire on heavy tokens
-        q = torch.tensor(min(N, 300) / N).clamp(1e-12, 1 - 1e-12)
+        q = torch.tensor(min(N, 300) / N, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         tau_h = sigma * _normal_quantile(1.0 - q)
-        tau_mean = sigma * _normal_quantile(torch.tensor(1.0 - active_per_token / N).clamp(1e-12, 1 - 1e-12))
+        tau_mean = sigma * _normal_quantile(
+            torch.tensor(1.0 - active_per_token / N, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        )
         scale = float(tau_h / tau_mean) if float(tau_mean) != 0 else 0.0
         x[heavy, 0] = x_const * scale
     cast = {"dtype": dtype, "device": device}
