@@ -95,7 +95,7 @@ def _generate(model, tok, prompts, new_tokens: int, seed: int = 0) -> list[str]:
         torch.manual_seed(seed + i)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         gen = model.generate(
-            ids, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=40, use_cache=True,
+            ids, max_new_tokens=new_tokens, min_new_tokens=max(1, new_tokens // 2), do_sample=True, temperature=0.8, top_k=40, use_cache=True,
             pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
         )  # fmt: skip
         out.append(tok.decode(gen[0], skip_special_tokens=True))

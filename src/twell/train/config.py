@@ -39,7 +39,7 @@ class TrainConfig:
     )
     # --- sparsity
     l1_coeff: float = field(
-        default=1e-2, metadata={"help": "L1 coefficient (DESIGN 4.3 convention); 0 = dense"}
+        default=5e-3, metadata={"help": "L1 coefficient (DESIGN 4.3 convention); 0 = dense"}
     )
     l1_schedule: str = field(default="constant", metadata={"help": "constant | linear (warm-up ramp)"})
     l1_warmup_steps: int = field(default=0, metadata={"help": "linear: steps of the ramp from 0 to l1_coeff"})
