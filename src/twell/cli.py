@@ -15,7 +15,11 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("twell.demo", "pack activations, run the sparse FFN and show the result (the `make demo` job)"),
+    "demo": (
+        "twell.demo",
+        "train a tiny sparse LM on the embedded corpus, then show its sparsity, sample text and FFN timings "
+        "(the `make demo` job)",
+    ),
     "train": ("twell.train.cli", "train a sparse LM with the L1 recipe (presets tiny, 0.5b, 1b, 1.5b, 2b)"),
     "bench": ("twell.bench.cli", "benchmark kernels, models and training steps against dense"),
     "stats": ("twell.bench.stats_cli", "per-layer sparsity analysis of a model over text, with plots"),
