@@ -230,3 +230,21 @@ def test_dispatch_and_checkpoint_keep_one_path(kdevice):
     assert_close(xr.grad, g_ckpt.double(), name="dx dense vs kernels", factor=64)
     y2, _ = ft.ffn_train(xr, *ws, dispatch=False)
     assert_close(y, y2.double(), name="y dense vs kernels", factor=64)
+
+
+def _ran_sparse_op(fn) -> bool:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return any("twell::ffn_train_fwd" in e.key for e in prof.key_averages())
+
+
+def test_small_call_rule_is_cuda_only(kdevice, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(ft, "CONFIG", dataclasses.replace(ft.CONFIG, dense_below_m=10**9))
+    x, wg, wu, wd = (t.float() for t in _inputs(7, 16, 40, 3, device=kdevice))
+    sparse = _ran_sparse_op(lambda: ft.ffn_train(x, wg, wu, wd))
+    assert sparse == (kdevice == "cpu")  # on CUDA the small call runs the dense path
+    assert _ran_sparse_op(lambda: ft.ffn_train(x, wg, wu, wd, dispatch=False))

@@ -137,7 +137,7 @@ def test_training_gradients_on_kernel_path(dtype):
     twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=coeff))
     for m in (ref, dense, sparse):
         m.train()
-    ids = _ids(4, 64, seed=4)
+    ids = _ids(4, 1024, seed=4)  # M = 4096: below CONFIG.dense_below_m training runs dense
 
     def dense_loss(model):
         hs = []

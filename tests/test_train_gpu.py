@@ -102,3 +102,19 @@ def test_dense_dispatch_after_dense_step():
     y2, st = ft.ffn_train(x, wg, wu, wd)
     ref, _ = sparse_ffn_ref(x.float(), wg.float(), wu.float(), wd.float())
     assert rel_error(y2, ref) < 2e-2 and rel_error(y1, ref) < 2e-2
+
+
+def test_small_calls_run_dense_large_calls_sparse():
+    from torch.profiler import profile
+
+    K, N = 256, 1024
+    for M, sparse in ((ft.CONFIG.dense_below_m - 1, False), (ft.CONFIG.dense_below_m, True)):
+        x, wg, wu, wd = make_sparse_ffn(M, K, N, 10, dtype=torch.bfloat16, device="cuda", seed=7)
+        wg.requires_grad_()
+        with profile() as prof:
+            y, st = ft.ffn_train(x, wg, wu, wd)
+            (y.float().sum() + st.l1).backward()
+        ran = any("twell::ffn_train_fwd" in e.key for e in prof.key_averages())
+        assert ran == sparse, f"M={M}"
+        ref, _ = sparse_ffn_ref(x.float(), wg.float(), wu.float(), wd.float())
+        assert rel_error(y, ref) < 2e-2

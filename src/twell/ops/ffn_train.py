@@ -28,9 +28,10 @@ every sum runs in a fixed order (one program per unit and K slice); otherwise ea
 split in chunks for load balance and the chunks are added with fp32 atomics.
 
 Dense dispatch: when the density measured by a previous call on the same weights is above
-``TrainConfig.dense_density``, the call runs the dense torch path (cuBLAS, same statistics). The
-measured density reaches the host through a pinned copy and a CUDA event that is only queried,
-never waited on, so no call synchronises.
+``TrainConfig.dense_density``, or on CUDA when the call has fewer than
+``TrainConfig.dense_below_m`` tokens, the call runs the dense torch path (cuBLAS, same
+statistics). The measured density reaches the host through a pinned copy and a CUDA event that is
+only queried, never waited on, so no call synchronises.
 
 Design notes and H100 measurements: ``docs/training-kernels.md``.
 """
@@ -74,6 +75,11 @@ class TrainConfig:
     row_capacity: int = 256
     chunk: int = 128
     dense_density: float = 0.05
+    #: on CUDA, calls with fewer tokens run the dense path (launch and fixed costs dominate there):
+    #: H100, paper shape, ~30 active units/token (twell bench at 2288833): sparse fwd+bwd ran at
+    #: 0.27-0.33x dense for M = 1..256, 0.92x at M = 2048 and 1.66x at M = 16384; the crossover
+    #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
+    dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
     pack_block: int = 256
     pack_warps: int = 1
@@ -902,7 +908,7 @@ def ffn_train(
         deterministic: fixed summation order everywhere (default: follows
             ``torch.are_deterministic_algorithms_enabled()``).
         dispatch: allow the dense path when this weight set last measured a density above
-            ``CONFIG.dense_density``.
+            ``CONFIG.dense_density``, or on CUDA when M < ``CONFIG.dense_below_m``.
 
     Returns:
         ``y [M, K]`` in x's dtype and :class:`FFNStats` whose ``l1`` is differentiable (its
@@ -931,7 +937,8 @@ def ffn_train(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     M = x.shape[0]
-    if dispatch and _dispatch_dense(key):
+    small = x.is_cuda and M < CONFIG.dense_below_m
+    if dispatch and (small or _dispatch_dense(key)):
         y, st = ffn_train_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
         _record_density(key, st.l0 / N)
         return y, st
