@@ -86,24 +86,20 @@ def run_real(
             for M in [M for M in c.Ms if M <= T]:
                 act = {k: sum(pl[M][k] for pl in per_layer) / len(per_layer) for k in per_layer[0][M]}
                 act["tile_max"] = max(pl[M]["tile_max"] for pl in per_layer)
-                for op in c.ops:
-                    if ses.over_budget():
-                        ses.skipped += 1
-                        continue
-                    ses.point(
-                        op=op,
-                        M=M,
-                        shape_name=f"{name}-{K}x{N}",
-                        K=K,
-                        N=N,
-                        pattern=f"real:{name}",
-                        target=act["active"],
-                        act=act,
-                        xs=[x[:M] for x in xs_all],
-                        weights=weights,
-                        dy=dy,
-                        providers=c.providers,
-                    )
+                ses.points(
+                    c.ops,
+                    M=M,
+                    shape_name=f"{name}-{K}x{N}",
+                    K=K,
+                    N=N,
+                    pattern=f"real:{name}",
+                    target=act["active"],
+                    act=act,
+                    xs=[x[:M] for x in xs_all],
+                    weights=weights,
+                    dy=dy,
+                    providers=c.providers,
+                )
     finally:
         res = ses.close()
     return res

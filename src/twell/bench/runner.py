@@ -418,6 +418,14 @@ class _Session:
         b = self.opts.time_budget_s
         return b is not None and time.perf_counter() - self.t_start > b
 
+    def points(self, ops, **kw) -> None:
+        """Times every op of ``ops`` at one point; once the time budget is spent, counts them as skipped."""
+        for op in ops:
+            if self.over_budget():
+                self.skipped += 1
+                continue
+            self.point(op=op, **kw)
+
     def point(self, *, op, M, shape_name, K, N, pattern, target, act, xs, weights, dy, providers) -> None:
         """Measures every provider at one (op, M, inputs) and records the rows."""
         opts, roofs = self.opts, self.roofs
@@ -522,24 +530,20 @@ def run_cases(
                         g.manual_seed(opts.seed + 2000)
                         dy = torch.randn(max(case.Ms), shape.K, generator=g, device=device).to(dtype)
                     for M in case.Ms:
-                        for op in case.ops:
-                            if ses.over_budget():
-                                ses.skipped += 1
-                                continue
-                            ses.point(
-                                op=op,
-                                M=M,
-                                shape_name=shape.name,
-                                K=shape.K,
-                                N=shape.N,
-                                pattern=pattern,
-                                target=a,
-                                act=activity[M],
-                                xs=[x[:M]] * len(weights),
-                                weights=weights,
-                                dy=dy,
-                                providers=case.providers,
-                            )
+                        ses.points(
+                            case.ops,
+                            M=M,
+                            shape_name=shape.name,
+                            K=shape.K,
+                            N=shape.N,
+                            pattern=pattern,
+                            target=a,
+                            act=activity[M],
+                            xs=[x[:M]] * len(weights),
+                            weights=weights,
+                            dy=dy,
+                            providers=case.providers,
+                        )
                     del weights, x, dy
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
