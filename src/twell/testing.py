@@ -90,7 +90,8 @@ def assert_close(
         raise AssertionError(f"{name}: relative error {err:.3e} exceeds bound {bound:.3e} ({dt})")
 
 
-def _generator(seed: int | None, device) -> torch.Generator:
+def _generator(seed: int | None) -> torch.Generator:
+    # CPU generator whatever the target device: the same seed gives the same data everywhere
     g = torch.Generator(device="cpu")
     g.manual_seed(0 if seed is None else seed)
     return g
@@ -116,7 +117,7 @@ def make_sparse_activations(
         raise ValueError(f"pattern: expected one of {PATTERNS}, got {pattern!r}")
     if not 0 <= active_per_row <= N:
         raise ValueError(f"active_per_row: must be in [0, N={N}], got {active_per_row}")
-    g = _generator(seed, device)
+    g = _generator(seed)
     p = _unit_rates(N, active_per_row, pattern, g)
     act = torch.rand(M, N, generator=g) < p
     if pattern == "heavy" and M > 0:
@@ -175,7 +176,7 @@ def make_sparse_ffn(
         raise ValueError(f"K: needs at least 2 columns (column 0 carries the threshold), got {K}")
     if not 0 <= active_per_token <= N:
         raise ValueError(f"active_per_token: must be in [0, N={N}], got {active_per_token}")
-    g = _generator(seed, device)
+    g = _generator(seed)
     x = torch.randn(M, K, generator=g)
     w_gate = torch.randn(N, K, generator=g) * weight_std
     w_up = torch.randn(N, K, generator=g) * weight_std
