@@ -16,6 +16,8 @@ CPU interpreter gets wrong on 16-bit floats.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _alloc
@@ -56,6 +58,7 @@ def pack_twell_ref(h: torch.Tensor, tile: int, slots: int):
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
+@functools.cache
 def _kernels():
     import triton
     import triton.language as tl
@@ -98,9 +101,6 @@ def _kernels():
     return _pack_kernel
 
 
-_KERNEL = []
-
-
 def _bits_view(t: torch.Tensor):
     """Integer view of a float tensor's bits, and the constants for the NaN test on them."""
     if t.dtype == torch.float32:
@@ -112,8 +112,6 @@ def _bits_view(t: torch.Tensor):
 
 def _pack_triton(h: torch.Tensor, tile: int, slots: int):
     """Launcher: checks are done by the caller; allocation, config and grid here."""
-    if not _KERNEL:
-        _KERNEL.append(_kernels())
     M, N = h.shape
     NT = (N + tile - 1) // tile
     if h.stride(-1) != 1:
@@ -128,7 +126,7 @@ def _pack_triton(h: torch.Tensor, tile: int, slots: int):
     # interpreter runs programs one by one in numpy, so it gets few large programs instead.
     block_m = 64 if interpreter_enabled() and not h.is_cuda else max(1, min(16, 1024 // tile))
     grid = ((M + block_m - 1) // block_m, NT)
-    _KERNEL[0][grid](
+    _kernels()[grid](
         bits,
         counts,
         _bits_view(values)[0],
