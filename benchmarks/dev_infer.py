@@ -67,6 +67,77 @@ def profile(shape, M, a, dtype, path="auto"):
             print(f"  {ev.key[:60]:60s} {ev.device_time_total / max(ev.count, 1):9.1f} us x{ev.count // 10}")
 
 
+#: decode configurations compared by --decode-sweep (InferConfig overrides)
+DECODE_VARIANTS = [
+    ("decode", {}),
+    ("decode:g32x128", {"decode_bn_dot": 32, "decode_bk": 128}),
+    ("decode:g64x64s4", {"decode_bn_dot": 64, "decode_bk": 64, "decode_stages": 4}),
+    ("decode:g32x256w8", {"decode_bn_dot": 32, "decode_bk": 256, "decode_warps": 8}),
+    ("decode:d128", {"decode_down_bk": 128}),
+    ("decode:d32c32", {"decode_down_bk": 32, "decode_down_chunk": 32}),
+]
+
+
+def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
+    """Decode path against dense for M in Ms under each of DECODE_VARIANTS (device time)."""
+    K, N = SHAPES[shape]
+    W = _weights(K, N, a, "iid", dtype)
+    for M in Ms:
+        x = _x(M, K, dtype)
+        with torch.no_grad():
+            dense = [
+                (lambda w=w, x=x: F.linear(torch.relu(F.linear(x, w[0])) * F.linear(x, w[1]), w[2]))
+                for w in W
+            ]
+            d_ms = _time(dense, reps)[0]
+            ref = F.linear(
+                torch.relu(F.linear(x.float(), W[0][0].float())) * F.linear(x.float(), W[0][1].float()),
+                W[0][2].float(),
+            )
+            for name, ov in DECODE_VARIANTS if M > 1 else DECODE_VARIANTS[:1]:
+                with override("infer", **ov):
+                    try:
+                        fns = [(lambda w=w, x=x: ffn_infer(x, *w, path="decode")) for w in W]
+                        ms, p20, p80, host = _time(fns, reps)
+                        err = (ffn_infer(x, *W[0], path="decode")[0].float() - ref).abs().max().item()
+                    except Exception as e:  # a variant that fails to compile must not stop the sweep
+                        print(f"FAILED {name} M={M}: {e!r}"[:600], flush=True)
+                        continue
+                err /= ref.abs().max().item()
+                print(
+                    f"{shape:22s} M={M:4d} {name:18s} {ms * 1e3:8.1f} us  dense {d_ms * 1e3:8.1f} us"
+                    f"  x{d_ms / ms:5.2f}  err {err:.1e}",
+                    flush=True,
+                )
+                rows.append(
+                    {
+                        "bench": "kernels",
+                        "op": "ffn_fwd",
+                        "shape": shape,
+                        "K": K,
+                        "N": N,
+                        "M": M,
+                        "active_per_token": a,
+                        "pattern": "iid",
+                        "provider": "twell",
+                        "variant": name,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "ms": ms,
+                        "ms_p20": p20,
+                        "ms_p80": p80,
+                        "dense_ms": d_ms,
+                        "speedup_vs_dense": d_ms / ms,
+                        "bound": _bound(M, K, N, a),
+                        "achieved_over_bound": d_ms / ms / _bound(M, K, N, a),
+                        "host_ms_per_call": host,
+                        "timing": "device-queued",
+                        "max_rel_err": err,
+                        **env,
+                    }
+                )
+    torch.cuda.empty_cache()
+
+
 def _commit() -> str:
     c = os.environ.get("TWELL_COMMIT")
     if c:
@@ -214,6 +285,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--recheck", action="store_true", help="only the cases changed after the full run")
+    ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
     args = ap.parse_args()
     dtype = torch.bfloat16
     env = {
@@ -226,6 +298,14 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     P = "paper-2048x5632"
+    if args.decode_sweep:
+        Ms = (1, 2, 4, 8, 16, 32, 64, 128)
+        decode_sweep(P, Ms, 30, dtype, args.reps, env, rows)
+        decode_sweep("llama3-8b-4096x14336", (1, 8, 64), 30, dtype, args.reps, env, rows)
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return 0
     if args.profile:
         for M, path in (
             ((1, "decode"), (16384, "prefill"))

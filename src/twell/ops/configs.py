@@ -55,16 +55,22 @@ class InferConfig:
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
-    #: decode stage 1: units per program (8 for M = 1 GEMV form, 16 with tl.dot for M > 1)
+    #: decode stage 1 (gate + up): units per program (8 for the M = 1 GEMV form, 16 with tl.dot
+    #: for M > 1), K step, warps and pipeline stages of the tl.dot loop
     decode_bn_gemv: int = 8
     decode_bn_dot: int = 16
     decode_bk: int = 256
-    #: decode stage 2 (down): rows of y per program, units per step, programs along N
+    decode_warps: int = 4
+    decode_stages: int = 3
+    #: decode stage 2 (down, W_down^T rows of the batch's active units): K columns per program
+    #: (M = 1 / M > 1), units compacted per step of the walk, rows gathered per load, warps
+    decode_down_bk_gemv: int = 256
     decode_down_bk: int = 64
-    decode_down_bn: int = 256
-    decode_down_split: int = 32
-    #: M = 1: units per down program in the compacted walk over active units (0: off)
-    decode_sparse_units: int = 512
+    decode_down_sub: int = 512
+    decode_down_chunk: int = 16
+    decode_down_warps: int = 8
+    #: fp32 partial sums of the split down projection are kept under this many MiB
+    decode_partial_mib: int = 16
     #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster.
     #: Measured: up/down costs 1.20-1.24 ns per (token x active unit) and gate_pack 1.15-1.3x the
     #: cuBLAS gate GEMM, so sparse breaks even at ~55 (M = 2048 and 16384); at 99 active it ran

@@ -232,7 +232,7 @@ def _decode_gate_up_kernel(
     h_ptr,
     bcnt_ptr,
     bl1_ptr,
-    ucounts_ptr,
+    nact_ptr,
     sem_ptr,
     M,
     N,
@@ -250,7 +250,6 @@ def _decode_gate_up_kernel(
     BK: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    UNIT_COUNTS: tl.constexpr,
     KC_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -308,14 +307,15 @@ def _decode_gate_up_kernel(
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
-    if UNIT_COUNTS:
-        tl.store(ucounts_ptr + o_n, n_act.to(tl.int64), mask=m_n)
+    # tokens activating each unit: the down kernel's list of units to read (and unit_counts)
+    tl.store(nact_ptr + o_n, n_act, mask=m_n)
 
 
 @triton.jit
 def _decode_down_kernel(
     h_ptr,
-    wd_ptr,
+    wdt_ptr,
+    nact_ptr,
     y_ptr,
     part_ptr,
     sem_ptr,
@@ -331,13 +331,11 @@ def _decode_down_kernel(
     NT,
     KC,
     NPS,
-    stride_wk,
-    stride_wn,
     stride_ym,
     OUT_DTYPE: tl.constexpr,
     BM: tl.constexpr,
     BKD: tl.constexpr,
-    BND: tl.constexpr,
+    CH: tl.constexpr,
     NSPLIT: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -345,8 +343,7 @@ def _decode_down_kernel(
     BPT: tl.constexpr,
     TCH: tl.constexpr,
     SBM: tl.constexpr,
-    SPARSE: tl.constexpr,
-    NPS_P2: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i_m = tl.arange(0, BM)
@@ -382,45 +379,37 @@ def _decode_down_kernel(
         i_s = pid % NSPLIT
         o_k = i_kc * BKD + tl.arange(0, BKD)
         m_k = o_k < K
-        n_lo = i_s * NPS
-        n_hi = tl.minimum(N, n_lo + NPS)
-        if SPARSE:
-            # M = 1: walk only the active units of this range, compacted in registers (a masked
-            # full-tile pass spends its time on predicated-off work: 21.3 us at 24 active units)
-            o_u = n_lo + tl.arange(0, NPS_P2)
+        o_r = tl.arange(0, SUB)
+        o_c = tl.arange(0, CH)
+        acc = tl.zeros((BM, BKD), dtype=tl.float32)
+        n_hi = tl.minimum(N, (i_s + 1) * NPS)
+        for r0 in range(i_s * NPS, n_hi, SUB):
+            # the units of this sub-range that some token activates, compacted in column order
+            o_u = r0 + o_r
             m_u = o_u < n_hi
-            b_hu = tl.load(h_ptr + o_u, mask=m_u, other=0.0).to(tl.float32)
-            f_u = (b_hu != 0) & m_u
+            f_u = (tl.load(nact_ptr + o_u, mask=m_u, other=0) > 0) & m_u
             pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
             n_act = tl.sum(f_u.to(tl.int32), axis=0)
-            acc1 = tl.zeros((BKD,), dtype=tl.float32)
-            for j in range(n_act):
-                sel = f_u & (pos == j)
-                n = tl.sum(tl.where(sel, o_u, 0), axis=0).to(tl.int64)
-                hv = tl.sum(tl.where(sel, b_hu, 0.0), axis=0)
-                b_wc = tl.load(wd_ptr + o_k.to(tl.int64) * stride_wk + n * stride_wn, mask=m_k, other=0.0)
-                acc1 += hv * b_wc.to(tl.float32)
-            acc = acc1[None, :]
-        else:
-            acc = tl.zeros((BM, BKD), dtype=tl.float32)
-            for n0 in range(n_lo, n_hi, BND):
-                o_n = n0 + tl.arange(0, BND)
-                m_n = o_n < n_hi
-                b_h = tl.load(
-                    h_ptr + i_m[:, None] * N + o_n[None, :], mask=m_m[:, None] & m_n[None, :], other=0.0
-                )
-                m_use = m_n & (tl.max((b_h != 0).to(tl.int32), axis=0) > 0)
-                # columns of W_down no token uses are not read
+            for c in range(0, n_act, CH):
+                # CH units per step: their W_down^T row segments [CH, BKD] are gathered in one
+                # load (the earlier walk read one W_down column per active unit, a chain of
+                # dependent loads, each touching a 32-byte sector per K row for 2 useful bytes)
+                sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
+                idx = tl.sum(tl.where(sel, o_u[None, :], 0), axis=1)
+                v_c = (c + o_c) < n_act
                 b_w = tl.load(
-                    wd_ptr + o_k[:, None].to(tl.int64) * stride_wk + o_n[None, :].to(tl.int64) * stride_wn,
-                    mask=m_k[:, None] & m_use[None, :],
+                    wdt_ptr + idx[:, None].to(tl.int64) * K + o_k[None, :],
+                    mask=v_c[:, None] & m_k[None, :],
                     other=0.0,
                 )
+                b_h = tl.load(
+                    h_ptr + i_m[:, None] * N + idx[None, :], mask=m_m[:, None] & v_c[None, :], other=0.0
+                )
                 if USE_DOT:
-                    # [BM, BND] @ [BND, BKD] -> [BM, BKD]
-                    acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=DOT_PREC)
+                    # [BM, CH] @ [CH, BKD] -> [BM, BKD]
+                    acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
                 else:
-                    acc += tl.sum(b_h.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+                    acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
         m_out = m_m[:, None] & m_k[None, :]
         if NSPLIT == 1:
             tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_out)
@@ -545,6 +534,31 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l0, l1, over, ucounts
 
 
+def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
+    """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`)."""
+    use_dot = M > 1
+    bm = max(16, _p2(M)) if use_dot else 1
+    sub = max(16, min(cfg.decode_down_sub, _p2(N)))
+    bkd = max(16, min(cfg.decode_down_bk_gemv if M == 1 else cfg.decode_down_bk, _p2(K)))
+    # units per down program: a whole number of sub-ranges, enough of them that the fp32
+    # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
+    max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
+    nps = _cdiv(_cdiv(N, max_split), sub) * sub
+    return {
+        "use_dot": use_dot,
+        "bm": bm,
+        # M = 1: the whole K row in one load (a K loop without tl.dot is not pipelined, and each
+        # step costs a memory round trip); M > 1: a pipelined tl.dot loop
+        "bn": min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256),
+        "bk": min(_p2(K), 4096) if not use_dot else max(16, min(cfg.decode_bk, _p2(K), 8192 // bm)),
+        "bkd": bkd,
+        "kc": _cdiv(K, bkd),
+        "sub": sub,
+        "nps": nps,
+        "nsplit": _cdiv(N, nps),
+    }
+
+
 def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     cfg = get_config("infer")
     M, K = x.shape
@@ -553,33 +567,15 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    use_dot = M > 1
-    bm = max(16, _p2(M)) if use_dot else 1
-    bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, tile)
-    # M = 1: the whole K row in one load (a K loop without tl.dot is not pipelined, and each
-    # step costs a memory round trip); M > 1: a pipelined tl.dot loop
-    bk = min(_p2(K), 4096) if not use_dot else max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+    p = _decode_plan(M, K, N, cfg)
+    bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
-    bkd = max(16, min(cfg.decode_down_bk, _p2(K)))
-    bnd = max(16, min(cfg.decode_down_bn, _p2(N)))
-    KC = _cdiv(K, bkd)
-    # enough N splits that each program walks <= 2 unit blocks (one dependent load chain each),
-    # with the fp32 partials kept under ~16 MB
-    nblk = _cdiv(N, bnd)
-    nsplit = max(1, min(cfg.decode_down_split, _cdiv(nblk, 2), (16 << 20) // max(1, 4 * M * K)))
-    nps = _cdiv(nblk, nsplit) * bnd
-    sparse_down = M == 1 and cfg.decode_sparse_units > 0
-    if sparse_down:
-        # one token: programs over (K block, range of units), each walking its few active units
-        bkd = max(16, min(256, _p2(K)))
-        KC = _cdiv(K, bkd)
-        nps = min(cfg.decode_sparse_units, _p2(N))
-    nsplit = _cdiv(N, nps)
+    KC, nsplit = p["kc"], p["nsplit"]
     h = _alloc.empty((M, N), dtype=x.dtype, device=dev)
     bcnt = _alloc.empty((M, NB), dtype=torch.int32, device=dev)
     bl1 = _alloc.empty((M, NB), dtype=torch.float32, device=dev)
+    nact = _alloc.empty((N,), dtype=torch.int32, device=dev)
     sem = _alloc.empty((KC,), dtype=torch.int32, device=dev)
-    ucounts = _alloc.empty((N,), dtype=torch.int64, device=dev) if unit_counts else None
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -587,7 +583,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         h,
         bcnt,
         bl1,
-        ucounts if ucounts is not None else bcnt,
+        nact,
         sem,
         M,
         N,
@@ -600,14 +596,14 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         BITS_DTYPE=bits_dt,
         INF_BITS=inf_bits,
         MAG_MASK=mag,
-        BM=bm,
+        BM=p["bm"],
         BN=bn,
-        BK=bk,
-        USE_DOT=use_dot,
+        BK=p["bk"],
+        USE_DOT=p["use_dot"],
         DOT_PREC=prec,
-        UNIT_COUNTS=unit_counts,
         KC_P2=_p2(KC),
-        num_warps=4 if use_dot else 8,
+        num_warps=cfg.decode_warps if p["use_dot"] else 8,
+        num_stages=cfg.decode_stages,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     part = _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else y
@@ -615,7 +611,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     bpt = tile // bn
     _decode_down_kernel[(KC * nsplit + 1,)](
         h,
-        w_down,
+        down_t(w_down),
+        nact,
         y,
         part,
         sem,
@@ -630,25 +627,23 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         NB,
         NT,
         KC,
-        nps,
-        w_down.stride(0),
-        w_down.stride(1),
+        p["nps"],
         y.stride(0),
         OUT_DTYPE=out_dt,
-        BM=max(bm, 16) if use_dot else 1,
-        BKD=bkd,
-        BND=bnd,
+        BM=p["bm"],
+        BKD=p["bkd"],
+        CH=cfg.decode_down_chunk,
         NSPLIT=nsplit,
-        USE_DOT=use_dot,
+        USE_DOT=p["use_dot"],
         DOT_PREC=prec,
         S=slots,
         BPT=bpt,
         TCH=max(1, min(_p2(NT), 8192 // (bpt * _p2(M)))),
         SBM=_p2(M),
-        SPARSE=sparse_down,
-        NPS_P2=_p2(nps) if sparse_down else 1,
-        num_warps=8,
+        SUB=p["sub"],
+        num_warps=cfg.decode_down_warps,
     )
+    ucounts = nact.to(torch.int64) if unit_counts else None
     return y, l0, l1, over, ucounts
 
 
