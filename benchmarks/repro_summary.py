@@ -215,7 +215,7 @@ def _plot(dense_dir: Path, sparse_dir: Path, path: Path) -> None:
     ax.set_ylabel("validation CE (nats/token)")
     ax.legend()
     bx.set_xlabel("tokens seen (M)")
-    bx.set_ylabel("active FFN units per token (validation, mean over layers)")
+    bx.set_ylabel("active units/token (validation, layer mean)")
     bx.set_yscale("log")
     bx.legend()
     fig.tight_layout()

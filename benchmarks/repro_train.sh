@@ -5,7 +5,7 @@
 #
 # Usage (repository root): OUT=/some/dir bash benchmarks/repro_train.sh
 #   STEPS (800: 800 x 65,536 = 52.4 M tokens), L1 (1e-3), DENSE_TIMEOUT (250 s), SPARSE_TIMEOUT (290 s),
-#   STATS_TIMEOUT (40 s), BUDGET (580 s, for a 600 s call: the sparse run's limit is cut to what is left
+#   STATS_TIMEOUT (40 s), BUDGET (570 s, for a 600 s call: the sparse run's limit is cut to what is left
 #   of it after the dense run, less stats and 10 s of summary and packing), DATA (runs/data/large.jsonl.gz), WORK (/tmp/twell-repro: run dirs, the saved model and
 #   the tokenized-data cache), PYTHON (python), REPRO_TINY=1 (CPU smoke test: a tiny model on the
 #   embedded corpus, a few steps).
@@ -30,7 +30,7 @@ L1=${L1:-1e-3}
 DENSE_TIMEOUT=${DENSE_TIMEOUT:-250}
 SPARSE_TIMEOUT=${SPARSE_TIMEOUT:-290}
 STATS_TIMEOUT=${STATS_TIMEOUT:-40}
-BUDGET=${BUDGET:-580}
+BUDGET=${BUDGET:-570}
 DATA=${DATA:-runs/data/large.jsonl.gz}
 T0=$(date +%s)
 mkdir -p "$OUT" "$WORK"
