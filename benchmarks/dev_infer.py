@@ -70,11 +70,11 @@ def profile(shape, M, a, dtype, path="auto"):
 #: decode configurations compared by --decode-sweep (InferConfig overrides)
 DECODE_VARIANTS = [
     ("decode", {}),
-    ("decode:g32x128", {"decode_bn_dot": 32, "decode_bk": 128}),
+    ("decode:d256", {"decode_down_bk": 256}),
+    ("decode:c32", {"decode_down_chunk": 32}),
+    ("decode:w4", {"decode_down_warps": 4}),
+    ("decode:sub256", {"decode_down_sub": 256}),
     ("decode:g64x64s4", {"decode_bn_dot": 64, "decode_bk": 64, "decode_stages": 4}),
-    ("decode:g32x256w8", {"decode_bn_dot": 32, "decode_bk": 256, "decode_warps": 8}),
-    ("decode:d128", {"decode_down_bk": 128}),
-    ("decode:d32c32", {"decode_down_bk": 32, "decode_down_chunk": 32}),
 ]
 
 
@@ -299,9 +299,7 @@ def main() -> int:
     rows: list[dict] = []
     P = "paper-2048x5632"
     if args.decode_sweep:
-        Ms = (1, 2, 4, 8, 16, 32, 64, 128)
-        decode_sweep(P, Ms, 30, dtype, args.reps, env, rows)
-        decode_sweep("llama3-8b-4096x14336", (1, 8, 64), 30, dtype, args.reps, env, rows)
+        decode_sweep(P, (1, 2, 4, 8, 16, 32, 64), 30, dtype, args.reps, env, rows)
         with open(args.out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

@@ -74,9 +74,10 @@ else
   STATS_SRC=$DATA
 fi
 
+RUNS=${RUNS:-dense sparse}
 # Copies each run's metrics.jsonl into $OUT every 5 s (a call killed at its limit still returns them).
 sync_metrics() {
-  for r in dense sparse; do
+  for r in $RUNS; do
     f="$WORK/repro-$r/metrics.jsonl"
     [ -f "$f" ] && cp "$f" "$OUT/.repro-$r.tmp" && mv "$OUT/.repro-$r.tmp" "$OUT/repro-$r-metrics.jsonl"
   done
@@ -99,7 +100,14 @@ run() {
   echo "## $name: exit $rc after ${wall}s"
 }
 
-run dense "$DENSE_TIMEOUT" --l1-coeff 0 --no-sparse-mlp --no-save-final
+# RUNS=sparse reruns only the sparse model (e.g. with another L1) against an earlier dense run dir
+# given as DENSE_DIR (its metrics.jsonl and run.json)
+RUNS=${RUNS:-dense sparse}
+if [[ " $RUNS " == *" dense "* ]]; then
+  run dense "$DENSE_TIMEOUT" --l1-coeff 0 --no-sparse-mlp --no-save-final
+elif [ -n "${DENSE_DIR:-}" ]; then
+  mkdir -p "$WORK/repro-dense" && cp "$DENSE_DIR"/metrics.jsonl "$DENSE_DIR"/run.json "$WORK/repro-dense/"
+fi
 left=$((BUDGET - ($(date +%s) - T0) - STATS_TIMEOUT - 10))
 [ "$left" -lt 30 ] && left=30 # the sparse run gets at least 30 s, even at the cost of stats
 limit=$((left < SPARSE_TIMEOUT ? left : SPARSE_TIMEOUT))
@@ -128,7 +136,7 @@ kill "$SYNC_PID" 2>/dev/null
 wait "$SYNC_PID" 2>/dev/null
 sync_metrics
 # pack: the model weights stay behind (fp32 29.9 M params = 120 MB, over the 16 MB a file may bring back)
-for r in dense sparse; do
+for r in $RUNS; do
   d="$WORK/repro-$r"
   [ -d "$d" ] || continue
   files=$(cd "$d" && ls metrics.jsonl run.json train.log ./*.png final/config.json 2>/dev/null)

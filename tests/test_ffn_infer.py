@@ -99,6 +99,12 @@ def test_auto_dispatch_and_choose_path(kdevice, poison):
         assert choose_path(1, 1000, 5.0) == "decode"
     with override("infer", decode_max_m=4, prefill_min_m=100):
         assert choose_path(50, 1000, None) == "dense"  # between the two: dense (measured faster)
+    with override("infer", decode_max_m=16, decode_dense_union=0.12):
+        # decode while the batch's union of active units stays small: 16 tokens x 30 of 5632 units
+        # touch ~8 % of the units, 16 x 100 ~25 %
+        assert choose_path(16, 5632, 30.0) == "decode"
+        assert choose_path(16, 5632, 100.0) == "dense"
+        assert choose_path(1, 5632, 600.0) == "decode" and choose_path(1, 5632, 800.0) == "dense"
     with override("infer", decode_max_m=4, prefill_min_m=5, dense_above_prefill=20.0):
         x, wg, wu, wd = make_sparse_ffn(6, 16, 64, 40, device=kdevice, seed=2)
         y1, _ = _check(x, wg, wu, wd, 16, 4, "auto")  # first call: sparse, measures ~40 active

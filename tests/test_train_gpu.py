@@ -70,8 +70,11 @@ def test_no_host_sync_and_deterministic_repeat():
         step(False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    for u, v in zip(a, b):
-        assert torch.equal(u, v)
+    for name, u, v in zip(("y", "dx", "dW_gate", "dW_up", "dW_down"), a, b):
+        diff = (u.float() - v.float()).abs()
+        assert torch.equal(u, v), (
+            f"{name}: {int((diff > 0).sum())} elements differ, max {diff.max().item():.3g}"
+        )
 
 
 def test_autocast_and_checkpoint():

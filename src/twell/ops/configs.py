@@ -48,9 +48,9 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    #: (measured, device time: M = 1 decode 0.0377 ms vs dense 0.0436 (1.16x); M = 2, 4, 8, 64:
-    #: 0.69x, 0.70x, 0.67x, 0.65x, bound by the down kernel's predicated full-tile work)
-    decode_max_m: int = 1
+    #: (H100, paper shape, ~30 active units per token, W_down^T gather with 128-column blocks,
+    #: device time vs dense: M = 1 2.20x, 2 1.59x, 4 1.36x, 8 1.39x, 16 1.22x, 32 0.96x, 64 0.59x)
+    decode_max_m: int = 16
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
@@ -65,7 +65,7 @@ class InferConfig:
     #: decode stage 2 (down, W_down^T rows of the batch's active units): K columns per program
     #: (M = 1 / M > 1), units compacted per step of the walk, rows gathered per load, warps
     decode_down_bk_gemv: int = 256
-    decode_down_bk: int = 64
+    decode_down_bk: int = 128
     decode_down_sub: int = 512
     decode_down_chunk: int = 16
     decode_down_warps: int = 8
@@ -77,8 +77,9 @@ class InferConfig:
     #: 0.68-0.72x dense
     dense_above_prefill: float = 52.0
     #: decode: fraction of units active in at least one token of the batch above which dense is
-    #: faster (sparse reads (1 + 2 union) / 3 of dense's bytes, at lower efficiency than cuBLAS)
-    decode_dense_union: float = 0.65
+    #: faster. Sparse reads (1 + 2 union) / 3 of dense's bytes, but its down walk slows with the
+    #: union: measured 1.22x dense at a union of 8 % (M = 16) and 0.96x at 16 % (M = 32)
+    decode_dense_union: float = 0.12
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
 
