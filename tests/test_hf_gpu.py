@@ -67,8 +67,14 @@ def _ids(B, S, V=512, seed=1):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_and_decode_logits_on_kernel_path(dtype):
     ref, dense, sparse = _models(dtype)
-    # the dispatch of twell.ops.configs: prefill from M = 1024, decode at M = 1, dense path between
-    cases = ((4, 300, "_updown_kernel"), (1, 1, "_decode_gate_up_kernel"), (3, 1, "_relu_mul_stats_kernel"))
+    # the dispatch of twell.ops.configs: prefill from M = 1024, decode up to M = 16 (while the batch's
+    # union of active units is small), dense path between
+    cases = (
+        (4, 300, "_updown_kernel"),
+        (1, 1, "_decode_gate_up_kernel"),
+        (3, 1, "_decode_gate_up_kernel"),
+        (2, 32, "_relu_mul_stats_kernel"),
+    )
     for B, S, kernel in cases:
         ids = _ids(B, S)
         with torch.no_grad():
