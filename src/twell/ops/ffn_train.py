@@ -296,6 +296,7 @@ def _bwd_rows_kernel(
     dg_ptr,
     du_ptr,
     h_ptr,
+    dh_ptr,
     K,
     NW,
     W,
@@ -303,8 +304,11 @@ def _bwd_rows_kernel(
     BK: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    # SPLIT: dh of rows within W was stored in dg's slot by _dh_rows_kernel (W_down^T alone, so
-    # each kernel's weights stay in L2); this kernel adds the l1 term and loads W_gate, W_up only
+    # SPLIT: dh of rows within W was stored per slot in dh_ptr by _dh_rows_kernel (W_down^T
+    # alone, so each kernel's weights stay in L2); this kernel adds the l1 term and loads W_gate,
+    # W_up only. dh has its own buffer: reading it from dg's slot and storing dg there was a race
+    # (every warp loads a replicated [G] vector, one warp stores; on the H100 a warp could read a
+    # slot another warp had already overwritten: dx of a few rows differed between repeats).
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -327,7 +331,7 @@ def _bwd_rows_kernel(
             b_g = tl.sum(b_wg * b_x[None, :], axis=1)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
             if SPLIT:
-                b_dh = tl.load(dg_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+                b_dh = tl.load(dh_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
             else:
                 b_wd = tl.load(wdt_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
                 b_dh = tl.sum(b_wd * b_dy[None, :], axis=1)
@@ -671,12 +675,12 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
     # per-slot dg, du, h of rows within W (x's dtype, like dense autograd's intermediates)
     vals = _alloc.empty((3, M, W), dtype=x.dtype, device=dev)
     split = CONFIG.split_dh
+    dh = vals[0]
     if split:
-        _k("dh")[(M,)](
-            dy, wdt, cols, cnt, vals[0], K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps
-        )
+        dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
+        _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps)
     _k("bwd")[(M,)](
-        x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], K, NW, W,
+        x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], dh, K, NW, W,
         G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps, SPLIT=split,
     )  # fmt: skip
     ucnt = counts[M:]
