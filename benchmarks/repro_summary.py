@@ -2,8 +2,10 @@
 
 Usage: ``python benchmarks/repro_summary.py DENSE_DIR SPARSE_DIR [--json rows.jsonl] [--plot compare.png]``
 
-Each ``*_DIR`` is a ``twell train`` output folder (its ``metrics.jsonl``; ``run.json`` when
-``benchmarks/repro_train.sh`` wrote one: exit code, wall time, time limit). A run cut short by its time
+Each ``*_DIR`` is a ``twell train`` output folder (its ``metrics.jsonl``, or ``metrics.jsonl.gz``;
+``run.json`` when ``benchmarks/repro_train.sh`` wrote one: exit code, wall time, time limit), or a
+metrics file itself, plain or gzipped, such as the committed
+``benchmarks/results/repro-h100/dense-metrics.jsonl.gz`` (no ``run.json``: wall time is then ``-``). A run cut short by its time
 limit still has its records up to there: the row then says ``finished: false`` and takes the last
 evaluation it reached.
 
@@ -22,22 +24,38 @@ included).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
-__all__ = ["read_records", "summarize_run", "summarize", "markdown_table", "main"]
+__all__ = ["metrics_path", "read_records", "summarize_run", "summarize", "markdown_table", "main"]
+
+
+def metrics_path(run_dir: Path) -> Path:
+    """The metrics file of ``run_dir``: the path itself when it is a file, else ``run_dir/metrics.jsonl``
+    or, failing that, ``run_dir/metrics.jsonl.gz``."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise FileNotFoundError(f"run_dir: no metrics.jsonl (or metrics.jsonl.gz) in {run_dir}")
 
 
 def read_records(run_dir: Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl``; a last line cut mid-write (run killed) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"run_dir: no metrics.jsonl in {run_dir}")
+    """The records of :func:`metrics_path` (``.gz``: gzip); a last line cut mid-write (run killed) is skipped."""
+    path = metrics_path(run_dir)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = path.read_text(encoding="utf-8")
     records = []
-    lines = path.read_text().splitlines()
+    lines = text.splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -71,7 +89,7 @@ def summarize_run(run_dir: Path, name: str | None = None) -> dict:
     evals = [r for r in records if r.get("event") == "eval" and r.get("val_ce") is not None]
     end = next((r for r in records if r.get("event") == "end"), None)
     meta = {}
-    if (run_dir / "run.json").is_file():
+    if run_dir.is_dir() and (run_dir / "run.json").is_file():
         meta = json.loads((run_dir / "run.json").read_text())
     n_units = cfg.get("intermediate_size")
     last_eval = evals[-1] if evals else None
@@ -225,8 +243,8 @@ def _plot(dense_dir: Path, sparse_dir: Path, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    p.add_argument("dense_dir", type=Path, help="output dir of the dense run (L1 0)")
-    p.add_argument("sparse_dir", type=Path, help="output dir of the sparse run")
+    p.add_argument("dense_dir", type=Path, help="output dir (or metrics.jsonl[.gz]) of the dense run (L1 0)")
+    p.add_argument("sparse_dir", type=Path, help="output dir (or metrics.jsonl[.gz]) of the sparse run")
     p.add_argument("--json", type=Path, default=None, help="also append the JSON rows to this file")
     p.add_argument("--plot", type=Path, default=None, help="write a dense-vs-sparse validation plot (PNG)")
     args = p.parse_args(argv)

@@ -126,3 +126,43 @@ def test_bad_inputs(rs, tmp_path, capsys):
     (bad / "metrics.jsonl").write_text('{"event": "start"\n{"event": "end"}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:1 is not JSON"):
         rs.read_records(bad)
+
+
+def test_gzipped_metrics(rs, tmp_path):
+    """A run folder holding only metrics.jsonl.gz, and a bare .jsonl.gz file, read like metrics.jsonl."""
+    import gzip
+    import shutil
+
+    dense = _write_run(tmp_path / "d", l1=0.0, steps=10, val_ce=[4.0, 3.5], active=[700.0, 600.0], end=True,
+                       run_json={"exit_code": 0, "wall_s": 50})  # fmt: skip
+    sparse = _write_run(tmp_path / "s", l1=1e-3, steps=10, val_ce=[4.0, 3.6], active=[30.0, 9.0], end=True)
+    plain = rs.summarize(dense, sparse)
+    for d in (dense, sparse):
+        with (d / "metrics.jsonl").open("rb") as src, gzip.open(d / "metrics.jsonl.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        (d / "metrics.jsonl").unlink()
+    assert rs.metrics_path(sparse) == sparse / "metrics.jsonl.gz"
+    assert rs.summarize(dense, sparse) == plain  # run.json still read from the folder
+    bare = tmp_path / "sparse-metrics.jsonl.gz"
+    (sparse / "metrics.jsonl.gz").rename(bare)
+    d, s = rs.summarize(dense, bare)
+    assert s["val_ce"] == 3.6 and s["ce_ratio"] == pytest.approx(3.6 / 3.5) and s["wall_s"] is None
+
+
+_REPRO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "repro-h100"
+
+
+@pytest.mark.skipif(
+    not (_REPRO / "dense-metrics.jsonl.gz").is_file(), reason="no committed H100 repro results"
+)
+def test_committed_h100_repro(rs):
+    """The committed H100 metrics give the headline numbers of summary-l1-1.2e-3.md (docs/training.md)."""
+    d, s = rs.summarize(_REPRO / "dense-metrics.jsonl.gz", _REPRO / "sparse-l1-1.2e-3-metrics.jsonl.gz")
+    assert (d["steps"], s["steps"], s["tokens"]) == (800, 800, 52_428_800)
+    assert d["val_ce"] == pytest.approx(2.46033, abs=1e-5) and s["val_ce"] == pytest.approx(2.48684, abs=1e-5)
+    assert s["ce_ratio"] == pytest.approx(1.01078, abs=1e-5)
+    assert s["zeros_pct"] == pytest.approx(99.0511, abs=1e-3) and s["zeros_pct"] >= 99.0
+    assert s["dead_frac"] == pytest.approx(0.26776, abs=1e-5)
+    assert d["tokens_per_s"] == pytest.approx(536_999, abs=1) and s["tokens_per_s"] == pytest.approx(
+        395_633, abs=1
+    )
