@@ -4,29 +4,30 @@ Legend: M = tokens, K = model dim, N = FFN units, T = TwELL tile, NT = ceil(N / 
     g = x @ W_gate^T  [M, N],  u = x @ W_up^T  [M, N],  h = relu(g) * u,  y = h @ W_down^T  [M, K]
 
 Paths (one entry point, :func:`ffn_infer`, picks one per call):
-  * prefill (M > ``decode_max_m``): ``gate_pack`` (gate GEMM with the TwELL epilogue), then
+  * prefill (M >= ``prefill_min_m``): ``gate_pack`` (gate GEMM with the TwELL epilogue), then
     ``_updown_kernel``, one program per token: x's row stays in registers; for every packed
     entry (n, g) it reads W_up[n, :] and W_down^T[n, :] (8 KB at K = 2048 in bf16), computes
     u = x . W_up[n], h = g u, y += h W_down^T[n]. A (token, tile) whose count exceeds S is
     recomputed exactly from x and W_gate (all T columns of the tile) and counted in
     ``overflow_rows``. W_down^T is a cached transposed copy of W_down (see :func:`down_t`).
-  * decode (M <= ``decode_max_m``): unit-parallel, so M = 1 still fills the GPU.
+  * decode (M <= ``decode_max_m``, while the batch's union of active units is small):
+    unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
     (GEMV form at M = 1, tl.dot with M padded to 16 otherwise), then W_up rows only for units
-    active in some token (masked loads move no bytes), and writes h [M, N] (dense but tiny).
-    ``_decode_down_kernel``: programs over (K block, N split) read W_down[k-block, n-block] only
-    for columns where some token's h is non-zero, write fp32 partials; the last program of a
-    K block (atomic ticket) sums the partials and writes y; one extra program reduces the
-    statistics. No transposed copy of W_down is needed here.
+    active in some token (masked loads move no bytes), and writes h [M, N] (dense but tiny) and
+    the number of tokens activating each unit.
+    ``_decode_down_kernel``: programs over (K block, range of units) compact the units some token
+    activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
+    M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
+    and writes y; one extra program reduces the statistics.
   * dense: 2 cuBLAS GEMMs, ``_relu_mul_stats_kernel`` (h = relu(g) u and the statistics in one
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): M = 1 1.83x (decode: gate-up 8.5 us, down 5.9 us), M = 2048 1.22x, M = 16384 1.41x
-(gate_pack 571 us + up/down 614 us = 1.25 ns per (token x active unit)), M = 131072 1.40x;
-Llama-3-8B shape 2.34x at M = 1 and 1.64x at M = 16384. Between M = 2 and 1023 the sparse
-kernels were slower than dense (decode 0.65-0.70x, prefill 0.66x at M = 256), so the dense path
-runs there (0.95-0.97x with statistics). Numbers and what bounds them: docs/kernels.md.
+GEMMs): decode M = 1 2.06-2.21x, M = 8 1.34-1.41x, M = 16 1.22-1.25x (0.99x at M = 32, so the
+dense path runs from M = 17 to 1023); prefill M = 2048 1.22x, M = 16384 1.41x (gate_pack 571 us +
+up/down 614 us = 1.25 ns per (token x active unit)), M = 131072 1.40x; Llama-3-8B shape 2.32x at
+M = 1 and 1.64x at M = 16384. Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
 (NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). No host
