@@ -221,9 +221,9 @@ PRESETS: dict[str, Preset] = {
                     new_tokens=32,
                 )
                 for s in ("paper-0.5b", "paper-2b")
-                for b in (1, 8)
+                for b in (1, 8, 16)
             ),
-            "prefill/decode of the paper 0.5B and 2B shapes, batch 1 and 8, 2k context",
+            "prefill/decode of the paper 0.5B and 2B shapes, batch 1, 8 and 16, 2k context",
         ),
         Preset(
             "train-tiny",
