@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--reps", type=int, default=None, help="timed repetitions (default: the model benchmark's)"
     )
+    m.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the static-cache decode step (CUDA graphs: decode without host overhead)",
+    )
     t = sub.add_parser("train", help="a training step (forward, backward, AdamW) dense vs sparse")
     _common(t, "train-tiny")
     t.add_argument("--batch", type=int, default=None, help="sequences per batch")
@@ -199,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from .model_bench import ModelOptions, run_model_cases
 
-            opts = ModelOptions(**common, reps=args.reps)
+            opts = ModelOptions(**common, reps=args.reps, compile=getattr(args, "compile", False))
             res = run_model_cases(cases, opts, bench=mode, out_dir=out_dir, console=console)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")

@@ -49,6 +49,9 @@ class ModelOptions:
     lr: float = 1e-7  # tiny: the optimizer does its full work while the calibrated sparsity barely moves
     reps: int | None = None
     quick_roofs: bool = False
+    #: model mode: let transformers compile the static-cache decode step (CUDA graphs), which
+    #: takes host time out of decode; the compilation runs in the warm-up
+    compile: bool = False
 
 
 def llama_config(shape: Shape):
@@ -108,6 +111,8 @@ def _model_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
     )
     if opts.reps is not None:
         kw["reps"] = opts.reps
+    if opts.compile:
+        kw["compile"] = True
     if shape.name in paper:
         rows = bench_model(paper[shape.name], **kw)
     else:
@@ -115,6 +120,8 @@ def _model_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
     for r in rows:
         r["shape"] = shape.name
         r["target_active"] = float(case.actives[0])
+        if opts.compile:
+            r["variant"] = "compile"
     return rows
 
 
