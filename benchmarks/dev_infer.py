@@ -308,7 +308,7 @@ def main() -> int:
         for M, path in (
             ((1, "decode"), (16384, "prefill"))
             if args.recheck
-            else ((1, "decode"), (64, "decode"), (256, "prefill"), (16384, "prefill"))
+            else ((1, "decode"), (8, "decode"), (16, "decode"), (64, "decode"), (16384, "prefill"))
         ):
             profile(P, M, 30, dtype, path)
     d = ["auto", "decode"]
