@@ -38,6 +38,7 @@ capture works (under capture the decision is frozen).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
@@ -226,7 +228,7 @@ def _finalize_tiles_kernel(
 
 
 @triton.jit
-def _decode_gate_up_kernel(
+def _gate_up_block(
     x_ptr,
     wg_ptr,
     wu_ptr,
@@ -234,12 +236,11 @@ def _decode_gate_up_kernel(
     bcnt_ptr,
     bl1_ptr,
     nact_ptr,
-    sem_ptr,
+    pid,
     M,
     N,
     K,
     NB,
-    KC,
     stride_xm,
     stride_xk,
     OUT_DTYPE: tl.constexpr,
@@ -251,13 +252,10 @@ def _decode_gate_up_kernel(
     BK: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    KC_P2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if pid == 0:
-        # tickets of the down kernel's split reduction start at 0 on every call
-        o_s = tl.arange(0, KC_P2)
-        tl.store(sem_ptr + o_s, tl.zeros((KC_P2,), dtype=tl.int32), mask=o_s < KC)
+    # decode stage 1 for units [pid * BN, (pid + 1) * BN): gate of every token, then W_up rows
+    # only of units some token activates; writes h, per-(token, block) statistics and the number
+    # of tokens activating each unit (the down stage's list of units to read, and unit_counts)
     i_m = tl.arange(0, BM)
     m_m = i_m < M
     o_n = pid * BN + tl.arange(0, BN)
@@ -308,8 +306,177 @@ def _decode_gate_up_kernel(
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
-    # tokens activating each unit: the down kernel's list of units to read (and unit_counts)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
+
+
+@triton.jit
+def _decode_gate_up_kernel(
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    h_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    nact_ptr,
+    sem_ptr,
+    M,
+    N,
+    K,
+    NB,
+    KC,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    KC_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid == 0:
+        # tickets of the down kernel's split reduction start at 0 on every call
+        o_s = tl.arange(0, KC_P2)
+        tl.store(sem_ptr + o_s, tl.zeros((KC_P2,), dtype=tl.int32), mask=o_s < KC)
+    _gate_up_block(
+        x_ptr, wg_ptr, wu_ptr, h_ptr, bcnt_ptr, bl1_ptr, nact_ptr, pid, M, N, K, NB, stride_xm, stride_xk,
+        OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, USE_DOT, DOT_PREC,
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_stats(
+    bcnt_ptr,
+    bl1_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
+    M,
+    NB,
+    NT,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+    SBM: tl.constexpr,
+):
+    # l0, l1 (means over tokens) and overflowing rows from the per-(token, unit block) statistics,
+    # all tokens at once, TCH tiles per step (a loop over tokens was a chain of dependent loads:
+    # ~0.6 us per token on the H100)
+    o_t = tl.arange(0, TCH)
+    o_b = tl.arange(0, BPT)
+    a_cnt = tl.zeros((SBM,), dtype=tl.int32)
+    a_l1 = tl.zeros((SBM,), dtype=tl.float32)
+    a_over = tl.zeros((SBM,), dtype=tl.int32)
+    i_r = tl.arange(0, SBM)
+    m_r = i_r < M
+    for t0 in range(0, NT, TCH):
+        i_b = (t0 + o_t)[:, None] * BPT + o_b[None, :]
+        p_b = i_r[:, None, None] * NB + i_b[None, :, :]
+        m_b = m_r[:, None, None] & (i_b < NB)[None, :, :]
+        # [SBM, TCH, BPT] per-block counts -> per-tile counts [SBM, TCH]
+        c_t = tl.sum(tl.load(bcnt_ptr + p_b, mask=m_b, other=0, cache_modifier=".cg"), axis=2)
+        a_over = tl.maximum(a_over, tl.max((c_t > S).to(tl.int32), axis=1))
+        a_cnt += tl.sum(c_t, axis=1)
+        a_l1 += tl.sum(
+            tl.sum(tl.load(bl1_ptr + p_b, mask=m_b, other=0.0, cache_modifier=".cg"), axis=2), axis=1
+        )
+    denom = tl.maximum(M, 1).to(tl.float32)
+    tl.store(l0_ptr, tl.sum(a_cnt.to(tl.int64)).to(tl.float32) / denom)
+    tl.store(l1_ptr, tl.sum(a_l1) / denom)
+    tl.store(over_ptr, tl.sum(a_over.to(tl.int64)))
+
+
+@triton.jit
+def _down_range(
+    h_ptr,
+    wdt_ptr,
+    nact_ptr,
+    n_lo,
+    n_hi,
+    o_k,
+    m_k,
+    i_m,
+    m_m,
+    N,
+    K,
+    BM: tl.constexpr,
+    BKD: tl.constexpr,
+    CH: tl.constexpr,
+    SUB: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # sum over the units n in [n_lo, n_hi) that some token activates of h[:, n] W_down^T[n, o_k]
+    # -> [BM, BKD] fp32. nact and h are read past L1 (.cg): in the fused kernel other programs
+    # wrote them during this launch
+    o_r = tl.arange(0, SUB)
+    o_c = tl.arange(0, CH)
+    acc = tl.zeros((BM, BKD), dtype=tl.float32)
+    for r0 in range(n_lo, n_hi, SUB):
+        # the units of this sub-range that some token activates, compacted in column order
+        o_u = r0 + o_r
+        m_u = o_u < n_hi
+        f_u = (tl.load(nact_ptr + o_u, mask=m_u, other=0, cache_modifier=".cg") > 0) & m_u
+        pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+        n_act = tl.sum(f_u.to(tl.int32), axis=0)
+        for c in range(0, n_act, CH):
+            # CH units per step: their W_down^T row segments [CH, BKD] are gathered in one
+            # load (the earlier walk read one W_down column per active unit, a chain of
+            # dependent loads, each touching a 32-byte sector per K row for 2 useful bytes)
+            sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
+            idx = tl.sum(tl.where(sel, o_u[None, :], 0), axis=1)
+            v_c = (c + o_c) < n_act
+            b_w = tl.load(
+                wdt_ptr + idx[:, None].to(tl.int64) * K + o_k[None, :],
+                mask=v_c[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_h = tl.load(
+                h_ptr + i_m[:, None] * N + idx[None, :],
+                mask=m_m[:, None] & v_c[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            if USE_DOT:
+                # [BM, CH] @ [CH, BKD] -> [BM, BKD]
+                acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+            else:
+                acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _sum_partials(
+    part_ptr,
+    y_ptr,
+    i_m,
+    o_k,
+    m_out,
+    M,
+    K,
+    stride_ym,
+    n_split,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BKD: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    # y[:, o_k] = the n_split fp32 partial slabs [M, K] summed in a fixed order (deterministic).
+    # UNROLL > 0: n_split == UNROLL, unrolled so the loads are in flight together (a rolled loop
+    # was a chain of round trips); 0: a rolled loop over n_split
+    tot = tl.zeros((BM, BKD), dtype=tl.float32)
+    p = part_ptr + i_m[:, None] * K + o_k[None, :]
+    if UNROLL > 0:
+        for s in tl.static_range(UNROLL):
+            tot += tl.load(p + s * M * K, mask=m_out, other=0.0, cache_modifier=".cg")
+    else:
+        for s in range(n_split):
+            tot += tl.load(p + s * M * K, mask=m_out, other=0.0, cache_modifier=".cg")
+    tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], tot.to(OUT_DTYPE), mask=m_out)
 
 
 @triton.jit
@@ -347,90 +514,100 @@ def _decode_down_kernel(
     SUB: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    i_m = tl.arange(0, BM)
-    m_m = i_m < M
     if pid == KC * NSPLIT:
-        # statistics: all tokens at once, TCH tiles per step (a loop over tokens was a chain of
-        # dependent loads: ~0.6 us per token on the H100)
-        o_t = tl.arange(0, TCH)
-        o_b = tl.arange(0, BPT)
-        a_cnt = tl.zeros((SBM,), dtype=tl.int32)
-        a_l1 = tl.zeros((SBM,), dtype=tl.float32)
-        a_over = tl.zeros((SBM,), dtype=tl.int32)
-        i_r = tl.arange(0, SBM)
-        m_r = i_r < M
-        for t0 in range(0, NT, TCH):
-            i_b = (t0 + o_t)[:, None] * BPT + o_b[None, :]
-            p_b = i_r[:, None, None] * NB + i_b[None, :, :]
-            m_b = m_r[:, None, None] & (i_b < NB)[None, :, :]
-            # [SBM, TCH, BPT] per-block counts -> per-tile counts [SBM, TCH]
-            c_t = tl.sum(tl.load(bcnt_ptr + p_b, mask=m_b, other=0), axis=2)
-            a_over = tl.maximum(a_over, tl.max((c_t > S).to(tl.int32), axis=1))
-            a_cnt += tl.sum(c_t, axis=1)
-            a_l1 += tl.sum(tl.sum(tl.load(bl1_ptr + p_b, mask=m_b, other=0.0), axis=2), axis=1)
-        a_cnt = tl.sum(a_cnt.to(tl.int64))
-        a_l1 = tl.sum(a_l1)
-        a_over = tl.sum(a_over.to(tl.int64))
-        denom = tl.maximum(M, 1).to(tl.float32)
-        tl.store(l0_ptr, a_cnt.to(tl.float32) / denom)
-        tl.store(l1_ptr, a_l1 / denom)
-        tl.store(over_ptr, a_over)
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
     else:
+        i_m = tl.arange(0, BM)
+        m_m = i_m < M
         i_kc = pid // NSPLIT
         i_s = pid % NSPLIT
         o_k = i_kc * BKD + tl.arange(0, BKD)
         m_k = o_k < K
-        o_r = tl.arange(0, SUB)
-        o_c = tl.arange(0, CH)
-        acc = tl.zeros((BM, BKD), dtype=tl.float32)
         n_hi = tl.minimum(N, (i_s + 1) * NPS)
-        for r0 in range(i_s * NPS, n_hi, SUB):
-            # the units of this sub-range that some token activates, compacted in column order
-            o_u = r0 + o_r
-            m_u = o_u < n_hi
-            f_u = (tl.load(nact_ptr + o_u, mask=m_u, other=0) > 0) & m_u
-            pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
-            n_act = tl.sum(f_u.to(tl.int32), axis=0)
-            for c in range(0, n_act, CH):
-                # CH units per step: their W_down^T row segments [CH, BKD] are gathered in one
-                # load (the earlier walk read one W_down column per active unit, a chain of
-                # dependent loads, each touching a 32-byte sector per K row for 2 useful bytes)
-                sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
-                idx = tl.sum(tl.where(sel, o_u[None, :], 0), axis=1)
-                v_c = (c + o_c) < n_act
-                b_w = tl.load(
-                    wdt_ptr + idx[:, None].to(tl.int64) * K + o_k[None, :],
-                    mask=v_c[:, None] & m_k[None, :],
-                    other=0.0,
-                )
-                b_h = tl.load(
-                    h_ptr + i_m[:, None] * N + idx[None, :], mask=m_m[:, None] & v_c[None, :], other=0.0
-                )
-                if USE_DOT:
-                    # [BM, CH] @ [CH, BKD] -> [BM, BKD]
-                    acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
-                else:
-                    acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+        acc = _down_range(
+            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
+        )  # fmt: skip
         m_out = m_m[:, None] & m_k[None, :]
         if NSPLIT == 1:
             tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_out)
         else:
-            p_part = part_ptr + (i_s * M + i_m[:, None]) * K + o_k[None, :]
-            tl.store(p_part, acc, mask=m_out)
+            tl.store(part_ptr + (i_s * M + i_m[:, None]) * K + o_k[None, :], acc, mask=m_out)
             tl.debug_barrier()
             ticket = tl.atomic_add(sem_ptr + i_kc, 1, sem="acq_rel", scope="gpu")
             if ticket == NSPLIT - 1:
-                # last split of this K block: sum the partials in a fixed order (deterministic)
-                tot = tl.zeros((BM, BKD), dtype=tl.float32)
-                # unrolled: the NSPLIT loads are in flight together (a rolled loop was a chain)
-                for s in tl.static_range(NSPLIT):
-                    tot += tl.load(
-                        part_ptr + (s * M + i_m[:, None]) * K + o_k[None, :],
-                        mask=m_out,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], tot.to(OUT_DTYPE), mask=m_out)
+                # last split of this K block: sum the partials
+                _sum_partials(
+                    part_ptr, y_ptr, i_m, o_k, m_out, M, K, stride_ym, NSPLIT, OUT_DTYPE, BM, BKD, NSPLIT
+                )
+
+
+@triton.jit
+def _decode_fused_kernel(
+    x_ptr,
+    wg_ptr,
+    wu_ptr,
+    wdt_ptr,
+    h_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    nact_ptr,
+    y_ptr,
+    part_ptr,
+    sem_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
+    N,
+    K,
+    NB,
+    NT,
+    NR,
+    PPR,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BITS_DTYPE: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    MAG_MASK: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BKD: tl.constexpr,
+    CH: tl.constexpr,
+    SUB: tl.constexpr,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+):
+    # M = 1 in one launch: every program runs decode stage 1 for its BN units; the last program to
+    # finish a range of PPR programs (PPR * BN units; ticket sem[r]) runs that range's down
+    # projection over all of K into an fp32 partial; the last range (ticket sem[NR]) sums the
+    # partials into y and reduces the statistics. sem must be zero at launch.
+    pid = tl.program_id(0)
+    i_m = tl.arange(0, 1)
+    m_m = i_m < 1
+    _gate_up_block(
+        x_ptr, wg_ptr, wu_ptr, h_ptr, bcnt_ptr, bl1_ptr, nact_ptr, pid, 1, N, K, NB, 0, stride_xk,
+        OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, 1, BN, BK, False, "ieee",
+    )  # fmt: skip
+    tl.debug_barrier()
+    r = pid // PPR
+    in_range = tl.minimum(PPR, NB - r * PPR)
+    if tl.atomic_add(sem_ptr + r, 1, sem="acq_rel", scope="gpu") == in_range - 1:
+        n_lo = r * PPR * BN
+        n_hi = tl.minimum(N, n_lo + PPR * BN)
+        for k0 in range(0, K, BKD):
+            o_k = k0 + tl.arange(0, BKD)
+            m_k = o_k < K
+            acc = _down_range(
+                h_ptr, wdt_ptr, nact_ptr, n_lo, n_hi, o_k, m_k, i_m, m_m, N, K, 1, BKD, CH, SUB, False, "ieee"
+            )  # fmt: skip
+            tl.store(part_ptr + r * K + o_k[None, :], acc, mask=m_m[:, None] & m_k[None, :])
+        tl.debug_barrier()
+        if tl.atomic_add(sem_ptr + NR, 1, sem="acq_rel", scope="gpu") == NR - 1:
+            for k0 in range(0, K, BKD):
+                o_k = k0 + tl.arange(0, BKD)
+                m_out = m_m[:, None] & (o_k < K)[None, :]
+                _sum_partials(part_ptr, y_ptr, i_m, o_k, m_out, 1, K, 0, NR, OUT_DTYPE, 1, BKD, 0)
+            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, 1, NB, NT, S, BPT, TCH, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +737,41 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     }
 
 
+def _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg):
+    # M = 1 in one launch; see _decode_fused_kernel
+    K = x.shape[1]
+    N = w_gate.shape[0]
+    NT = _cdiv(N, tile)
+    dev = x.device
+    out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
+    bn = min(cfg.decode_bn_gemv, tile)
+    NB = _cdiv(N, bn)
+    ppr = max(1, cfg.decode_fused_units // bn)
+    NR = _cdiv(NB, ppr)
+    h = _alloc.empty((1, N), dtype=x.dtype, device=dev)
+    bcnt = _alloc.empty((1, NB), dtype=torch.int32, device=dev)
+    bl1 = _alloc.empty((1, NB), dtype=torch.float32, device=dev)
+    nact = _alloc.empty((N,), dtype=torch.int32, device=dev)
+    part = _alloc.empty((NR, K), dtype=torch.float32, device=dev)
+    sem = torch.zeros((NR + 1,), dtype=torch.int32, device=dev)  # tickets start at 0
+    y = _alloc.empty((1, K), dtype=x.dtype, device=dev)
+    l0, l1, over = _stats_bufs(dev)
+    bpt = tile // bn
+    _decode_fused_kernel[(NB,)](
+        x, w_gate, w_up, down_t(w_down), h, bcnt, bl1, nact, y, part, sem, l0, l1, over,
+        N, K, NB, NT, NR, ppr, x.stride(1),
+        OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag, BN=bn,
+        BK=min(_p2(K), 4096), BKD=max(16, min(cfg.decode_down_bk_gemv, _p2(K))), CH=cfg.decode_down_chunk,
+        SUB=_p2(ppr * bn), S=slots, BPT=bpt, TCH=max(1, min(_p2(NT), 8192 // bpt)), num_warps=8,
+    )  # fmt: skip
+    ucounts = nact.to(torch.int64) if unit_counts else None
+    return y, l0, l1, over, ucounts
+
+
 def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     cfg = get_config("infer")
+    if x.shape[0] == 1 and cfg.decode_fused:
+        return _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg)
     M, K = x.shape
     N = w_gate.shape[0]
     NT = _cdiv(N, tile)
@@ -750,6 +960,10 @@ def choose_path(M: int, N: int, active_per_token: float | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # custom op
 # ---------------------------------------------------------------------------------------------
+#: kernel paths that failed to compile on this install, with the error; they are not tried again
+_BROKEN: dict[str, str] = {}
+
+
 def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     if path == "reference" or not can_run_triton(x):
         y, st = ffn_infer_ref(x, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
@@ -790,10 +1004,23 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
     if path == "decode" and M > 128:
         raise ValueError(f"path: 'decode' handles at most 128 tokens per call, got M={M} (use 'auto')")
+    if path == "decode" and "decode" in _BROKEN:
+        path = "dense"
     if path == "prefill":
         out = _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     elif path == "decode":
-        out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+        try:
+            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+        except CompilationError as e:
+            # the decode kernels do not compile on this install: say so once, run dense from now on
+            _BROKEN["decode"] = repr(e)[:500]
+            warnings.warn(
+                f"twell: the decode kernels failed to compile ({_BROKEN['decode'][:200]}); "
+                "the dense path runs instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            out = _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     else:
         out = _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     if not capturing and M > 0:
