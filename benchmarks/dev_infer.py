@@ -78,6 +78,13 @@ DECODE_VARIANTS = [
 ]
 
 
+#: M = 1 only: the single-launch decode kernel
+M1_VARIANTS = [
+    ("decode:fused", {"decode_fused": True}),
+    ("decode:fused256", {"decode_fused": True, "decode_fused_units": 256}),
+]
+
+
 def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
     """Decode path against dense for M in Ms under each of DECODE_VARIANTS (device time)."""
     K, N = SHAPES[shape]
@@ -94,7 +101,7 @@ def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
                 torch.relu(F.linear(x.float(), W[0][0].float())) * F.linear(x.float(), W[0][1].float()),
                 W[0][2].float(),
             )
-            for name, ov in DECODE_VARIANTS if M > 1 else DECODE_VARIANTS[:1]:
+            for name, ov in DECODE_VARIANTS if M > 1 else DECODE_VARIANTS[:1] + M1_VARIANTS:
                 with override("infer", **ov):
                     try:
                         fns = [(lambda w=w, x=x: ffn_infer(x, *w, path="decode")) for w in W]
