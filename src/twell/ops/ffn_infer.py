@@ -228,6 +228,47 @@ def _finalize_tiles_kernel(
 
 
 @triton.jit
+def _tokens_dot_rows(
+    x_ptr,
+    w_ptr,
+    i_m,
+    m_m,
+    o_n,
+    m_rows,
+    K,
+    stride_xm,
+    stride_xk,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # [BM, BN] fp32: x[i_m, :] . w[o_n, :] over K in BK steps; rows of w with m_rows False are
+    # not read (masked loads move no bytes)
+    o_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        m_k = (k + o_k) < K
+        b_x = tl.load(
+            x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_w = tl.load(
+            w_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
+            mask=m_rows[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        if USE_DOT:
+            # [BM, BK] @ [BK, BN] -> [BM, BN]
+            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
+        else:
+            acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _gate_up_block(
     x_ptr,
     wg_ptr,
@@ -260,48 +301,31 @@ def _gate_up_block(
     m_m = i_m < M
     o_n = pid * BN + tl.arange(0, BN)
     m_n = o_n < N
-    o_k = tl.arange(0, BK)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, K, BK):
-        m_k = (k + o_k) < K
-        b_x = tl.load(
-            x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        b_w = tl.load(
-            wg_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
-            mask=m_n[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        if USE_DOT:
-            # [BM, BK] @ [BK, BN] -> [BM, BN]
-            acc_g = tl.dot(b_x, tl.trans(b_w), acc_g, input_precision=DOT_PREC)
-        else:
-            acc_g += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    acc_g = _tokens_dot_rows(
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC
+    )
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
     n_act = tl.sum(b_act.to(tl.int32), axis=0)
-    m_u = m_n & (n_act > 0)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     if tl.sum(n_act) > 0:
-        for k in range(0, K, BK):
-            m_k = (k + o_k) < K
-            b_x = tl.load(
-                x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
-                mask=m_m[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            # rows of W_up of units no token activates are not read
-            b_w = tl.load(
-                wu_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
-                mask=m_u[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            if USE_DOT:
-                acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
-            else:
-                acc_u += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+        # rows of W_up of units no token activates are not read
+        acc_u = _tokens_dot_rows(
+            x_ptr,
+            wu_ptr,
+            i_m,
+            m_m,
+            o_n,
+            m_n & (n_act > 0),
+            K,
+            stride_xm,
+            stride_xk,
+            BM,
+            BN,
+            BK,
+            USE_DOT,
+            DOT_PREC,
+        )
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
