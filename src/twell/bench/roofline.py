@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .timing import synced_ms
 
 __all__ = [
     "Roofs",
@@ -58,22 +59,7 @@ class Roofs:
 
 
 def _median_ms(fn, reps: int, device: torch.device) -> float:
-    times = []
-    if device.type == "cuda":
-        for _ in range(reps):
-            s = torch.cuda.Event(enable_timing=True)
-            e = torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(synced_ms(fn, device, reps))
 
 
 def device_name(device: torch.device) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Timing", "time_calls", "time_graphs", "peak_memory_mib", "percentile", "on_device"]
+__all__ = ["Timing", "time_calls", "time_graphs", "synced_ms", "peak_memory_mib", "percentile", "on_device"]
 
 _SLEEP_CYCLES_PER_MS: dict[int, float] = {}
 #: timed calls queued behind one GPU sleep (see _queued)
@@ -177,6 +177,26 @@ def _eager(fns: Sequence[Callable], device: torch.device, reps: int) -> Timing:
         ends[i].record()
     _sync(device)
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)], "eager")
+
+
+def synced_ms(fn: Callable, device: torch.device | str, reps: int) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn``, each waited for before the next is issued
+    (CUDA events on a GPU, wall clock elsewhere): for work long enough that host gaps do not matter
+    (roofline probes, whole-model forwards)."""
+    times = []
+    for _ in range(reps):
+        if torch.device(device).type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def _wall(fns: Sequence[Callable], reps: int) -> Timing:

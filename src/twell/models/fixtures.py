@@ -37,7 +37,6 @@ import datetime
 import inspect
 import os
 import subprocess
-import time
 
 import torch
 from torch import nn
@@ -269,26 +268,14 @@ def _env(device) -> dict:
 
 
 def _time(fn, device, warmup: int, reps: int) -> list[float]:
-    """Milliseconds per call of ``fn`` (CUDA events on GPU, wall clock elsewhere)."""
-    cuda = torch.device(device).type == "cuda"
+    """Milliseconds per call of ``fn`` after ``warmup`` calls (CUDA events on GPU, wall clock elsewhere)."""
+    from ..bench.timing import synced_ms
+
     for _ in range(warmup):
         fn()
-    if cuda:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return synced_ms(fn, device, reps)
 
 
 def _quantiles(ts: list[float]) -> tuple[float, float, float]:
