@@ -761,6 +761,21 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     }
 
 
+def _stage1_buffers(M: int, N: int, NB: int, dtype, dev):
+    """Scratch of decode stage 1: h [M, N], per-(token, unit block) counts and l1, per-unit counts."""
+    return (
+        _alloc.empty((M, N), dtype=dtype, device=dev),
+        _alloc.empty((M, NB), dtype=torch.int32, device=dev),
+        _alloc.empty((M, NB), dtype=torch.float32, device=dev),
+        _alloc.empty((N,), dtype=torch.int32, device=dev),
+    )
+
+
+def _stats_tch(NT: int, bpt: int, M: int) -> int:
+    # tiles per step of the statistics reduction: [M, TCH, bpt] block counts loaded at once
+    return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
+
+
 def _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg):
     # M = 1 in one launch; see _decode_fused_kernel
     K = x.shape[1]
@@ -768,14 +783,12 @@ def _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg):
     NT = _cdiv(N, tile)
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
-    bn = min(cfg.decode_bn_gemv, tile)
+    p = _decode_plan(1, K, N, cfg)
+    bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     ppr = max(1, cfg.decode_fused_units // bn)
     NR = _cdiv(NB, ppr)
-    h = _alloc.empty((1, N), dtype=x.dtype, device=dev)
-    bcnt = _alloc.empty((1, NB), dtype=torch.int32, device=dev)
-    bl1 = _alloc.empty((1, NB), dtype=torch.float32, device=dev)
-    nact = _alloc.empty((N,), dtype=torch.int32, device=dev)
+    h, bcnt, bl1, nact = _stage1_buffers(1, N, NB, x.dtype, dev)
     part = _alloc.empty((NR, K), dtype=torch.float32, device=dev)
     sem = torch.zeros((NR + 1,), dtype=torch.int32, device=dev)  # tickets start at 0
     y = _alloc.empty((1, K), dtype=x.dtype, device=dev)
@@ -785,8 +798,8 @@ def _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg):
         x, w_gate, w_up, down_t(w_down), h, bcnt, bl1, nact, y, part, sem, l0, l1, over,
         N, K, NB, NT, NR, ppr, x.stride(1),
         OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag, BN=bn,
-        BK=min(_p2(K), 4096), BKD=max(16, min(cfg.decode_down_bk_gemv, _p2(K))), CH=cfg.decode_down_chunk,
-        SUB=_p2(ppr * bn), S=slots, BPT=bpt, TCH=max(1, min(_p2(NT), 8192 // bpt)), num_warps=8,
+        BK=p["bk"], BKD=p["bkd"], CH=cfg.decode_down_chunk,
+        SUB=_p2(ppr * bn), S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, 1), num_warps=8,
     )  # fmt: skip
     ucounts = nact.to(torch.int64) if unit_counts else None
     return y, l0, l1, over, ucounts
@@ -806,10 +819,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
-    h = _alloc.empty((M, N), dtype=x.dtype, device=dev)
-    bcnt = _alloc.empty((M, NB), dtype=torch.int32, device=dev)
-    bl1 = _alloc.empty((M, NB), dtype=torch.float32, device=dev)
-    nact = _alloc.empty((N,), dtype=torch.int32, device=dev)
+    h, bcnt, bl1, nact = _stage1_buffers(M, N, NB, x.dtype, dev)
     sem = _alloc.empty((KC,), dtype=torch.int32, device=dev)
     _decode_gate_up_kernel[(NB,)](
         x,
@@ -873,7 +883,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         DOT_PREC=prec,
         S=slots,
         BPT=bpt,
-        TCH=max(1, min(_p2(NT), 8192 // (bpt * _p2(M)))),
+        TCH=_stats_tch(NT, bpt, M),
         SBM=_p2(M),
         SUB=p["sub"],
         num_warps=cfg.decode_down_warps,
