@@ -375,8 +375,8 @@ def test_cli_bench_model_and_train_tiny(tmp_path):
     assert 2.0 < tr[0]["active_per_token"] < 24.0
 
 
-def test_cli_bench_model_compile_flag_reaches_bench_model(tmp_path, monkeypatch):
-    # --compile asks transformers to compile the decode step; rows say so in `variant`
+def test_cli_bench_model_cuda_graph_flag_reaches_bench_model(tmp_path, monkeypatch):
+    # --cuda-graph replays the decode steps as CUDA graphs
     pytest.importorskip("transformers")
     import twell.models as models
 
@@ -388,11 +388,11 @@ def test_cli_bench_model_compile_flag_reaches_bench_model(tmp_path, monkeypatch)
 
     monkeypatch.setattr(models, "bench_model", fake_bench_model)
     out = tmp_path / "r"
-    assert main(["bench", "model", "--preset", "model-tiny", "--out", str(out), "--compile", *FAST]) == 0
-    assert seen.get("compile") is True
+    assert main(["bench", "model", "--preset", "model-tiny", "--out", str(out), "--cuda-graph", *FAST]) == 0
+    assert seen.get("cuda_graph") is True
     seen.clear()
     assert main(["bench", "model", "--preset", "model-tiny", "--out", str(out), *FAST]) == 0
-    assert "compile" not in seen and seen.get("seq") == 16
+    assert "cuda_graph" not in seen and seen.get("seq") == 16
 
 
 # -- CUDA (run by the GPU suite) ---------------------------------------------------------------

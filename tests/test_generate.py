@@ -135,6 +135,33 @@ def test_fixture_reaches_target_active_units(dtype):
     assert all(25 <= a <= 36 for a in short), short
 
 
+def test_bench_decode_loop_matches_generate():
+    # the model benchmark's decode loop (static cache, greedy) continues like generate()
+    from twell.models.fixtures import _decode_fn
+
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=256, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    # no pad token among the ids (generate would read it as padding)
+    ids = torch.randint(1, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    model.generation_config.disable_compile = True
+    for m in (model, twell.sparsify_(model)):
+        run = _decode_fn(m, ids, 5, cuda_graph=False)
+        run()
+        with torch.no_grad():
+            out = m.generate(
+                ids,
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+            )
+        assert torch.equal(run.last, out[:, -1:])
+        run()  # a second call rewrites the same cache positions: same result
+        assert torch.equal(run.last, out[:, -1:])
+
+
 def test_bench_model_rows_on_cpu():
     cfg = tiny_llama_config(hidden_size=64, intermediate_size=512, num_hidden_layers=2)
     rows = bench_model(
@@ -149,7 +176,6 @@ def test_bench_model_rows_on_cpu():
         device="cpu",
         warmup=0,
         reps=1,
-        cache_implementation=None,
     )
     assert {(r["op"], r["M"], r["provider"]) for r in rows} == {
         ("prefill", 64, "dense"),

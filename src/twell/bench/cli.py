@@ -79,9 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reps", type=int, default=None, help="timed repetitions (default: the model benchmark's)"
     )
     m.add_argument(
-        "--compile",
+        "--cuda-graph",
         action="store_true",
-        help="compile the static-cache decode step (CUDA graphs: decode without host overhead)",
+        help="replay each decode step as a captured CUDA graph (decode without host overhead)",
     )
     t = sub.add_parser("train", help="a training step (forward, backward, AdamW) dense vs sparse")
     _common(t, "train-tiny")
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from .model_bench import ModelOptions, run_model_cases
 
-            opts = ModelOptions(**common, reps=args.reps, compile=getattr(args, "compile", False))
+            opts = ModelOptions(**common, reps=args.reps, cuda_graph=getattr(args, "cuda_graph", False))
             res = run_model_cases(cases, opts, bench=mode, out_dir=out_dir, console=console)
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")

@@ -5,7 +5,7 @@ per token (:func:`twell.models.make_sparse_llama_`: a constant residual channel 
 bias), dense (Hugging Face MLPs, ReLU, SDPA) against the same model after :func:`twell.sparsify_`.
 
 - model: delegates to :func:`twell.models.bench_model` (prefill ``model(ids [B, S])``; decode
-  per-step time of ``generate``), then completes the rows (environment, CUDA version, measured
+  per-step time of a static-cache greedy loop, eager or replayed as a CUDA graph), then completes the rows (environment, CUDA version, measured
   roofs) and checks them against DESIGN 7.
 - train: ``loss = CE + coeff * L1`` (the dense side computes the same L1 from the input of each
   ``down_proj``, so both sides pay for it), ``backward()``, ``AdamW.step()``, ``zero_grad``; the
@@ -49,9 +49,8 @@ class ModelOptions:
     lr: float = 1e-7  # tiny: the optimizer does its full work while the calibrated sparsity barely moves
     reps: int | None = None
     quick_roofs: bool = False
-    #: model mode: let transformers compile the static-cache decode step (CUDA graphs), which
-    #: takes host time out of decode; the compilation runs in the warm-up
-    compile: bool = False
+    #: model mode: decode steps as one captured CUDA graph each (host time out of decode)
+    cuda_graph: bool = False
 
 
 def llama_config(shape: Shape):
@@ -111,8 +110,8 @@ def _model_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
     )
     if opts.reps is not None:
         kw["reps"] = opts.reps
-    if opts.compile:
-        kw["compile"] = True
+    if opts.cuda_graph:
+        kw["cuda_graph"] = True
     if shape.name in paper:
         rows = bench_model(paper[shape.name], **kw)
     else:
@@ -120,8 +119,8 @@ def _model_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
     for r in rows:
         r["shape"] = shape.name
         r["target_active"] = float(case.actives[0])
-        if opts.compile:
-            r["variant"] = "compile"
+        if opts.cuda_graph and r["op"] == "decode":
+            r["variant"] = "cuda-graph"
     return rows
 
 

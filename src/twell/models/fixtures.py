@@ -298,16 +298,83 @@ def _prefill_fn(model, ids):
     return run
 
 
-def _generate_fn(model, ids, new_tokens: int, cache: str | None):
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if cache is not None:
-        kw["cache_implementation"] = cache
+def _decode_fn(model, ids, steps: int, cuda_graph: bool):
+    """``run()``: ``steps`` greedy decode steps of ``B`` tokens after prefilling ``ids [B, S]`` into a
+    static cache (positions ``S .. S + steps - 1``, rewritten by every call).
 
-    def run():
+    Each step is ``model(tok [B, 1], cache_position=pos)`` and an argmax into ``tok``; with
+    ``cuda_graph`` (CUDA) one step is captured once (after one eager warm-up pass on a side
+    stream) and replayed, so host time stops counting: the regime of a served model.
+    """
+    from transformers import StaticCache
+
+    B, S = ids.shape
+    dev = ids.device
+    L = S + steps + 1
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=L)
+        # all ones: the causal rule on cache_position masks the unwritten slots of the cache
+        mask = torch.ones(B, L, dtype=torch.long, device=dev)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask[:, :S],
+            past_key_values=cache,
+            cache_position=torch.arange(S, device=dev),
+            logits_to_keep=1,
+        )
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.full((1,), S, dtype=torch.long, device=dev)
+
+    def rewind():
+        # back to S written positions; newer transformers' static layers count writes in a
+        # tensor of their own instead of reading cache_position
+        pos.fill_(S)
+        for layer in getattr(cache, "layers", ()):
+            n = getattr(layer, "cumulative_length", None)
+            if isinstance(n, torch.Tensor):
+                n.fill_(S)
+            elif n is not None:
+                layer.cumulative_length = S
+
+    def step(m):
+        o = model(
+            input_ids=tok, attention_mask=m, past_key_values=cache, cache_position=pos, logits_to_keep=1
+        )
+        tok.copy_(o.logits[:, -1:].argmax(-1))
+        pos.add_(1)
+
+    def eager():
+        # eager steps pass the mask of the positions written so far: transformers then masks the
+        # rest of the static cache itself (an all-ones mask would let it skip the mask at 1 query)
         with torch.inference_mode():
-            model.generate(ids, **kw)
+            rewind()
+            for i in range(steps):
+                step(mask[:, : S + i + 1])
 
-    return run
+    eager.last = tok  # the token of the last step (tests)
+    if not (cuda_graph and dev.type == "cuda"):
+        return eager
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), torch.inference_mode():
+        eager()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode():
+        rewind()
+        with torch.cuda.graph(graph):
+            # while capturing, transformers builds the mask from cache_position (the causal rule
+            # hides the unwritten slots) without reading the mask's values
+            step(mask)
+
+    def replay():
+        with torch.inference_mode():
+            rewind()
+            for _ in range(steps):
+                graph.replay()
+
+    replay.last = tok
+    return replay
 
 
 def bench_model(
@@ -323,8 +390,7 @@ def bench_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cuda",
     providers: tuple[str, ...] = ("dense", "twell"),
-    cache_implementation: str | None = "static",
-    compile: bool = False,
+    cuda_graph: bool = False,
     warmup: int = 2,
     reps: int = 10,
     config=None,
@@ -334,18 +400,16 @@ def bench_model(
 
     The model is a random-weight Llama of the paper's ``shape`` (or ``config``) made sparse by
     :func:`make_sparse_llama_`. Prefill: ``model(ids [batch, seq])`` with ``logits_to_keep=1``,
-    ``M = batch * seq``. Decode: per step time of ``generate`` at each batch in ``decode_batches``
-    after a ``decode_context``-token prompt, ``(t(1 + decode_tokens new) - t(1 new)) / decode_tokens``,
-    ``M = batch``. With ``compile=False`` transformers' automatic compile of static-cache decoding
-    is disabled (``generation_config.disable_compile``): eager decode of a small model is bound by
-    Python and kernel-launch overhead, not by the weight reads the FFN saves. With ``compile=True``
-    (and ``cache_implementation="static"`` on CUDA) transformers compiles the decode step itself
-    (inductor, ``mode="reduce-overhead"``: CUDA graphs), which is what shows the memory-bound gain;
-    the compilation happens in the warm-up runs.
+    ``M = batch * seq``. Decode: per step time of ``decode_tokens`` greedy steps at each batch in
+    ``decode_batches`` after a ``decode_context``-token prompt, with a static KV cache, ``M = batch``
+    (the model's own forward in a loop, not ``generate``, whose per-call set-up would count). Eager
+    decode of a small model is bound by Python and kernel-launch overhead, not by the weight reads
+    the FFN saves; with ``cuda_graph=True`` (CUDA) each step is one captured CUDA graph replayed,
+    which takes host time out and shows the GPU-side gain.
 
     Returns:
         One dict per (op, batch, provider) in the benchmark row schema (DESIGN section 7), with
-        extra fields ``layers``, ``batch``, ``seq``, ``context``, ``cache``, ``compile``,
+        extra fields ``layers``, ``batch``, ``seq``, ``context``, ``cache``, ``cuda_graph``,
         ``active_per_layer``.
     """
     from transformers import LlamaForCausalLM
@@ -361,7 +425,6 @@ def bench_model(
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype).eval()
-    model.generation_config.disable_compile = not compile
     make_sparse_llama_(model, active_per_token, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     V = cfg.vocab_size
@@ -389,11 +452,8 @@ def bench_model(
                 ts = _time(_prefill_fn(model, ids), device, warmup, reps)
                 M = b * s
             else:
-                full = _time(
-                    _generate_fn(model, ids, decode_tokens + 1, cache_implementation), device, warmup, reps
-                )
-                first = _time(_generate_fn(model, ids, 1, cache_implementation), device, warmup, reps)
-                ts = [max(f - p, 0.0) / decode_tokens for f, p in zip(sorted(full), sorted(first))]
+                run = _decode_fn(model, ids, decode_tokens, cuda_graph)
+                ts = [t / decode_tokens for t in _time(run, device, warmup, reps)]
                 M = b
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
             ms, p20, p80 = _quantiles(ts)
@@ -418,8 +478,8 @@ def bench_model(
                 batch=b,
                 seq=s if op == "prefill" else 1,
                 context=0 if op == "prefill" else s,
-                cache=cache_implementation if op == "decode" else None,
-                compile=compile,
+                cache="static" if op == "decode" else None,
+                cuda_graph=cuda_graph and op == "decode",
                 active_per_layer=measured,
                 **env,
             )
