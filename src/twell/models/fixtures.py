@@ -454,6 +454,9 @@ def bench_model(
             else:
                 run = _decode_fn(model, ids, decode_tokens, cuda_graph)
                 ts = [t / decode_tokens for t in _time(run, device, warmup, reps)]
+                # the static cache and the graph's pool go now: kept until the next decode case,
+                # they counted in the peak memory of the cases between
+                del run
                 M = b
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
             ms, p20, p80 = _quantiles(ts)
