@@ -81,10 +81,7 @@ DECODE_VARIANTS = [
 
 
 #: M = 1 only: the single-launch decode kernel
-M1_VARIANTS = [
-    ("decode:fused", {"decode_fused": True}),
-    ("decode:fused256", {"decode_fused": True, "decode_fused_units": 256}),
-]
+M1_VARIANTS = []
 
 
 def decode_sweep(shape, Ms, a, dtype, reps, env, rows):

@@ -179,19 +179,6 @@ def test_decode_batches_and_split_plans(kdevice, poison, M, sub, partial_mib):
         _check(x, wg, wu, wd, 64, 8, "decode")
 
 
-@pytest.mark.parametrize("active", [0, 5, 300])
-@pytest.mark.parametrize("units", [16, 64])
-def test_decode_fused_single_launch(kdevice, poison, active, units):
-    # M = 1 in one launch: ranges of `units` units (several ranges, a partial last one), the last
-    # program of each range runs its down projection, the last range sums the partials
-    x, wg, wu, wd = make_sparse_ffn(1, 48, 300, active, device=kdevice, seed=active + units)
-    with override("infer", decode_fused=True, decode_fused_units=units, decode_down_bk_gemv=16):
-        _check(x, wg, wu, wd, 64, 8, "decode")
-        x[0, 9] = float("nan")
-        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
-    assert torch.isnan(y).all()
-
-
 def test_decode_compile_failure_falls_back_to_dense(kdevice, monkeypatch):
     # a decode kernel that does not compile on some install: warned once, the dense path answers
     from triton.compiler.errors import CompilationError

@@ -164,33 +164,3 @@ def test_sparse_ffn_uses_kernels():
         y, st = twell.sparse_ffn(x.view(8, 8, K), wg, wu, wd, return_stats=True)
     y32, _, y_t = _ref(x, wg, wu, wd)
     assert_close(y.view(64, K).float(), y32, name="y", dtype=torch.bfloat16, baseline=y_t.float())
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", ["paper", "llama3-8b"])
-@pytest.mark.parametrize("units", [512, 256])
-def test_decode_fused_single_launch_gpu(dtype, shape, units):
-    # M = 1 in one launch (InferConfig.decode_fused): repeated calls (tickets restart at zero),
-    # a fully active token (every tile overflows) and a NaN token
-    import warnings
-
-    from twell.ops import ffn_infer as fi
-    from twell.ops.configs import override
-
-    K, N = SHAPES[shape]
-    x, wg, wu, wd = _inputs(1, K, N, 30, dtype, seed=7)
-    dense_x = x.clone()
-    dense_x[0, 0] = -20.0
-    with override("infer", decode_fused=True, decode_fused_units=units), warnings.catch_warnings():
-        warnings.simplefilter("error")  # a compile failure would fall back to dense with a warning
-        for xi in (x, x, dense_x):
-            y32, sr, y_t = _ref(xi, wg, wu, wd)
-            y, st = ffn_infer(xi, wg, wu, wd, path="decode")
-            assert_close(y.float(), y32, name=f"y[fused, {shape}]", dtype=dtype, baseline=y_t.float())
-            assert int(st.overflow_rows) == int(sr.overflow_rows)
-            assert abs(float(st.l0) - float(sr.l0)) <= 0.01 * float(sr.l0) + 0.05
-        x_nan = x.clone()
-        x_nan[0, 5] = float("nan")
-        y, _ = ffn_infer(x_nan, wg, wu, wd, path="decode")
-    assert torch.isnan(y).all()
-    assert "decode" not in fi._BROKEN

@@ -71,11 +71,6 @@ class InferConfig:
     decode_down_warps: int = 8
     #: fp32 partial sums of the split down projection are kept under this many MiB
     decode_partial_mib: int = 16
-    #: M = 1 in one launch (``_decode_fused_kernel``: the last gate-up program of each range of
-    #: ``decode_fused_units`` units runs that range's down projection). Off until measured on a
-    #: GPU: it removes a launch (host time) and the gap between the two kernels
-    decode_fused: bool = False
-    decode_fused_units: int = 512
     #: prefill: active units per token above which the dense path (3 cuBLAS GEMMs) is faster.
     #: Measured: up/down costs 1.20-1.24 ns per (token x active unit) and gate_pack 1.15-1.3x the
     #: cuBLAS gate GEMM, so sparse breaks even at ~55 (M = 2048 and 16384); at 99 active it ran

@@ -435,8 +435,7 @@ def _down_range(
     DOT_PREC: tl.constexpr,
 ):
     # sum over the units n in [n_lo, n_hi) that some token activates of h[:, n] W_down^T[n, o_k]
-    # -> [BM, BKD] fp32. nact and h are read past L1 (.cg): in the fused kernel other programs
-    # wrote them during this launch
+    # -> [BM, BKD] fp32
     o_r = tl.arange(0, SUB)
     o_c = tl.arange(0, CH)
     acc = tl.zeros((BM, BKD), dtype=tl.float32)
@@ -563,75 +562,6 @@ def _decode_down_kernel(
                 _sum_partials(
                     part_ptr, y_ptr, i_m, o_k, m_out, M, K, stride_ym, NSPLIT, OUT_DTYPE, BM, BKD, NSPLIT
                 )
-
-
-@triton.jit
-def _decode_fused_kernel(
-    x_ptr,
-    wg_ptr,
-    wu_ptr,
-    wdt_ptr,
-    h_ptr,
-    bcnt_ptr,
-    bl1_ptr,
-    nact_ptr,
-    y_ptr,
-    part_ptr,
-    sem_ptr,
-    l0_ptr,
-    l1_ptr,
-    over_ptr,
-    N,
-    K,
-    NB,
-    NT,
-    NR,
-    PPR,
-    stride_xk,
-    OUT_DTYPE: tl.constexpr,
-    BITS_DTYPE: tl.constexpr,
-    INF_BITS: tl.constexpr,
-    MAG_MASK: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    BKD: tl.constexpr,
-    CH: tl.constexpr,
-    SUB: tl.constexpr,
-    S: tl.constexpr,
-    BPT: tl.constexpr,
-    TCH: tl.constexpr,
-):
-    # M = 1 in one launch: every program runs decode stage 1 for its BN units; the last program to
-    # finish a range of PPR programs (PPR * BN units; ticket sem[r]) runs that range's down
-    # projection over all of K into an fp32 partial; the last range (ticket sem[NR]) sums the
-    # partials into y and reduces the statistics. sem must be zero at launch.
-    pid = tl.program_id(0)
-    i_m = tl.arange(0, 1)
-    m_m = i_m < 1
-    _gate_up_block(
-        x_ptr, wg_ptr, wu_ptr, h_ptr, bcnt_ptr, bl1_ptr, nact_ptr, pid, 1, N, K, NB, 0, stride_xk,
-        OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, 1, BN, BK, False, "ieee",
-    )  # fmt: skip
-    tl.debug_barrier()
-    r = pid // PPR
-    in_range = tl.minimum(PPR, NB - r * PPR)
-    if tl.atomic_add(sem_ptr + r, 1, sem="acq_rel", scope="gpu") == in_range - 1:
-        n_lo = r * PPR * BN
-        n_hi = tl.minimum(N, n_lo + PPR * BN)
-        for k0 in range(0, K, BKD):
-            o_k = k0 + tl.arange(0, BKD)
-            m_k = o_k < K
-            acc = _down_range(
-                h_ptr, wdt_ptr, nact_ptr, n_lo, n_hi, o_k, m_k, i_m, m_m, N, K, 1, BKD, CH, SUB, False, "ieee"
-            )  # fmt: skip
-            tl.store(part_ptr + r * K + o_k[None, :], acc, mask=m_m[:, None] & m_k[None, :])
-        tl.debug_barrier()
-        if tl.atomic_add(sem_ptr + NR, 1, sem="acq_rel", scope="gpu") == NR - 1:
-            for k0 in range(0, K, BKD):
-                o_k = k0 + tl.arange(0, BKD)
-                m_out = m_m[:, None] & (o_k < K)[None, :]
-                _sum_partials(part_ptr, y_ptr, i_m, o_k, m_out, 1, K, 0, NR, OUT_DTYPE, 1, BKD, 0)
-            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, 1, NB, NT, S, BPT, TCH, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,39 +691,8 @@ def _stats_tch(NT: int, bpt: int, M: int) -> int:
     return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
 
 
-def _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg):
-    # M = 1 in one launch; see _decode_fused_kernel
-    K = x.shape[1]
-    N = w_gate.shape[0]
-    NT = _cdiv(N, tile)
-    dev = x.device
-    out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
-    p = _decode_plan(1, K, N, cfg)
-    bn = min(p["bn"], tile)
-    NB = _cdiv(N, bn)
-    ppr = max(1, cfg.decode_fused_units // bn)
-    NR = _cdiv(NB, ppr)
-    h, bcnt, bl1, nact = _stage1_buffers(1, N, NB, x.dtype, dev)
-    part = _alloc.empty((NR, K), dtype=torch.float32, device=dev)
-    sem = torch.zeros((NR + 1,), dtype=torch.int32, device=dev)  # tickets start at 0
-    y = _alloc.empty((1, K), dtype=x.dtype, device=dev)
-    l0, l1, over = _stats_bufs(dev)
-    bpt = tile // bn
-    _decode_fused_kernel[(NB,)](
-        x, w_gate, w_up, down_t(w_down), h, bcnt, bl1, nact, y, part, sem, l0, l1, over,
-        N, K, NB, NT, NR, ppr, x.stride(1),
-        OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag, BN=bn,
-        BK=p["bk"], BKD=p["bkd"], CH=cfg.decode_down_chunk,
-        SUB=_p2(ppr * bn), S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, 1), num_warps=8,
-    )  # fmt: skip
-    ucounts = nact.to(torch.int64) if unit_counts else None
-    return y, l0, l1, over, ucounts
-
-
 def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     cfg = get_config("infer")
-    if x.shape[0] == 1 and cfg.decode_fused:
-        return _decode_fused(x, w_gate, w_up, w_down, tile, slots, unit_counts, cfg)
     M, K = x.shape
     N = w_gate.shape[0]
     NT = _cdiv(N, tile)
