@@ -12,7 +12,7 @@ import torch
 from twell.ops.configs import override
 from twell.ops.ffn_infer import choose_path, down_t, ffn_infer
 from twell.ops.ffn_ref import sparse_ffn_ref
-from twell.testing import assert_close, make_sparse_ffn
+from twell.testing import assert_close, make_sparse_ffn, poison_allocations
 
 SPARSE_PATHS = ["prefill", "decode", "dense"]
 
@@ -177,6 +177,23 @@ def test_decode_batches_and_split_plans(kdevice, poison, M, sub, partial_mib):
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
     with override("infer", decode_down_sub=sub, decode_partial_mib=partial_mib, decode_down_chunk=16):
         _check(x, wg, wu, wd, 64, 8, "decode")
+
+
+def test_decode_scratch_reused_between_calls(kdevice):
+    # without poisoning, eager decode calls of one shape reuse one scratch set; a call with other
+    # inputs (a fully active token, then a sparse batch again) still matches the reference
+    from twell.ops import ffn_infer as fi
+
+    x, wg, wu, wd = make_sparse_ffn(3, 48, 300, 6, device=kdevice, seed=5)
+    dense_x = x.clone()
+    dense_x[1, 0] = -30.0
+    fi._SCRATCH.clear()
+    for xi in (x, dense_x, x):
+        _check(xi, wg, wu, wd, 64, 8, "decode")
+    assert len(fi._SCRATCH) == 1
+    with poison_allocations():  # poisoned calls allocate afresh
+        _check(x, wg, wu, wd, 64, 8, "decode")
+    assert len(fi._SCRATCH) == 1
 
 
 def test_decode_compile_failure_falls_back_to_dense(kdevice, monkeypatch):

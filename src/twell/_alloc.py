@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["empty", "INT_POISON"]
+__all__ = ["empty", "poisoning", "INT_POISON"]
 
 #: value written into integer outputs while poisoning is on
 INT_POISON = -0x5A5A5A5
 
 _state = {"poison": False}
+
+
+def poisoning() -> bool:
+    """True while tests poison allocations (then ops should not reuse buffers between calls)."""
+    return _state["poison"]
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

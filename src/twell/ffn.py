@@ -37,9 +37,8 @@ def _kernel_path(x2, w_gate, w_up, w_down, tile, slots, unit_counts, return_stat
         return _ffn_train.ffn_train(x2, w_gate, w_up, w_down, tile=tile, slots=slots, unit_counts=unit_counts)
     if _ffn_infer is None:
         return None
-    return _ffn_infer.ffn_infer(
-        x2, w_gate, w_up, w_down, tile=tile, slots=slots, return_stats=return_stats, unit_counts=unit_counts
-    )
+    # sparse_ffn has checked the arguments (x2 is 2-D, N within the column limit)
+    return _ffn_infer.ffn_infer_checked(x2, w_gate, w_up, w_down, tile, slots, return_stats, unit_counts)
 
 
 def sparse_ffn(

@@ -82,6 +82,9 @@ class InferConfig:
     decode_dense_union: float = 0.12
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
+    #: once a weight has an estimate, one call in this many measures its density for the dispatcher
+    #: (a pinned device-to-host copy and an event per measurement: host time)
+    density_every: int = 8
 
 
 _STATE = {"gate": GateConfig(), "infer": InferConfig()}

@@ -56,7 +56,7 @@ from .configs import get_config
 from .ffn_ref import sparse_ffn_ref
 from .gate_pack import _dtype_consts, launch_gate_pack
 
-__all__ = ["ffn_infer", "ffn_infer_ref", "down_t", "PATHS", "choose_path"]
+__all__ = ["ffn_infer", "ffn_infer_checked", "ffn_infer_ref", "down_t", "PATHS", "choose_path"]
 
 #: accepted values of ``path``
 PATHS = ("auto", "prefill", "decode", "dense", "reference")
@@ -607,6 +607,7 @@ def down_t(w_down: torch.Tensor) -> torch.Tensor:
 
 
 def _stats_bufs(device):
+    # three allocations, not views of one: outputs of the custom op may not alias each other
     l0 = _alloc.empty((), dtype=torch.float32, device=device)
     l1 = _alloc.empty((), dtype=torch.float32, device=device)
     over = _alloc.empty((), dtype=torch.int64, device=device)
@@ -676,14 +677,40 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     }
 
 
-def _stage1_buffers(M: int, N: int, NB: int, dtype, dev):
-    """Scratch of decode stage 1: h [M, N], per-(token, unit block) counts and l1, per-unit counts."""
-    return (
+#: decode scratch kept between eager calls, per (device, stream, shape): see _decode_scratch
+_SCRATCH: dict[tuple, tuple] = {}
+
+
+def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev):
+    """Scratch of the two decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
+    counts, the K-block tickets and the fp32 partials of the split down projection (or None).
+
+    Every element is written by the kernels before it is read, so eager calls reuse one set per
+    (device, stream, shape): calls on one stream are ordered, and reuse saves six allocations
+    (host time) per call. Fresh buffers while a CUDA graph is captured (the graph keeps them) and
+    while tests poison allocations (so a missed write still shows).
+    """
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = None
+    if not capturing and not _alloc.poisoning():
+        stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+        key = (dev, stream, dtype, M, N, NB, KC, nsplit, K)
+        hit = _SCRATCH.get(key)
+        if hit is not None:
+            return hit
+    bufs = (
         _alloc.empty((M, N), dtype=dtype, device=dev),
         _alloc.empty((M, NB), dtype=torch.int32, device=dev),
         _alloc.empty((M, NB), dtype=torch.float32, device=dev),
         _alloc.empty((N,), dtype=torch.int32, device=dev),
+        _alloc.empty((KC,), dtype=torch.int32, device=dev),
+        _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else None,
     )
+    if key is not None:
+        if len(_SCRATCH) >= 64:  # many shapes (varying batch sizes): keep the newest only
+            _SCRATCH.pop(next(iter(_SCRATCH)))
+        _SCRATCH[key] = bufs
+    return bufs
 
 
 def _stats_tch(NT: int, bpt: int, M: int) -> int:
@@ -703,8 +730,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
-    h, bcnt, bl1, nact = _stage1_buffers(M, N, NB, x.dtype, dev)
-    sem = _alloc.empty((KC,), dtype=torch.int32, device=dev)
+    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev)
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -735,7 +761,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         num_stages=cfg.decode_stages,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    part = _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else y
+    part = y if part is None else part
     l0, l1, over = _stats_bufs(dev)
     bpt = tile // bn
     _decode_down_kernel[(KC * nsplit + 1,)](
@@ -821,6 +847,7 @@ class _Density:
     est: float | None = None
     pinned: torch.Tensor | None = None
     event: object = None
+    calls: int = 0
 
 
 _DENSITY: dict[int, _Density] = {}
@@ -846,9 +873,13 @@ def _poll(d: _Density) -> None:
 
 
 def _record(d: _Density, l0: torch.Tensor) -> None:
-    if d.event is not None or not l0.is_cuda:
-        if not l0.is_cuda:
-            d.est = float(l0)  # CPU (interpreter): values are ready
+    if not l0.is_cuda:
+        d.est = float(l0)  # CPU (interpreter): values are ready
+        return
+    d.calls += 1
+    # once there is an estimate, one call in density_every measures (the copy and the event cost
+    # host time on every call otherwise); none while the last measurement is in flight
+    if d.event is not None or (d.est is not None and d.calls % get_config("infer").density_every):
         return
     if d.pinned is None:
         d.pinned = torch.empty((), dtype=torch.float32, pin_memory=True)
@@ -1023,10 +1054,15 @@ def ffn_infer(
         raise ValueError(f"w_gate: N={N} exceeds the TwELL limit of {MAX_COLUMNS} units")
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    dt = x.dtype
+    return ffn_infer_checked(x, w_gate, w_up, w_down, tile, slots, return_stats, unit_counts, path)
+
+
+def ffn_infer_checked(x, w_gate, w_up, w_down, tile, slots, return_stats, unit_counts, path="auto"):
+    """:func:`ffn_infer` without its argument checks, for callers that made them already
+    (``twell.sparse_ffn``): on a host-bound eager forward every check costs time."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-    x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
+        x, w_gate, w_up, w_down = (t.to(dt) for t in (x, w_gate, w_up, w_down))
     args = (x, w_gate, w_up, w_down, tile, slots, unit_counts, path, return_stats or unit_counts)
     with torch.no_grad():
         if _plain_eager(x, w_gate, w_up, w_down):
@@ -1034,8 +1070,6 @@ def ffn_infer(
             # H100 machine (torch 2.11), 3-4x the whole dense FFN's launch cost, which made
             # host-bound model forwards slower than dense; the op stays for torch.compile/fake
             y, l0, l1, over, uc = _run(*args)
-            if uc is None:
-                uc = x.new_zeros((0,), dtype=torch.int64)
         else:
             y, l0, l1, over, uc = _ffn_infer_op(*args)
     if not return_stats:
