@@ -192,6 +192,32 @@ def test_bench_model_rows_on_cpu():
         bench_model(config=cfg, providers=("cublas",), device="cpu")
 
 
+def test_bench_model_energy_per_token_from_a_meter():
+    # with an energy meter, each case runs extra calls between two counter reads; the row divides
+    # the energy per call by the tokens of a call (prompt tokens / generated tokens)
+    class Meter:
+        source = "test"
+
+        def __init__(self):
+            self.mj = 0
+
+        def read_mj(self):
+            self.mj += 1000
+            return self.mj
+
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=512, num_hidden_layers=2)
+    kw = dict(config=cfg, batch=2, seq=16, decode_batches=(1,), decode_context=8, decode_tokens=2)
+    rows = bench_model(
+        **kw, active_per_token=10, dtype=torch.float32, device="cpu", warmup=0, reps=1,
+        energy_meter=Meter(), energy_s=1e-6,
+    )  # fmt: skip
+    for r in rows:
+        # one call per measurement (1 us is shorter than any call): 1000 mJ per call
+        tokens = 2 * 16 if r["op"] == "prefill" else 1 * 2
+        assert r["energy_mj_per_token"] == pytest.approx(1000 / tokens), r["op"]
+    assert all(r["energy_mj_per_token"] is None for r in bench_model(**kw, device="cpu", warmup=0, reps=1))
+
+
 def test_model_bound_paper_shapes():
     cfg = paper_config("2b")
     b = model_bound(cfg, "prefill", 16, 2048, 30)

@@ -120,12 +120,13 @@ def measure_energy(
     device = torch.device(device)
     calls = max(len(fns), int(seconds * 1e3 / max(call_ms, 1e-3)))
     calls = -(-calls // len(fns)) * len(fns)
-    torch.cuda.synchronize(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda _d: None
+    sync(device)
     e0 = meter.read_mj()
     t0 = time.perf_counter()
     for i in range(calls):
         fns[i % len(fns)]()
-    torch.cuda.synchronize(device)
+    sync(device)
     dt = time.perf_counter() - t0
     e1 = meter.read_mj()
     mj = float(e1 - e0)

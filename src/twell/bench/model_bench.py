@@ -112,6 +112,9 @@ def _model_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
         kw["reps"] = opts.reps
     if opts.cuda_graph:
         kw["cuda_graph"] = True
+    if opts.energy:
+        kw["energy_meter"] = open_meter(device)[0]
+        kw["energy_s"] = opts.energy_s
     if shape.name in paper:
         rows = bench_model(paper[shape.name], **kw)
     else:

@@ -391,6 +391,8 @@ def bench_model(
     device: str = "cuda",
     providers: tuple[str, ...] = ("dense", "twell"),
     cuda_graph: bool = False,
+    energy_meter=None,
+    energy_s: float = 1.0,
     warmup: int = 2,
     reps: int = 10,
     config=None,
@@ -405,7 +407,9 @@ def bench_model(
     (the model's own forward in a loop, not ``generate``, whose per-call set-up would count). Eager
     decode of a small model is bound by Python and kernel-launch overhead, not by the weight reads
     the FFN saves; with ``cuda_graph=True`` (CUDA) each step is one captured CUDA graph replayed,
-    which takes host time out and shows the GPU-side gain.
+    which takes host time out and shows the GPU-side gain. With ``energy_meter`` (a
+    :class:`twell.bench.energy.EnergyMeter`) each case also runs about ``energy_s`` seconds of calls
+    for ``energy_mj_per_token`` (prefill: per prompt token; decode: per generated token).
 
     Returns:
         One dict per (op, batch, provider) in the benchmark row schema (DESIGN section 7), with
@@ -449,16 +453,25 @@ def bench_model(
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(device)
             if op == "prefill":
-                ts = _time(_prefill_fn(model, ids), device, warmup, reps)
-                M = b * s
+                run = _prefill_fn(model, ids)
+                calls = _time(run, device, warmup, reps)
+                ts, M, tokens = calls, b * s, b * s
             else:
                 run = _decode_fn(model, ids, decode_tokens, cuda_graph)
-                ts = [t / decode_tokens for t in _time(run, device, warmup, reps)]
-                # the static cache and the graph's pool go now: kept until the next decode case,
-                # they counted in the peak memory of the cases between
-                del run
-                M = b
+                calls = _time(run, device, warmup, reps)
+                ts, M, tokens = [t / decode_tokens for t in calls], b, b * decode_tokens
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
+            energy = None
+            if energy_meter is not None:
+                from ..bench.energy import measure_energy
+
+                e = measure_energy(
+                    energy_meter, [run], device, call_ms=_quantiles(calls)[0], seconds=energy_s
+                )
+                energy = e["mj_per_call"] / tokens
+            # the static cache and the graph's pool go now: kept until the next decode case, they
+            # counted in the peak memory of the cases between
+            del run
             ms, p20, p80 = _quantiles(ts)
             results[(op, b, provider)] = dict(
                 bench="model",
@@ -476,7 +489,7 @@ def bench_model(
                 ms_p80=p80,
                 tokens_per_ms=M / ms if ms > 0 else float("inf"),
                 peak_mem_mib=peak,
-                energy_mj_per_token=None,
+                energy_mj_per_token=energy,
                 layers=cfg.num_hidden_layers,
                 batch=b,
                 seq=s if op == "prefill" else 1,
