@@ -38,6 +38,7 @@ capture works (under capture the decision is frozen).
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -686,15 +687,16 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
     counts, the K-block tickets and the fp32 partials of the split down projection (or None).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
-    (device, stream, shape): calls on one stream are ordered, and reuse saves six allocations
-    (host time) per call. Fresh buffers while a CUDA graph is captured (the graph keeps them) and
+    (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
+    six allocations (host time) per call. Two threads on one stream get separate sets (their
+    launches interleave). Fresh buffers while a CUDA graph is captured (the graph keeps them) and
     while tests poison allocations (so a missed write still shows).
     """
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = None
     if not capturing and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (dev, stream, dtype, M, N, NB, KC, nsplit, K)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -707,8 +709,8 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
         _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else None,
     )
     if key is not None:
-        if len(_SCRATCH) >= 64:  # many shapes (varying batch sizes): keep the newest only
-            _SCRATCH.pop(next(iter(_SCRATCH)))
+        if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
+            _SCRATCH.pop(next(iter(_SCRATCH)), None)
         _SCRATCH[key] = bufs
     return bufs
 
