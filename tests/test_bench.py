@@ -315,6 +315,26 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert not list(tmp_path.glob("*.jsonl"))
 
 
+def test_report_keeps_model_decode_variants_apart(tmp_path):
+    # eager decode and decode replayed as a CUDA graph are two measurements of the same case
+    rows = []
+    for variant, ms in ((None, 2.0), ("cuda-graph", 1.0)):
+        for prov in ("dense", "twell"):
+            rows.append(
+                dict(
+                    _good_row(), bench="model", op="decode", shape="s", K=8, N=16, M=1,
+                    active_per_token=2.0, pattern="iid", provider=prov, variant=variant,
+                    ms=ms, speedup_vs_dense=1.0, bound=1.5, achieved_over_bound=0.67, gpu="TestGPU",
+                )
+            )  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert len(latest_rows(load_rows([tmp_path]))) == 4
+    out = tmp_path / "R.md"
+    render_report([tmp_path], out)
+    text = out.read_text()
+    assert "### model / decode / s" in text and "### model / decode-cuda-graph / s" in text
+
+
 def test_report_keeps_latest_and_draws_energy_and_memory_bars(tmp_path):
     base = _good_row()
     rows = []

@@ -26,7 +26,10 @@ _OP_ALIASES = {
 def _common(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=default_preset, help=f"registered preset (default {default_preset})")
     p.add_argument(
-        "--shape", nargs="+", default=None, help="registered shape(s) or KxN; replaces the preset's shapes"
+        "--shape",
+        nargs="+",
+        default=None,
+        help="registered shape(s) or KxN; replaces the preset's shapes (its M, active units, batch and seq stay)",
     )
     p.add_argument("--M", nargs="+", type=int, default=None, help="tokens per call (kernels) / total tokens")
     p.add_argument("--active", nargs="+", type=float, default=None, help="target active units per token")

@@ -133,11 +133,19 @@ def print_table(rows: Sequence[dict], console=None, title: str | None = None) ->
         console.print("* twell ran its torch reference path (no kernel for this device/op in this install)")
 
 
+def _op(r: dict) -> str:
+    """The op a row is reported under: model rows keep their timing variant apart (decode replayed
+    as a CUDA graph is another measurement than eager decode)."""
+    if r.get("bench") == "model" and r.get("variant"):
+        return f"{r.get('op')}-{r['variant']}"
+    return r.get("op")
+
+
 def _key(r: dict) -> tuple:
     return (
         r.get("gpu"),
         r.get("bench"),
-        r.get("op"),
+        _op(r),
         r.get("shape"),
         r.get("M"),
         r.get("pattern"),
@@ -160,7 +168,7 @@ def latest_rows(rows: Iterable[dict]) -> list[dict]:
 def _groups(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
     g = defaultdict(list)
     for r in rows:
-        g[(r.get("gpu"), r.get("bench"), r.get("op"), r.get("shape"))].append(r)
+        g[(r.get("gpu"), r.get("bench"), _op(r), r.get("shape"))].append(r)
     return dict(sorted(g.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
 
 
@@ -344,9 +352,11 @@ def render_report(
     if not rows:
         lines.append("No benchmark rows found.")
     lines += [
-        "Rows come from `twell bench` (JSON lines, DESIGN section 7). `ms` is device time (CUDA: calls queued "
-        "behind a GPU sleep, weights rotated over 4 layer sets so no call finds its weights in L2; CPU: wall "
-        "time), `eager ms` is back-to-back calls from Python, `bound` is the roofline speedup limit at the "
+        "Rows come from `twell bench` (JSON lines, DESIGN section 7). Kernel rows: `ms` is device time (CUDA: "
+        "calls queued behind a GPU sleep, weights rotated over 4 layer sets so no call finds its weights in L2; "
+        "CPU: wall time), `eager ms` is back-to-back calls from Python. Model rows: ms per forward (prefill, "
+        "eager) or per decode step (eager, or replayed as a CUDA graph where the row's variant is "
+        "`cuda-graph`); train rows: ms per optimizer step. `bound` is the roofline speedup limit at the "
         "measured roofs, active units and union density u(M) (DESIGN 5), `ach/bound` = speedup / bound. "
         "`*`: twell ran its torch reference path; `(prefill)`/`(decode)`/`(dense)`: the path twell's "
         "dispatcher picked for that call.",
