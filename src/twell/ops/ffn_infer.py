@@ -270,7 +270,7 @@ def _tokens_dot_rows(
 
 
 @triton.jit
-def _gate_up_block(
+def _decode_gate_up_kernel(
     x_ptr,
     wg_ptr,
     wu_ptr,
@@ -278,11 +278,12 @@ def _gate_up_block(
     bcnt_ptr,
     bl1_ptr,
     nact_ptr,
-    pid,
+    sem_ptr,
     M,
     N,
     K,
     NB,
+    KC,
     stride_xm,
     stride_xk,
     OUT_DTYPE: tl.constexpr,
@@ -294,7 +295,13 @@ def _gate_up_block(
     BK: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KC_P2: tl.constexpr,
 ):
+    pid = tl.program_id(0)
+    if pid == 0:
+        # tickets of the down kernel's split reduction start at 0 on every call
+        o_s = tl.arange(0, KC_P2)
+        tl.store(sem_ptr + o_s, tl.zeros((KC_P2,), dtype=tl.int32), mask=o_s < KC)
     # decode stage 1 for units [pid * BN, (pid + 1) * BN): gate of every token, then W_up rows
     # only of units some token activates; writes h, per-(token, block) statistics and the number
     # of tokens activating each unit (the down stage's list of units to read, and unit_counts)
@@ -332,45 +339,6 @@ def _gate_up_block(
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
-
-
-@triton.jit
-def _decode_gate_up_kernel(
-    x_ptr,
-    wg_ptr,
-    wu_ptr,
-    h_ptr,
-    bcnt_ptr,
-    bl1_ptr,
-    nact_ptr,
-    sem_ptr,
-    M,
-    N,
-    K,
-    NB,
-    KC,
-    stride_xm,
-    stride_xk,
-    OUT_DTYPE: tl.constexpr,
-    BITS_DTYPE: tl.constexpr,
-    INF_BITS: tl.constexpr,
-    MAG_MASK: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    KC_P2: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if pid == 0:
-        # tickets of the down kernel's split reduction start at 0 on every call
-        o_s = tl.arange(0, KC_P2)
-        tl.store(sem_ptr + o_s, tl.zeros((KC_P2,), dtype=tl.int32), mask=o_s < KC)
-    _gate_up_block(
-        x_ptr, wg_ptr, wu_ptr, h_ptr, bcnt_ptr, bl1_ptr, nact_ptr, pid, M, N, K, NB, stride_xm, stride_xk,
-        OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, USE_DOT, DOT_PREC,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -483,23 +451,17 @@ def _sum_partials(
     M,
     K,
     stride_ym,
-    n_split,
     OUT_DTYPE: tl.constexpr,
     BM: tl.constexpr,
     BKD: tl.constexpr,
-    UNROLL: tl.constexpr,
+    NSPLIT: tl.constexpr,
 ):
-    # y[:, o_k] = the n_split fp32 partial slabs [M, K] summed in a fixed order (deterministic).
-    # UNROLL > 0: n_split == UNROLL, unrolled so the loads are in flight together (a rolled loop
-    # was a chain of round trips); 0: a rolled loop over n_split
+    # y[:, o_k] = the NSPLIT fp32 partial slabs [M, K] summed in a fixed order (deterministic),
+    # unrolled so the loads are in flight together (a rolled loop was a chain of round trips)
     tot = tl.zeros((BM, BKD), dtype=tl.float32)
     p = part_ptr + i_m[:, None] * K + o_k[None, :]
-    if UNROLL > 0:
-        for s in tl.static_range(UNROLL):
-            tot += tl.load(p + s * M * K, mask=m_out, other=0.0, cache_modifier=".cg")
-    else:
-        for s in range(n_split):
-            tot += tl.load(p + s * M * K, mask=m_out, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(NSPLIT):
+        tot += tl.load(p + s * M * K, mask=m_out, other=0.0, cache_modifier=".cg")
     tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], tot.to(OUT_DTYPE), mask=m_out)
 
 
@@ -560,9 +522,7 @@ def _decode_down_kernel(
             ticket = tl.atomic_add(sem_ptr + i_kc, 1, sem="acq_rel", scope="gpu")
             if ticket == NSPLIT - 1:
                 # last split of this K block: sum the partials
-                _sum_partials(
-                    part_ptr, y_ptr, i_m, o_k, m_out, M, K, stride_ym, NSPLIT, OUT_DTYPE, BM, BKD, NSPLIT
-                )
+                _sum_partials(part_ptr, y_ptr, i_m, o_k, m_out, M, K, stride_ym, OUT_DTYPE, BM, BKD, NSPLIT)
 
 
 # ---------------------------------------------------------------------------------------------
