@@ -642,19 +642,19 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
 _SCRATCH: dict[tuple, tuple] = {}
 
 
-def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev):
+def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool):
     """Scratch of the two decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
     counts, the K-block tickets and the fp32 partials of the split down projection (or None).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
     six allocations (host time) per call. Two threads on one stream get separate sets (their
-    launches interleave). Fresh buffers while a CUDA graph is captured (the graph keeps them) and
-    while tests poison allocations (so a missed write still shows).
+    launches interleave). Fresh buffers with ``reuse=False`` (the caller passes it while a CUDA
+    graph is captured: the graph keeps them) and while tests poison allocations (so a missed
+    write still shows).
     """
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = None
-    if not capturing and not _alloc.poisoning():
+    if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
         key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K)
         hit = _SCRATCH.get(key)
@@ -680,7 +680,7 @@ def _stats_tch(NT: int, bpt: int, M: int) -> int:
     return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
 
 
-def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     cfg = get_config("infer")
     M, K = x.shape
     N = w_gate.shape[0]
@@ -692,7 +692,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
-    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev)
+    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse)
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -921,7 +921,8 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
         out = _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     elif path == "decode":
         try:
-            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts)
+            # scratch reused between calls, except into a graph being captured
+            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=not capturing)
         except CompilationError as e:
             # the decode kernels do not compile on this install: say so once, run dense from now on
             _BROKEN["decode"] = repr(e)[:500]
