@@ -6,12 +6,12 @@ Usage on a CUDA machine: ``PYTHONPATH=src python benchmarks/dev_overlap.py out.j
 """
 
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from twell.bench.timing import time_calls
 from twell.ops import ffn_infer as fi
 from twell.ops import gate_pack as gp
 from twell.testing import make_sparse_ffn
@@ -45,21 +45,9 @@ def run_chunked(x, wg, wu, wd, chunk, side=None):
     return y
 
 
-def dev_ms(fn, reps=20):
+def dev_ms(fn):
     """Median device time of ``fn`` queued behind a GPU sleep (host launch cost not counted)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(5e7))
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return time_calls([fn], "cuda", methods=("queued",))["queued"].ms
 
 
 def main(out):
