@@ -141,3 +141,41 @@ def test_gate_pack_bad_input():
         gate_pack(x.long(), w)
     with pytest.raises(ValueError, match="backend"):
         gate_pack(x, w, backend="cuda")
+
+
+def _bitmask_ref(act: torch.Tensor) -> torch.Tensor:
+    """bool [M, N] -> int32 [M, ceil(N / 32)], bit n % 32 of word n // 32."""
+    M, N = act.shape
+    NW = (N + 31) // 32
+    a = torch.zeros((M, NW * 32), dtype=torch.int64, device=act.device)
+    a[:, :N] = act.to(torch.int64)
+    words = (a.view(M, NW, 32) << torch.arange(32, device=act.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(
+    "M,K,N,tile,slots,density",
+    [(7, 24, 40, 16, 2, 0.2), (33, 16, 300, 64, 4, 0.1), (5, 32, 530, 256, 8, 0.3), (3, 16, 600, 512, 8, 0.5)],
+)
+def test_gate_pack_bitmask_and_unit_counts(kdevice, poison, tma, M, K, N, tile, slots, density):
+    # the training forward's outputs of the epilogue: activity bitmask and per-unit counts
+    from twell.ops.gate_pack import launch_gate_pack
+
+    if tma and tile > 256:
+        pytest.skip("the tensor-descriptor kernel takes T <= 256")
+    x, w = _int_inputs(M, K, N, density, seed=3, device=kdevice)
+    x[M // 2, 1] = float("nan")  # a NaN row: every unit active
+    NT = (N + tile - 1) // tile
+    counts = torch.empty((M, NT), dtype=torch.int32, device=kdevice)
+    values = torch.empty((M, NT, slots), dtype=x.dtype, device=kdevice)
+    columns = torch.empty((M, NT, slots), dtype=torch.int16, device=kdevice)
+    ucounts = torch.zeros((N,), dtype=torch.int32, device=kdevice)
+    bits = torch.full((M, (N + 31) // 32), -7, dtype=torch.int32, device=kdevice)
+    with override("gate", use_tma="always" if tma else "never"):
+        launch_gate_pack(x, w, tile, slots, counts, values, columns, ucounts, bits)
+    g = x @ w.T
+    act = (g > 0) | torch.isnan(g)
+    assert torch.equal(bits, _bitmask_ref(act))
+    assert torch.equal(ucounts, act.sum(0, dtype=torch.int32))
+    assert torch.equal(counts.sum(1), act.sum(1, dtype=torch.int32))

@@ -3,8 +3,13 @@
 Legend: M = tokens, K = model dim, N = FFN units, W = row capacity of the packed pattern,
 NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity of the by-unit index.
 
-    g = x @ W_gate^T (cuBLAS)         h = relu(g) * u,  u = x @ W_up^T only where g > 0
+    g = x @ W_gate^T                  h = relu(g) * u,  u = x @ W_up^T only where g > 0
     y = h @ W_down^T                  l1 = sum |h| / M, l0 = nnz / M
+
+Forward: ``gate_pack``'s GEMM, whose epilogue writes the TwELL packing of relu(g), the activity
+bitmask and per-unit counts (the dense g never reaches memory); the inference up/down kernel on
+the TwELL packing (y, sum |h| and the tile-overflow flag per row; tiles above S active units are
+recomputed there from x and W_gate); then one pass over the bitmask for the row index below.
 
 Kept for the backward (no dense [M, N] tensor):
   ``cols``    int32 [M, W]       the first min(count, W) active units of each row, by unit
@@ -50,7 +55,9 @@ from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
 from ._triton import can_run_triton
+from .ffn_infer import _finalize, _launch_updown
 from .ffn_ref import tile_overflow_rows
+from .gate_pack import launch_gate_pack
 
 __all__ = [
     "TrainConfig",
@@ -81,8 +88,8 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    pack_block: int = 256
-    pack_warps: int = 1
+    rows_words: int = 8
+    rows_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
     split_dh: bool = True
@@ -149,123 +156,25 @@ def _popc(v):
 
 
 @triton.jit
-def _pack_rows_kernel(
-    g_ptr,
-    cols_ptr,
-    cnt_ptr,
-    bits_ptr,
-    wpre_ptr,
-    ovf_ptr,
-    ucnt_ptr,
-    N,
-    NW,
-    W,
-    S,
-    T: tl.constexpr,
-    BN: tl.constexpr,
-    UNIT_COUNTS: tl.constexpr,
-):
+def _rows_from_bits_kernel(bits_ptr, cols_ptr, cnt_ptr, wpre_ptr, NW, W, BW: tl.constexpr):
+    # one row of the activity bitmask -> its first W active units (cols), its active count and
+    # the active units before each word (ranks a unit inside the row's packed index)
     i_m = tl.program_id(0).to(tl.int64)
-    p_g = g_ptr + i_m * N
-    n_act = tl.sum(tl.zeros([BN], dtype=tl.int32), axis=0)
-    ovf = n_act
-    run = n_act
-    for c0 in range(0, N, BN):
-        o_n = c0 + tl.arange(0, BN)
-        m_n = o_n < N
-        b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
-        b_a = ((b_g > 0) | (b_g != b_g)) & m_n
-        b_one = b_a.to(tl.int32)
+    o_b = tl.arange(0, 32).to(tl.int64)
+    n_act = tl.sum(tl.zeros([BW], dtype=tl.int32), axis=0)
+    for w0 in range(0, NW, BW):
+        o_w = w0 + tl.arange(0, BW)
+        m_w = o_w < NW
+        b_word = tl.load(bits_ptr + i_m * NW + o_w, mask=m_w, other=0).to(tl.int64) & 0xFFFFFFFF
+        b_bit = ((b_word[:, None] >> o_b[None, :]) & 1).to(tl.int32)  # [BW, 32]
+        b_wc = tl.sum(b_bit, axis=1)
+        tl.store(wpre_ptr + i_m * NW + o_w, n_act + tl.cumsum(b_wc, axis=0) - b_wc, mask=m_w)
+        b_one = tl.reshape(b_bit, (BW * 32,))
         b_rank = n_act + tl.cumsum(b_one, axis=0) - 1
-        tl.store(cols_ptr + i_m * W + b_rank, o_n, mask=b_a & (b_rank < W))
-        if UNIT_COUNTS:
-            tl.atomic_add(ucnt_ptr + o_n, b_one, mask=b_a)
-        # [BN // 32, 32] view of the same chunk for the bitmask words
-        o_w = c0 // 32 + tl.arange(0, BN // 32)
-        o_2 = o_w[:, None] * 32 + tl.arange(0, 32)[None, :]
-        m_2 = o_2 < N
-        b_g2 = tl.load(p_g + o_2, mask=m_2, other=0.0)
-        b_a2 = (((b_g2 > 0) | (b_g2 != b_g2)) & m_2).to(tl.int64)
-        b_w = tl.sum(b_a2 << tl.arange(0, 32)[None, :].to(tl.int64), axis=1)
-        tl.store(bits_ptr + i_m * NW + o_w, b_w.to(tl.int32), mask=o_w < NW)
-        # active units of the row before each word (ranks a unit inside the row's packed index)
-        b_wc = tl.sum(b_a2, axis=1)
-        tl.store(
-            wpre_ptr + i_m * NW + o_w, (n_act + tl.cumsum(b_wc, axis=0) - b_wc).to(tl.int32), mask=o_w < NW
-        )
-        # TwELL overflow statistic: a tile of T columns with more than S active units
-        if T <= BN:
-            b_t = tl.sum(tl.reshape(b_one, (BN // T, T)), axis=1)
-            ovf = ovf | (tl.max(b_t, axis=0) > S).to(tl.int32)
-        else:
-            run += tl.sum(b_one, axis=0)
-            if ((c0 + BN) % T == 0) | (c0 + BN >= N):
-                ovf = ovf | (run > S).to(tl.int32)
-                run = run * 0
-        n_act += tl.sum(b_one, axis=0)
+        o_n = w0 * 32 + tl.arange(0, BW * 32)
+        tl.store(cols_ptr + i_m * W + b_rank, o_n, mask=(b_one != 0) & (b_rank < W))
+        n_act += tl.sum(b_wc, axis=0)
     tl.store(cnt_ptr + i_m, n_act)
-    tl.store(ovf_ptr + i_m, ovf)
-
-
-@triton.jit
-def _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K):
-    b_g = tl.load(g_row + n).to(tl.float32)
-    b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_u = tl.sum(b_x * b_wu, axis=0)
-    b_h = b_g * b_u
-    b_wd = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    return b_y + b_h * b_wd, l1 + tl.abs(b_h)
-
-
-@triton.jit
-def _fwd_rows_kernel(
-    x_ptr,
-    g_ptr,
-    wu_ptr,
-    wdt_ptr,
-    cols_ptr,
-    cnt_ptr,
-    bits_ptr,
-    y_ptr,
-    l1_ptr,
-    N,
-    K,
-    NW,
-    W,
-    G: tl.constexpr,
-    BK: tl.constexpr,
-):
-    i_m = tl.program_id(0).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_y = tl.zeros([BK], dtype=tl.float32)
-    l1 = tl.sum(b_y, axis=0)
-    g_row = g_ptr + i_m * N
-    n_act = tl.load(cnt_ptr + i_m)
-    if n_act <= W:
-        o_g = tl.arange(0, G)
-        for j0 in range(0, n_act, G):
-            m_g = j0 + o_g < n_act
-            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
-            m_t = m_g[:, None] & m_k[None, :]
-            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
-            # [G, BK] rows of W_up and W_down^T
-            b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            b_h = b_gv * tl.sum(b_wu * b_x[None, :], axis=1)
-            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
-            l1 += tl.sum(tl.abs(b_h), axis=0)
-    else:
-        for i_w in range(0, NW):
-            word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
-            while word != 0:
-                lsb = word & (-word)
-                n = i_w * 32 + _ctz(lsb)
-                b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
-                word = word ^ lsb
-    tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
-    tl.store(l1_ptr + i_m, l1)
 
 
 @triton.jit
@@ -573,8 +482,7 @@ def _wgrad_kernel(
 
 
 _KERNELS = {
-    "pack": _pack_rows_kernel,
-    "fwd": _fwd_rows_kernel,
+    "rows": _rows_from_bits_kernel,
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
@@ -611,46 +519,30 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     N = w_gate.shape[0]
     W = _row_capacity(N)
     NW = (N + 31) // 32
+    NT = (N + tile - 1) // tile
     dev = x.device
-    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
     # counts: [M] active units per row, then [N] rows per unit (kept for the backward's index)
     counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
     cnt, ucnt = counts[:M], counts[M:]
-    pat = _alloc.empty(
-        (2, M, NW), dtype=torch.int32, device=dev
-    )  # bitmask words, active units before each word
-    bits, wpre = pat[0], pat[1]
-    ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
+    # bitmask words, active units before each word
+    pat = _alloc.empty((2, M, NW), dtype=torch.int32, device=dev)
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
+    tok = _alloc.empty((M, 4), dtype=torch.float32, device=dev)
     if M > 0:
-        _k("pack")[(M,)](
-            g,
-            cols,
-            cnt,
-            bits,
-            wpre,
-            ovf,
-            ucnt,
-            N,
-            NW,
-            W,
-            slots,
-            T=tile,
-            BN=max(CONFIG.pack_block, 32),
-            UNIT_COUNTS=True,
-            num_warps=CONFIG.pack_warps,
-        )
+        # gate GEMM whose epilogue writes TwELL (freed on return), the bitmask and unit counts:
+        # no dense g [M, N] in memory
+        t_counts = _alloc.empty((M, NT), dtype=torch.int32, device=dev)
+        t_values = _alloc.empty((M, NT, slots), dtype=x.dtype, device=dev)
+        t_columns = _alloc.empty((M, NT, slots), dtype=torch.int16, device=dev)
+        launch_gate_pack(x, w_gate, tile, slots, t_counts, t_values, t_columns, ucnt, pat[0])
+        # y, sum |h| and the tile-overflow flag per row from TwELL (the inference up/down kernel;
+        # tiles above S active units are recomputed from x and W_gate there)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
-        bk = triton.next_power_of_2(K)
-        _k("fwd")[(M,)](
-            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W,
-            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
-        )  # fmt: skip
-    l1 = l1_rows.sum() / max(M, 1)
+        _launch_updown(x, t_counts, t_values, t_columns, w_gate, w_up, wdt, y, tok, tile, slots)
+        _k("rows")[(M,)](pat[0], cols, cnt, pat[1], NW, W, BW=CONFIG.rows_words, num_warps=CONFIG.rows_warps)
+    _, l1, over = _finalize(tok, M, dev)
     nnz = cnt.sum(dtype=torch.int64)
-    over = ovf.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
     return y, l1, nnz, over, uc, cols, counts, pat
 
