@@ -156,7 +156,12 @@ def _bitmask_ref(act: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize(
     "M,K,N,tile,slots,density",
-    [(7, 24, 40, 16, 2, 0.2), (33, 16, 300, 64, 4, 0.1), (5, 32, 530, 256, 8, 0.3), (3, 16, 600, 512, 8, 0.5)],
+    [
+        (7, 24, 40, 16, 2, 0.2),
+        (33, 16, 300, 64, 4, 0.1),
+        (5, 32, 530, 256, 8, 0.3),
+        (3, 16, 600, 512, 8, 0.5),
+    ],
 )
 def test_gate_pack_bitmask_and_unit_counts(kdevice, poison, tma, M, K, N, tile, slots, density):
     # the training forward's outputs of the epilogue: activity bitmask and per-unit counts
