@@ -219,8 +219,6 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"rows_warps": 2},
-    {"rows_words": 16},
     {"unit_warps": 4},
     {"unit_group": 8},
     {"row_group": 4},

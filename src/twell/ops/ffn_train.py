@@ -6,10 +6,10 @@ NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity o
     g = x @ W_gate^T                  h = relu(g) * u,  u = x @ W_up^T only where g > 0
     y = h @ W_down^T                  l1 = sum |h| / M, l0 = nnz / M
 
-Forward: ``gate_pack``'s GEMM, whose epilogue writes the TwELL packing of relu(g), the activity
-bitmask and per-unit counts (the dense g never reaches memory); the inference up/down kernel on
-the TwELL packing (y, sum |h| and the tile-overflow flag per row; tiles above S active units are
-recomputed there from x and W_gate); then one pass over the bitmask for the row index below.
+Forward: ``gate_pack`` (the gate GEMM whose epilogue writes the TwELL packing of relu(g); the
+dense g never reaches memory), then the inference up/down kernel on that packing, which also
+writes the row index below and the per-unit counts (tiles above S active units are recomputed
+there from x and W_gate, so every row is exact).
 
 Kept for the backward (no dense [M, N] tensor):
   ``cols``    int32 [M, W]       the first min(count, W) active units of each row, by unit
@@ -88,8 +88,6 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    rows_words: int = 8
-    rows_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
     split_dh: bool = True
@@ -153,28 +151,6 @@ def _popc(v):
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
     return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
-
-
-@triton.jit
-def _rows_from_bits_kernel(bits_ptr, cols_ptr, cnt_ptr, wpre_ptr, NW, W, BW: tl.constexpr):
-    # one row of the activity bitmask -> its first W active units (cols), its active count and
-    # the active units before each word (ranks a unit inside the row's packed index)
-    i_m = tl.program_id(0).to(tl.int64)
-    o_b = tl.arange(0, 32).to(tl.int64)
-    n_act = tl.sum(tl.zeros([BW], dtype=tl.int32), axis=0)
-    for w0 in range(0, NW, BW):
-        o_w = w0 + tl.arange(0, BW)
-        m_w = o_w < NW
-        b_word = tl.load(bits_ptr + i_m * NW + o_w, mask=m_w, other=0).to(tl.int64) & 0xFFFFFFFF
-        b_bit = ((b_word[:, None] >> o_b[None, :]) & 1).to(tl.int32)  # [BW, 32]
-        b_wc = tl.sum(b_bit, axis=1)
-        tl.store(wpre_ptr + i_m * NW + o_w, n_act + tl.cumsum(b_wc, axis=0) - b_wc, mask=m_w)
-        b_one = tl.reshape(b_bit, (BW * 32,))
-        b_rank = n_act + tl.cumsum(b_one, axis=0) - 1
-        o_n = w0 * 32 + tl.arange(0, BW * 32)
-        tl.store(cols_ptr + i_m * W + b_rank, o_n, mask=(b_one != 0) & (b_rank < W))
-        n_act += tl.sum(b_wc, axis=0)
-    tl.store(cnt_ptr + i_m, n_act)
 
 
 @triton.jit
@@ -482,7 +458,6 @@ def _wgrad_kernel(
 
 
 _KERNELS = {
-    "rows": _rows_from_bits_kernel,
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
@@ -530,17 +505,16 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     tok = _alloc.empty((M, 4), dtype=torch.float32, device=dev)
     if M > 0:
-        # gate GEMM whose epilogue writes TwELL (freed on return), the bitmask and unit counts:
-        # no dense g [M, N] in memory
+        # gate GEMM whose epilogue writes TwELL (freed on return): no dense g [M, N] in memory
         t_counts = _alloc.empty((M, NT), dtype=torch.int32, device=dev)
         t_values = _alloc.empty((M, NT, slots), dtype=x.dtype, device=dev)
         t_columns = _alloc.empty((M, NT, slots), dtype=torch.int16, device=dev)
-        launch_gate_pack(x, w_gate, tile, slots, t_counts, t_values, t_columns, ucnt, pat[0])
-        # y, sum |h| and the tile-overflow flag per row from TwELL (the inference up/down kernel;
-        # tiles above S active units are recomputed from x and W_gate there)
+        launch_gate_pack(x, w_gate, tile, slots, t_counts, t_values, t_columns, None)
+        # y, sum |h|, the tile-overflow flag and the row index per row from TwELL (the inference
+        # up/down kernel; tiles above S active units are recomputed from x and W_gate there)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
-        _launch_updown(x, t_counts, t_values, t_columns, w_gate, w_up, wdt, y, tok, tile, slots)
-        _k("rows")[(M,)](pat[0], cols, cnt, pat[1], NW, W, BW=CONFIG.rows_words, num_warps=CONFIG.rows_warps)
+        rows = (cols, cnt, pat[0], pat[1], ucnt)
+        _launch_updown(x, t_counts, t_values, t_columns, w_gate, w_up, wdt, y, tok, tile, slots, rows)
     _, l1, over = _finalize(tok, M, dev)
     nnz = cnt.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)

@@ -92,8 +92,6 @@ def _pack_chunk(
     values_ptr,
     columns_ptr,
     ucounts_ptr,
-    bits_ptr,
-    NW,
     OUT_DTYPE: tl.constexpr,
     BITS_DTYPE: tl.constexpr,
     INF_BITS: tl.constexpr,
@@ -104,7 +102,6 @@ def _pack_chunk(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    BITS: tl.constexpr,
 ):
     # c [BM, CH <= 32] fp32 accumulators of columns col0.. -> stores the active entries at slot
     # base + rank (rank = popcount of the active bits left of the column); returns the new base
@@ -146,18 +143,6 @@ def _pack_chunk(
         tl.store(columns_ptr + p_slot, b_col, mask=m_keep)
     if UNIT_COUNTS:
         tl.atomic_add(ucounts_ptr + o_n, tl.sum(b_act.to(tl.int32), axis=0), mask=o_n < N)
-    if BITS:
-        # the chunk's activity word: bit l = column col0 + l (bits_ptr is int32 words, or their
-        # int16 halves when CH = 16); chunks past N inside the row's last word store zeros
-        if CH == 16:
-            b_store = b_word.to(tl.int16)
-        else:
-            b_store = b_word
-        tl.store(
-            bits_ptr + i_m.to(tl.int64) * (NW * (32 // CH)) + col0 // CH,
-            b_store,
-            mask=(i_m < M) & (i_m * 0 + col0 < NW * 32),
-        )
     return base + _popc(b_word, HW_POPC)
 
 
@@ -180,8 +165,6 @@ def _pack_tile(
     values_ptr,
     columns_ptr,
     ucounts_ptr,
-    bits_ptr,
-    NW,
     OUT_DTYPE: tl.constexpr,
     BITS_DTYPE: tl.constexpr,
     INF_BITS: tl.constexpr,
@@ -193,7 +176,6 @@ def _pack_tile(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    BITS: tl.constexpr,
 ):
     # acc [BM, BN] fp32, packed in 32-column chunks from left to right (a whole-tile rank
     # computation keeps ~6 [BM, BN] temporaries live and spills); returns the active count per row
@@ -211,8 +193,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -223,7 +203,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
     elif BN == 64:
         c0, c1 = _halves(acc, BM, 64)
@@ -239,8 +218,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -251,7 +228,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c1,
@@ -265,8 +241,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -277,7 +251,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
     elif BN == 128:
         h0, h1 = _halves(acc, BM, 128)
@@ -295,8 +268,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -307,7 +278,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c1,
@@ -321,8 +291,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -333,7 +301,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c2,
@@ -347,8 +314,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -359,7 +324,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c3,
@@ -373,8 +337,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -385,7 +347,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
     else:
         q0, q1 = _halves(acc, BM, 256)
@@ -407,8 +368,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -419,7 +378,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c1,
@@ -433,8 +391,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -445,7 +401,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c2,
@@ -459,8 +414,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -471,7 +424,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c3,
@@ -485,8 +437,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -497,7 +447,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c4,
@@ -511,8 +460,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -523,7 +470,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c5,
@@ -537,8 +483,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -549,7 +493,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c6,
@@ -563,8 +506,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -575,7 +516,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         b = _pack_chunk(
             c7,
@@ -589,8 +529,6 @@ def _pack_tile(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -601,7 +539,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
     return b - base
 
@@ -614,8 +551,6 @@ def _gate_pack_kernel(
     values_ptr,
     columns_ptr,
     ucounts_ptr,
-    bits_ptr,
-    NW,
     M,
     N,
     K,
@@ -639,7 +574,6 @@ def _gate_pack_kernel(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -682,8 +616,6 @@ def _gate_pack_kernel(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -695,7 +627,6 @@ def _gate_pack_kernel(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
     tl.store(counts_ptr + i_m.to(tl.int64) * NT + i_t, b_base, mask=i_m < M)
 
@@ -708,8 +639,6 @@ def _gate_pack_tma_kernel(
     values_ptr,
     columns_ptr,
     ucounts_ptr,
-    bits_ptr,
-    NW,
     M,
     N,
     K,
@@ -729,7 +658,6 @@ def _gate_pack_tma_kernel(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    BITS: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
     # T == BN here: one GEMM tile column band per TwELL tile
@@ -765,8 +693,6 @@ def _gate_pack_tma_kernel(
             values_ptr,
             columns_ptr,
             ucounts_ptr,
-            bits_ptr,
-            NW,
             OUT_DTYPE,
             BITS_DTYPE,
             INF_BITS,
@@ -778,7 +704,6 @@ def _gate_pack_tma_kernel(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            BITS,
         )
         tl.store(counts_ptr + i_m.to(tl.int64) * NT + i_t, b_cnt, mask=i_m < M)
 
@@ -816,11 +741,8 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor, tile: int, cfg) -> bool:
     return True
 
 
-def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts, bits=None):
-    """Launches the gate GEMM + packing into preallocated outputs (checks done by the caller).
-
-    ``ucounts`` (int32 [N], zeroed) receives per-unit active counts and ``bits`` (int32
-    [M, ceil(N / 32)]) the activity bitmask (bit n % 32 of word n // 32), when given."""
+def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
+    """Launches the gate GEMM + packing into preallocated outputs (checks done by the caller)."""
     cfg = get_config("gate")
     M, K = x.shape
     N = w_gate.shape[0]
@@ -837,10 +759,6 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts, b
     bk = cfg.block_k if x.dtype != torch.float32 else 32
     bk = max(16, min(bk, 1 << max(K - 1, 1).bit_length()))
     ucount_arg = ucounts if ucounts is not None else counts
-    nw = triton_cdiv(N, 32)
-    bits_arg = counts if bits is None else (bits.view(torch.int16) if ch == 16 else bits)
-    if bits is not None and NT * tile < nw * 32:  # T = 16: no tile covers the last half word
-        bits_arg[:, -1].zero_()
     common = dict(
         OUT_DTYPE=out_dt,
         BITS_DTYPE=bits_dt,
@@ -855,7 +773,6 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts, b
         DOT_PREC=prec,
         HW_POPC=on_gpu and torch.version.hip is None,
         UNIT_COUNTS=ucounts is not None,
-        BITS=bits is not None,
     )
     plain, tma = _gate_pack_kernel, _gate_pack_tma_kernel
     asm_choices = [True, False] if (on_gpu and cfg.use_asm_store and torch.version.hip is None) else [False]
@@ -884,8 +801,6 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts, b
                         values,
                         columns,
                         ucount_arg,
-                        bits_arg,
-                        nw,
                         M,
                         N,
                         K,
@@ -913,8 +828,6 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts, b
                 values,
                 columns,
                 ucount_arg,
-                bits_arg,
-                nw,
                 M,
                 N,
                 K,
