@@ -8,8 +8,8 @@ NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity o
 
 Forward: ``gate_pack`` (the gate GEMM whose epilogue writes the TwELL packing of relu(g); the
 dense g never reaches memory), then the inference up/down kernel on that packing, which also
-writes the row index below and the per-unit counts (tiles above S active units are recomputed
-there from x and W_gate, so every row is exact).
+writes the row index below (tiles above S active units are recomputed there from x and W_gate,
+so every row is exact), and the per-unit counts as column sums of the bitmask.
 
 Kept for the backward (no dense [M, N] tensor):
   ``cols``    int32 [M, W]       the first min(count, W) active units of each row, by unit
@@ -88,6 +88,7 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
+    unit_rows: int = 2048
     row_group: int = 2
     row_warps: int = 4
     split_dh: bool = True
@@ -151,6 +152,28 @@ def _popc(v):
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
     return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+@triton.jit
+def _unit_counts_kernel(bits_ptr, ucnt_ptr, M, NW, N, RB, BR: tl.constexpr, BWC: tl.constexpr):
+    # active rows per unit: the bitmask's column sums over rows [pid(1) * RB, +RB) for the units
+    # of words [pid(0) * BWC, +BWC), added to ucnt (int atomics: the result is deterministic)
+    o_w = tl.program_id(0) * BWC + tl.arange(0, BWC)
+    m_w = o_w < NW
+    o_b = tl.arange(0, 32)
+    r_lo = tl.program_id(1) * RB
+    r_hi = tl.minimum(r_lo + RB, M)
+    acc = tl.zeros((BWC, 32), dtype=tl.int32)
+    for r0 in range(r_lo, r_hi, BR):
+        o_r = r0 + tl.arange(0, BR)
+        b_w = tl.load(
+            bits_ptr + o_r[:, None].to(tl.int64) * NW + o_w[None, :],
+            mask=(o_r < r_hi)[:, None] & m_w[None, :],
+            other=0,
+        )
+        acc += tl.sum((b_w[:, :, None] >> o_b[None, None, :]) & 1, axis=0)
+    o_n = o_w[:, None] * 32 + o_b[None, :]
+    tl.atomic_add(ucnt_ptr + o_n, acc, mask=(o_n < N) & (acc > 0))
 
 
 @triton.jit
@@ -458,6 +481,7 @@ def _wgrad_kernel(
 
 
 _KERNELS = {
+    "ucount": _unit_counts_kernel,
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
@@ -513,8 +537,10 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         # y, sum |h|, the tile-overflow flag and the row index per row from TwELL (the inference
         # up/down kernel; tiles above S active units are recomputed from x and W_gate there)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
-        rows = (cols, cnt, pat[0], pat[1], ucnt)
+        rows = (cols, cnt, pat[0], pat[1])
         _launch_updown(x, t_counts, t_values, t_columns, w_gate, w_up, wdt, y, tok, tile, slots, rows)
+        rb = CONFIG.unit_rows
+        _k("ucount")[(triton.cdiv(NW, 8), triton.cdiv(M, rb))](pat[0], ucnt, M, NW, N, rb, BR=32, BWC=8)
     _, l1, over = _finalize(tok, M, dev)
     nnz = cnt.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
