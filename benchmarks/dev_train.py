@@ -219,6 +219,8 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
+    {"pack_warps": 1},
+    {"pack_warps": 4},
     {"unit_warps": 4},
     {"unit_group": 8},
     {"row_group": 4},

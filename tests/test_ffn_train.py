@@ -67,12 +67,9 @@ def test_zero_and_full_density(kdevice, poison):
 
 def test_heavy_rows_past_row_capacity(kdevice, poison, monkeypatch):
     # capacity W = 4: sparse rows use the packed row index, the fully active token and the heavy
-    # ones walk the bitmask; units past the by-unit capacity E = M * W walk the transposed bitmask;
-    # per-unit counts summed over 3 chunks of rows
+    # ones walk the bitmask; units past the by-unit capacity E = M * W walk the transposed bitmask
     monkeypatch.setattr(
-        ft,
-        "CONFIG",
-        ft.TrainConfig(row_capacity=4, chunk=3, unit_block_k=8, unit_group=2, row_group=2, unit_rows=4),
+        ft, "CONFIG", ft.TrainConfig(row_capacity=4, chunk=3, unit_block_k=8, unit_group=2, row_group=2)
     )
     x, wg, wu, wd = _inputs(11, 20, 45, 2.0, device=kdevice, seed=3)
     x[4, 0] = -50.0  # column 0 carries the (negative) threshold: token 4 gets every unit active

@@ -86,17 +86,6 @@ def _is_active(
 
 
 @triton.jit
-def _index_entry(n, j, i_m, o_w, b_bits, b_wc, cols_ptr, W):
-    # the j-th active unit n of row i_m, for the training row index (ROWS in _updown_kernel);
-    # no per-unit atomic here: a scalar atomic broadcasts its result through shared memory, so
-    # each entry waited for its round trip (up/down went from 0.62 to 1.13 ms on the H100)
-    tl.store(cols_ptr + i_m * W + j, n.to(tl.int32), mask=j < W)
-    hit = o_w == (n // 32).to(tl.int32)
-    b_bits = b_bits | tl.where(hit, (1 << (n % 32)).to(tl.int32), 0)
-    return b_bits, b_wc + hit.to(tl.int32)
-
-
-@triton.jit
 def _updown_kernel(
     x_ptr,
     counts_ptr,
@@ -107,15 +96,9 @@ def _updown_kernel(
     wdt_ptr,
     y_ptr,
     tok_ptr,
-    cols_ptr,
-    cnt_ptr,
-    bits_ptr,
-    wpre_ptr,
     N,
     K,
     NT,
-    W,
-    NW,
     stride_xm,
     stride_xk,
     stride_ym,
@@ -126,12 +109,7 @@ def _updown_kernel(
     T: tl.constexpr,
     S: tl.constexpr,
     BK: tl.constexpr,
-    ROWS: tl.constexpr,
-    NWP: tl.constexpr,
 ):
-    # ROWS (training forward): also writes the row index of the backward (see ffn_train): the
-    # first W active units (cols), the active count, the activity bitmask [NW] and the active
-    # units before each word
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -140,10 +118,6 @@ def _updown_kernel(
     s_l1 = tl.zeros((), dtype=tl.float32)
     s_cnt = tl.zeros((), dtype=tl.int32)
     s_over = tl.zeros((), dtype=tl.int32)
-    o_w = tl.arange(0, NWP)
-    b_bits = tl.zeros((NWP,), dtype=tl.int32)
-    b_wc = tl.zeros((NWP,), dtype=tl.int32)
-    n_row = tl.zeros((), dtype=tl.int32)
     for t in range(NT):
         c = tl.load(counts_ptr + i_m * NT + t)
         s_cnt += c
@@ -157,9 +131,6 @@ def _updown_kernel(
                 h = g * tl.sum(b_x * b_u)
                 s_l1 += tl.abs(h)
                 b_y += h * b_d
-                if ROWS:
-                    b_bits, b_wc = _index_entry(n, n_row, i_m, o_w, b_bits, b_wc, cols_ptr, W)
-                    n_row += 1
         else:
             # more than S active units in this (token, tile): recompute the tile's gate exactly
             s_over = tl.maximum(s_over, 1)
@@ -174,16 +145,7 @@ def _updown_kernel(
                         h = g * tl.sum(b_x * b_u)
                         s_l1 += tl.abs(h)
                         b_y += h * b_d
-                        if ROWS:
-                            b_bits, b_wc = _index_entry(n, n_row, i_m, o_w, b_bits, b_wc, cols_ptr, W)
-                            n_row += 1
     tl.store(y_ptr + i_m * stride_ym + o_k, b_y.to(OUT_DTYPE), mask=m_k)
-    if ROWS:
-        # n_row counts the entries used for y (equal to the packed counts but for a recomputed tile
-        # whose rounding differs from the GEMM's): the index follows what y used
-        tl.store(cnt_ptr + i_m, n_row)
-        tl.store(bits_ptr + i_m * NW + o_w, b_bits, mask=o_w < NW)
-        tl.store(wpre_ptr + i_m * NW + o_w, tl.cumsum(b_wc, axis=0) - b_wc, mask=o_w < NW)
     tl.store(tok_ptr + i_m * 4 + 0, s_cnt.to(tl.float32))
     tl.store(tok_ptr + i_m * 4 + 1, s_l1)
     tl.store(tok_ptr + i_m * 4 + 2, s_over.to(tl.float32))
@@ -620,23 +582,17 @@ def _finalize(tok, M, device):
     return l0, l1, over
 
 
-def _launch_updown(x, counts, values, columns, w_gate, w_up, wdt, y, tok, tile, slots, rows=None):
-    """Prefill stage 2 over the rows of ``x`` (and the same rows of the packed arrays, y and tok).
-
-    ``rows``: the training forward's row index ``(cols [M, W], cnt [M], bits [M, NW], wpre
-    [M, NW])``, written by the same kernel (see ``ffn_train``)."""
+def _launch_updown(x, counts, values, columns, w_gate, w_up, wdt, y, tok, tile, slots):
+    """Prefill stage 2 over the rows of ``x`` (and the same rows of the packed arrays, y and tok)."""
     M, K = x.shape
-    N = w_gate.shape[0]
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     bk = _p2(K)
-    cols, cnt, bits, wpre = rows if rows is not None else (tok,) * 4
-    W, NW = (cols.shape[1], bits.shape[1]) if rows is not None else (1, 1)
     # 16 x-elements per thread: K = 2048 -> 4 warps (the shape measured at 1.14-1.19 ns per pair)
     _updown_kernel[(M,)](
-        x, counts, values, columns, w_gate, w_up, wdt, y, tok, cols, cnt, bits, wpre,
-        N, K, counts.shape[1], W, NW, x.stride(0), x.stride(1), y.stride(0),
+        x, counts, values, columns, w_gate, w_up, wdt, y, tok,
+        w_gate.shape[0], K, counts.shape[1], x.stride(0), x.stride(1), y.stride(0),
         OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
-        T=tile, S=slots, BK=bk, ROWS=rows is not None, NWP=_p2(NW), num_warps=max(1, min(16, bk // 512)),
+        T=tile, S=slots, BK=bk, num_warps=max(1, min(16, bk // 512)),
     )  # fmt: skip
 
 

@@ -3,13 +3,8 @@
 Legend: M = tokens, K = model dim, N = FFN units, W = row capacity of the packed pattern,
 NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity of the by-unit index.
 
-    g = x @ W_gate^T                  h = relu(g) * u,  u = x @ W_up^T only where g > 0
+    g = x @ W_gate^T (cuBLAS)         h = relu(g) * u,  u = x @ W_up^T only where g > 0
     y = h @ W_down^T                  l1 = sum |h| / M, l0 = nnz / M
-
-Forward: ``gate_pack`` (the gate GEMM whose epilogue writes the TwELL packing of relu(g); the
-dense g never reaches memory), then the inference up/down kernel on that packing, which also
-writes the row index below (tiles above S active units are recomputed there from x and W_gate,
-so every row is exact), and the per-unit counts as column sums of the bitmask.
 
 Kept for the backward (no dense [M, N] tensor):
   ``cols``    int32 [M, W]       the first min(count, W) active units of each row, by unit
@@ -55,9 +50,7 @@ from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
 from ._triton import can_run_triton
-from .ffn_infer import _finalize, _launch_updown
 from .ffn_ref import tile_overflow_rows
-from .gate_pack import launch_gate_pack
 
 __all__ = [
     "TrainConfig",
@@ -88,7 +81,8 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    unit_rows: int = 2048
+    pack_block: int = 256
+    pack_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
     split_dh: bool = True
@@ -155,25 +149,123 @@ def _popc(v):
 
 
 @triton.jit
-def _unit_counts_kernel(bits_ptr, ucnt_ptr, M, NW, N, RB, BR: tl.constexpr, BWC: tl.constexpr):
-    # active rows per unit: the bitmask's column sums over rows [pid(1) * RB, +RB) for the units
-    # of words [pid(0) * BWC, +BWC), added to ucnt (int atomics: the result is deterministic)
-    o_w = tl.program_id(0) * BWC + tl.arange(0, BWC)
-    m_w = o_w < NW
-    o_b = tl.arange(0, 32)
-    r_lo = tl.program_id(1) * RB
-    r_hi = tl.minimum(r_lo + RB, M)
-    acc = tl.zeros((BWC, 32), dtype=tl.int32)
-    for r0 in range(r_lo, r_hi, BR):
-        o_r = r0 + tl.arange(0, BR)
-        b_w = tl.load(
-            bits_ptr + o_r[:, None].to(tl.int64) * NW + o_w[None, :],
-            mask=(o_r < r_hi)[:, None] & m_w[None, :],
-            other=0,
+def _pack_rows_kernel(
+    g_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    wpre_ptr,
+    ovf_ptr,
+    ucnt_ptr,
+    N,
+    NW,
+    W,
+    S,
+    T: tl.constexpr,
+    BN: tl.constexpr,
+    UNIT_COUNTS: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    p_g = g_ptr + i_m * N
+    n_act = tl.sum(tl.zeros([BN], dtype=tl.int32), axis=0)
+    ovf = n_act
+    run = n_act
+    for c0 in range(0, N, BN):
+        o_n = c0 + tl.arange(0, BN)
+        m_n = o_n < N
+        b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
+        b_a = ((b_g > 0) | (b_g != b_g)) & m_n
+        b_one = b_a.to(tl.int32)
+        b_rank = n_act + tl.cumsum(b_one, axis=0) - 1
+        tl.store(cols_ptr + i_m * W + b_rank, o_n, mask=b_a & (b_rank < W))
+        if UNIT_COUNTS:
+            tl.atomic_add(ucnt_ptr + o_n, b_one, mask=b_a)
+        # [BN // 32, 32] view of the same chunk for the bitmask words
+        o_w = c0 // 32 + tl.arange(0, BN // 32)
+        o_2 = o_w[:, None] * 32 + tl.arange(0, 32)[None, :]
+        m_2 = o_2 < N
+        b_g2 = tl.load(p_g + o_2, mask=m_2, other=0.0)
+        b_a2 = (((b_g2 > 0) | (b_g2 != b_g2)) & m_2).to(tl.int64)
+        b_w = tl.sum(b_a2 << tl.arange(0, 32)[None, :].to(tl.int64), axis=1)
+        tl.store(bits_ptr + i_m * NW + o_w, b_w.to(tl.int32), mask=o_w < NW)
+        # active units of the row before each word (ranks a unit inside the row's packed index)
+        b_wc = tl.sum(b_a2, axis=1)
+        tl.store(
+            wpre_ptr + i_m * NW + o_w, (n_act + tl.cumsum(b_wc, axis=0) - b_wc).to(tl.int32), mask=o_w < NW
         )
-        acc += tl.sum((b_w[:, :, None] >> o_b[None, None, :]) & 1, axis=0)
-    o_n = o_w[:, None] * 32 + o_b[None, :]
-    tl.atomic_add(ucnt_ptr + o_n, acc, mask=(o_n < N) & (acc > 0))
+        # TwELL overflow statistic: a tile of T columns with more than S active units
+        if T <= BN:
+            b_t = tl.sum(tl.reshape(b_one, (BN // T, T)), axis=1)
+            ovf = ovf | (tl.max(b_t, axis=0) > S).to(tl.int32)
+        else:
+            run += tl.sum(b_one, axis=0)
+            if ((c0 + BN) % T == 0) | (c0 + BN >= N):
+                ovf = ovf | (run > S).to(tl.int32)
+                run = run * 0
+        n_act += tl.sum(b_one, axis=0)
+    tl.store(cnt_ptr + i_m, n_act)
+    tl.store(ovf_ptr + i_m, ovf)
+
+
+@triton.jit
+def _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K):
+    b_g = tl.load(g_row + n).to(tl.float32)
+    b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_u = tl.sum(b_x * b_wu, axis=0)
+    b_h = b_g * b_u
+    b_wd = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    return b_y + b_h * b_wd, l1 + tl.abs(b_h)
+
+
+@triton.jit
+def _fwd_rows_kernel(
+    x_ptr,
+    g_ptr,
+    wu_ptr,
+    wdt_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    y_ptr,
+    l1_ptr,
+    N,
+    K,
+    NW,
+    W,
+    G: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_y = tl.zeros([BK], dtype=tl.float32)
+    l1 = tl.sum(b_y, axis=0)
+    g_row = g_ptr + i_m * N
+    n_act = tl.load(cnt_ptr + i_m)
+    if n_act <= W:
+        o_g = tl.arange(0, G)
+        for j0 in range(0, n_act, G):
+            m_g = j0 + o_g < n_act
+            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            m_t = m_g[:, None] & m_k[None, :]
+            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
+            # [G, BK] rows of W_up and W_down^T
+            b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            b_h = b_gv * tl.sum(b_wu * b_x[None, :], axis=1)
+            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
+            l1 += tl.sum(tl.abs(b_h), axis=0)
+    else:
+        for i_w in range(0, NW):
+            word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
+            while word != 0:
+                lsb = word & (-word)
+                n = i_w * 32 + _ctz(lsb)
+                b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
+                word = word ^ lsb
+    tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
+    tl.store(l1_ptr + i_m, l1)
 
 
 @triton.jit
@@ -481,7 +573,8 @@ def _wgrad_kernel(
 
 
 _KERNELS = {
-    "ucount": _unit_counts_kernel,
+    "pack": _pack_rows_kernel,
+    "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
     "transpose": _transpose_bits_kernel,
@@ -518,31 +611,46 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     N = w_gate.shape[0]
     W = _row_capacity(N)
     NW = (N + 31) // 32
-    NT = (N + tile - 1) // tile
     dev = x.device
+    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
     # counts: [M] active units per row, then [N] rows per unit (kept for the backward's index)
     counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
     cnt, ucnt = counts[:M], counts[M:]
-    # bitmask words, active units before each word
-    pat = _alloc.empty((2, M, NW), dtype=torch.int32, device=dev)
+    pat = _alloc.empty(
+        (2, M, NW), dtype=torch.int32, device=dev
+    )  # bitmask words, active units before each word
+    bits, wpre = pat[0], pat[1]
+    ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    tok = _alloc.empty((M, 4), dtype=torch.float32, device=dev)
+    l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     if M > 0:
-        # gate GEMM whose epilogue writes TwELL (freed on return): no dense g [M, N] in memory
-        t_counts = _alloc.empty((M, NT), dtype=torch.int32, device=dev)
-        t_values = _alloc.empty((M, NT, slots), dtype=x.dtype, device=dev)
-        t_columns = _alloc.empty((M, NT, slots), dtype=torch.int16, device=dev)
-        launch_gate_pack(x, w_gate, tile, slots, t_counts, t_values, t_columns, None)
-        # y, sum |h|, the tile-overflow flag and the row index per row from TwELL (the inference
-        # up/down kernel; tiles above S active units are recomputed from x and W_gate there)
+        _k("pack")[(M,)](
+            g,
+            cols,
+            cnt,
+            bits,
+            wpre,
+            ovf,
+            ucnt,
+            N,
+            NW,
+            W,
+            slots,
+            T=tile,
+            BN=max(CONFIG.pack_block, 32),
+            UNIT_COUNTS=True,
+            num_warps=CONFIG.pack_warps,
+        )
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
-        rows = (cols, cnt, pat[0], pat[1])
-        _launch_updown(x, t_counts, t_values, t_columns, w_gate, w_up, wdt, y, tok, tile, slots, rows)
-        rb = CONFIG.unit_rows
-        _k("ucount")[(triton.cdiv(NW, 8), triton.cdiv(M, rb))](pat[0], ucnt, M, NW, N, rb, BR=32, BWC=8)
-    _, l1, over = _finalize(tok, M, dev)
+        bk = triton.next_power_of_2(K)
+        _k("fwd")[(M,)](
+            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W,
+            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
+        )  # fmt: skip
+    l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
+    over = ovf.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
     return y, l1, nnz, over, uc, cols, counts, pat
 
