@@ -72,16 +72,19 @@ def profile(shape, M, a, dtype, path="auto"):
 #: decode configurations compared by --decode-sweep (InferConfig overrides)
 DECODE_VARIANTS = [
     ("decode", {}),
-    ("decode:d256", {"decode_down_bk": 256}),
-    ("decode:c32", {"decode_down_chunk": 32}),
-    ("decode:w4", {"decode_down_warps": 4}),
-    ("decode:sub256", {"decode_down_sub": 256}),
-    ("decode:g64x64s4", {"decode_bn_dot": 64, "decode_bk": 64, "decode_stages": 4}),
+    ("decode:gemv", {"decode_gemv_max_m": 64}),
+    ("decode:gemv+down", {"decode_gemv_max_m": 64, "decode_down_gemv_max_m": 64}),
+    ("decode:gemv16", {"decode_gemv_max_m": 64, "decode_bn_gemv": 16}),
+    ("decode:gemv4", {"decode_gemv_max_m": 64, "decode_bn_gemv": 4}),
+    ("decode:gemv+down4w", {"decode_gemv_max_m": 64, "decode_down_gemv_max_m": 64, "decode_down_warps": 4}),
 ]
 
 
-#: M = 1 only: the single-launch decode kernel
-M1_VARIANTS = []
+#: M = 1 only: other unit blocks of the GEMV
+M1_VARIANTS = [
+    ("decode:bn16", {"decode_bn_gemv": 16}),
+    ("decode:bn4", {"decode_bn_gemv": 4}),
+]
 
 
 def decode_sweep(shape, Ms, a, dtype, reps, env, rows):

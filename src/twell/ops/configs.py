@@ -58,6 +58,11 @@ class InferConfig:
     #: decode stage 1 (gate + up): units per program (8 for the M = 1 GEMV form, 16 with tl.dot
     #: for M > 1), K step, warps and pipeline stages of the tl.dot loop
     decode_bn_gemv: int = 8
+    #: largest M whose gate + up stage runs on CUDA cores (the W tile loaded once per K step,
+    #: each token's row dotted with it in turn) rather than tl.dot with M padded to 16
+    decode_gemv_max_m: int = 1
+    #: the same for the down stage
+    decode_down_gemv_max_m: int = 1
     decode_bn_dot: int = 16
     decode_bk: int = 256
     decode_warps: int = 4

@@ -236,6 +236,7 @@ def _tokens_dot_rows(
     m_m,
     o_n,
     m_rows,
+    M,
     K,
     stride_xm,
     stride_xk,
@@ -246,26 +247,34 @@ def _tokens_dot_rows(
     DOT_PREC: tl.constexpr,
 ):
     # [BM, BN] fp32: x[i_m, :] . w[o_n, :] over K in BK steps; rows of w with m_rows False are
-    # not read (masked loads move no bytes)
+    # not read (masked loads move no bytes). Without USE_DOT and BM > 1 (small batches on CUDA
+    # cores), the w tile is loaded once per K step and each token's row is dotted with it in turn.
     o_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, K, BK):
         m_k = (k + o_k) < K
-        b_x = tl.load(
-            x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
         b_w = tl.load(
             w_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
             mask=m_rows[:, None] & m_k[None, :],
             other=0.0,
         )
-        if USE_DOT:
-            # [BM, BK] @ [BK, BN] -> [BM, BN]
-            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
+        if USE_DOT or BM == 1:
+            b_x = tl.load(
+                x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
+                mask=m_m[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                # [BM, BK] @ [BK, BN] -> [BM, BN]
+                acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
+            else:
+                acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
         else:
-            acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+            b_wf = b_w.to(tl.float32)
+            for r in range(M):
+                x_r = tl.load(x_ptr + r * stride_xm + (k + o_k) * stride_xk, mask=m_k, other=0.0)
+                d_r = tl.sum(b_wf * x_r.to(tl.float32)[None, :], axis=1)
+                acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
     return acc
 
 
@@ -310,7 +319,7 @@ def _decode_gate_up_kernel(
     o_n = pid * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc_g = _tokens_dot_rows(
-        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC
     )
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
@@ -325,6 +334,7 @@ def _decode_gate_up_kernel(
             m_m,
             o_n,
             m_n & (n_act > 0),
+            M,
             K,
             stride_xm,
             stride_xk,
@@ -394,6 +404,7 @@ def _down_range(
     m_k,
     i_m,
     m_m,
+    M,
     N,
     K,
     BM: tl.constexpr,
@@ -427,17 +438,25 @@ def _down_range(
                 mask=v_c[:, None] & m_k[None, :],
                 other=0.0,
             )
-            b_h = tl.load(
-                h_ptr + i_m[:, None] * N + idx[None, :],
-                mask=m_m[:, None] & v_c[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            if USE_DOT:
-                # [BM, CH] @ [CH, BKD] -> [BM, BKD]
-                acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+            if USE_DOT or BM == 1:
+                b_h = tl.load(
+                    h_ptr + i_m[:, None] * N + idx[None, :],
+                    mask=m_m[:, None] & v_c[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                if USE_DOT:
+                    # [BM, CH] @ [CH, BKD] -> [BM, BKD]
+                    acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+                else:
+                    acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
             else:
-                acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+                # small batch on CUDA cores: the gathered rows once, each token's h in turn
+                b_wf = b_w.to(tl.float32)
+                for r in range(M):
+                    h_r = tl.load(h_ptr + r * N + idx, mask=v_c, other=0.0, cache_modifier=".cg")
+                    d_r = tl.sum(h_r.to(tl.float32)[:, None] * b_wf, axis=0)
+                    acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
     return acc
 
 
@@ -511,7 +530,7 @@ def _decode_down_kernel(
         m_k = o_k < K
         n_hi = tl.minimum(N, (i_s + 1) * NPS)
         acc = _down_range(
-            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
+            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, M, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
         )  # fmt: skip
         m_out = m_m[:, None] & m_k[None, :]
         if NSPLIT == 1:
@@ -615,17 +634,21 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
 
 def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`)."""
-    use_dot = M > 1
-    bm = max(16, _p2(M)) if use_dot else 1
+    # tensor cores (tl.dot, M padded to 16) above the GEMV limits, CUDA cores at or below them
+    use_dot = M > cfg.decode_gemv_max_m
+    down_dot = M > cfg.decode_down_gemv_max_m
+    bm = max(16, _p2(M)) if use_dot else _p2(M)
     sub = max(16, min(cfg.decode_down_sub, _p2(N)))
-    bkd = max(16, min(cfg.decode_down_bk_gemv if M == 1 else cfg.decode_down_bk, _p2(K)))
+    bkd = max(16, min(cfg.decode_down_bk if down_dot else cfg.decode_down_bk_gemv, _p2(K)))
     # units per down program: a whole number of sub-ranges, enough of them that the fp32
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
     return {
         "use_dot": use_dot,
+        "down_dot": down_dot,
         "bm": bm,
+        "bm_down": max(16, _p2(M)) if down_dot else _p2(M),
         # M = 1: the whole K row in one load (a K loop without tl.dot is not pipelined, and each
         # step costs a memory round trip); M > 1: a pipelined tl.dot loop
         "bn": min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256),
@@ -747,11 +770,11 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         p["nps"],
         y.stride(0),
         OUT_DTYPE=out_dt,
-        BM=p["bm"],
+        BM=p["bm_down"],
         BKD=p["bkd"],
         CH=cfg.decode_down_chunk,
         NSPLIT=nsplit,
-        USE_DOT=p["use_dot"],
+        USE_DOT=p["down_dot"],
         DOT_PREC=prec,
         S=slots,
         BPT=bpt,
