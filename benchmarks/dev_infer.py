@@ -72,18 +72,19 @@ def profile(shape, M, a, dtype, path="auto"):
 #: decode configurations compared by --decode-sweep (InferConfig overrides)
 DECODE_VARIANTS = [
     ("decode", {}),
-    ("decode:gemv", {"decode_gemv_max_m": 64}),
-    ("decode:gemv+down", {"decode_gemv_max_m": 64, "decode_down_gemv_max_m": 64}),
-    ("decode:gemv16", {"decode_gemv_max_m": 64, "decode_bn_gemv": 16}),
-    ("decode:gemv4", {"decode_gemv_max_m": 64, "decode_bn_gemv": 4}),
-    ("decode:gemv+down4w", {"decode_gemv_max_m": 64, "decode_down_gemv_max_m": 64, "decode_down_warps": 4}),
+    ("decode:dot2", {"decode_gemv_max_m": 1}),
+    ("decode:gemv4", {"decode_gemv_max_m": 4}),
+    ("decode:s2", {"decode_stages": 2}),
+    ("decode:s4", {"decode_stages": 4}),
+    ("decode:w8", {"decode_warps": 8}),
+    ("decode:bk512", {"decode_bk": 512}),
 ]
 
 
 #: M = 1 only: other unit blocks of the GEMV
 M1_VARIANTS = [
-    ("decode:bn16", {"decode_bn_gemv": 16}),
-    ("decode:bn4", {"decode_bn_gemv": 4}),
+    ("decode:bn8", {"decode_bn_gemv": 8}),
+    ("decode:bn2", {"decode_bn_gemv": 2}),
 ]
 
 

@@ -55,14 +55,17 @@ class InferConfig:
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
-    #: decode stage 1 (gate + up): units per program (8 for the M = 1 GEMV form, 16 with tl.dot
-    #: for M > 1), K step, warps and pipeline stages of the tl.dot loop
-    decode_bn_gemv: int = 8
-    #: largest M whose gate + up stage runs on CUDA cores (the W tile loaded once per K step,
-    #: each token's row dotted with it in turn) rather than tl.dot with M padded to 16
-    decode_gemv_max_m: int = 1
-    #: the same for the down stage
-    decode_down_gemv_max_m: int = 1
+    #: decode stage 1 (gate + up): units per program (4 for the GEMV form, 16 with tl.dot), K
+    #: step, warps and pipeline stages of the tl.dot loop
+    #: (H100, paper shape, 30 active/token, device time, 97647af: M = 1 19.6 us with 4 units per
+    #: program, 20.4 with 8, 24.5 with 16)
+    decode_bn_gemv: int = 4
+    #: largest M whose gate + up stage runs on CUDA cores (the W tile loaded once per K step, each
+    #: token's row dotted with it in turn) instead of tl.dot with M padded to 16. Measured at
+    #: 97647af (H100, same case, 4 units per program): M = 2 24.3 us vs 27.6 with tl.dot; M = 4
+    #: 30.4 vs 30.0; M = 8 46.2 vs 31.7 (a cross-warp reduction per token). The same form for the
+    #: down stage lost everywhere above M = 1 (M = 2 27.6 vs 27.6 us, M = 8 89 vs 32)
+    decode_gemv_max_m: int = 2
     decode_bn_dot: int = 16
     decode_bk: int = 256
     decode_warps: int = 4

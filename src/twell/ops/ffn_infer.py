@@ -13,7 +13,7 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
   * decode (M <= ``decode_max_m``, while the batch's union of active units is small):
     unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
-    (GEMV form at M = 1, tl.dot with M padded to 16 otherwise), then W_up rows only for units
+    (on CUDA cores at M <= ``decode_gemv_max_m``, tl.dot with M padded to 16 above), then W_up rows only for units
     active in some token (masked loads move no bytes), and writes h [M, N] (dense but tiny) and
     the number of tokens activating each unit.
     ``_decode_down_kernel``: programs over (K block, range of units) compact the units some token
@@ -404,7 +404,6 @@ def _down_range(
     m_k,
     i_m,
     m_m,
-    M,
     N,
     K,
     BM: tl.constexpr,
@@ -438,25 +437,17 @@ def _down_range(
                 mask=v_c[:, None] & m_k[None, :],
                 other=0.0,
             )
-            if USE_DOT or BM == 1:
-                b_h = tl.load(
-                    h_ptr + i_m[:, None] * N + idx[None, :],
-                    mask=m_m[:, None] & v_c[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                if USE_DOT:
-                    # [BM, CH] @ [CH, BKD] -> [BM, BKD]
-                    acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
-                else:
-                    acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+            b_h = tl.load(
+                h_ptr + i_m[:, None] * N + idx[None, :],
+                mask=m_m[:, None] & v_c[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            if USE_DOT:
+                # [BM, CH] @ [CH, BKD] -> [BM, BKD]
+                acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
             else:
-                # small batch on CUDA cores: the gathered rows once, each token's h in turn
-                b_wf = b_w.to(tl.float32)
-                for r in range(M):
-                    h_r = tl.load(h_ptr + r * N + idx, mask=v_c, other=0.0, cache_modifier=".cg")
-                    d_r = tl.sum(h_r.to(tl.float32)[:, None] * b_wf, axis=0)
-                    acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
+                acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
     return acc
 
 
@@ -530,7 +521,7 @@ def _decode_down_kernel(
         m_k = o_k < K
         n_hi = tl.minimum(N, (i_s + 1) * NPS)
         acc = _down_range(
-            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, M, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
+            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
         )  # fmt: skip
         m_out = m_m[:, None] & m_k[None, :]
         if NSPLIT == 1:
@@ -634,9 +625,10 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
 
 def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`)."""
-    # tensor cores (tl.dot, M padded to 16) above the GEMV limits, CUDA cores at or below them
+    # gate + up: tensor cores (tl.dot, M padded to 16) above decode_gemv_max_m, CUDA cores at or
+    # below it; down: CUDA cores at M = 1 only
     use_dot = M > cfg.decode_gemv_max_m
-    down_dot = M > cfg.decode_down_gemv_max_m
+    down_dot = M > 1
     bm = max(16, _p2(M)) if use_dot else _p2(M)
     sub = max(16, min(cfg.decode_down_sub, _p2(N)))
     bkd = max(16, min(cfg.decode_down_bk if down_dot else cfg.decode_down_bk_gemv, _p2(K)))
