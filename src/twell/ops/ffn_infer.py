@@ -13,9 +13,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
   * decode (M <= ``decode_max_m``, while the batch's union of active units is small):
     unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
-    (on CUDA cores at M <= ``decode_gemv_max_m``, tl.dot with M padded to 16 above), then W_up rows only for units
-    active in some token (masked loads move no bytes), and writes h [M, N] (dense but tiny) and
-    the number of tokens activating each unit.
+    (on CUDA cores at M <= ``decode_gemv_max_m``, tl.dot with M padded to 16 above), then W_up
+    rows only for units active in some token (masked loads move no bytes), and writes h [M, N]
+    (dense but tiny) and the number of tokens activating each unit.
     ``_decode_down_kernel``: programs over (K block, range of units) compact the units some token
     activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
     M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
