@@ -78,6 +78,8 @@ DECODE_VARIANTS = [
     ("decode:s4", {"decode_stages": 4}),
     ("decode:w8", {"decode_warps": 8}),
     ("decode:bk512", {"decode_bk": 512}),
+    ("decode:acc3", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True}),
+    ("decode:acc3-bn8", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True, "decode_bn_gemv": 8}),
 ]
 
 

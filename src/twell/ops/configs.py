@@ -66,6 +66,10 @@ class InferConfig:
     #: 30.4 vs 30.0; M = 8 46.2 vs 31.7 (a cross-warp reduction per token). The same form for the
     #: down stage lost everywhere above M = 1 (M = 2 27.6 vs 27.6 us, M = 8 89 vs 32)
     decode_gemv_max_m: int = 2
+    #: CUDA-core form for 1 < M <= decode_gemv_max_m: products summed into a [BM, BN, BK]
+    #: accumulator over K and reduced once, instead of a reduction per token and K step (not
+    #: measured on a GPU yet: off)
+    decode_gemv_acc3: bool = False
     decode_bn_dot: int = 16
     decode_bk: int = 256
     decode_warps: int = 4

@@ -245,12 +245,16 @@ def _tokens_dot_rows(
     BK: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ACC3: tl.constexpr,
 ):
     # [BM, BN] fp32: x[i_m, :] . w[o_n, :] over K in BK steps; rows of w with m_rows False are
     # not read (masked loads move no bytes). Without USE_DOT and BM > 1 (small batches on CUDA
-    # cores), the w tile is loaded once per K step and each token's row is dotted with it in turn.
+    # cores): with ACC3, elementwise products summed into a [BM, BN, BK] accumulator across the
+    # K steps and reduced once at the end; otherwise the w tile of each K step is dotted with
+    # each token's row in turn (a cross-warp reduction per token and step).
     o_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN, BK) if ACC3 else (1, 1, 1), dtype=tl.float32)
     for k in range(0, K, BK):
         m_k = (k + o_k) < K
         b_w = tl.load(
@@ -258,7 +262,7 @@ def _tokens_dot_rows(
             mask=m_rows[:, None] & m_k[None, :],
             other=0.0,
         )
-        if USE_DOT or BM == 1:
+        if USE_DOT or BM == 1 or ACC3:
             b_x = tl.load(
                 x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
                 mask=m_m[:, None] & m_k[None, :],
@@ -267,6 +271,8 @@ def _tokens_dot_rows(
             if USE_DOT:
                 # [BM, BK] @ [BK, BN] -> [BM, BN]
                 acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
+            elif ACC3:
+                acc3 += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
             else:
                 acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
         else:
@@ -275,6 +281,8 @@ def _tokens_dot_rows(
                 x_r = tl.load(x_ptr + r * stride_xm + (k + o_k) * stride_xk, mask=m_k, other=0.0)
                 d_r = tl.sum(b_wf * x_r.to(tl.float32)[None, :], axis=1)
                 acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
+    if ACC3:
+        acc = tl.sum(acc3, axis=2)
     return acc
 
 
@@ -305,6 +313,7 @@ def _decode_gate_up_kernel(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KC_P2: tl.constexpr,
+    ACC3: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == 0:
@@ -319,7 +328,7 @@ def _decode_gate_up_kernel(
     o_n = pid * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc_g = _tokens_dot_rows(
-        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC, ACC3
     )
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
@@ -343,6 +352,7 @@ def _decode_gate_up_kernel(
             BK,
             USE_DOT,
             DOT_PREC,
+            ACC3,
         )
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
@@ -630,6 +640,16 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     use_dot = M > cfg.decode_gemv_max_m
     down_dot = M > 1
     bm = max(16, _p2(M)) if use_dot else _p2(M)
+    bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256)
+    acc3 = not use_dot and bm > 1 and cfg.decode_gemv_acc3
+    if use_dot:
+        bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+    elif acc3:
+        bk = max(16, min(_p2(K), 8192 // (bm * bn)))  # the [BM, BN, BK] accumulator: 8K fp32
+    else:
+        # the whole K row in one load (a K loop without tl.dot is not pipelined, and each step
+        # costs a memory round trip)
+        bk = min(_p2(K), 4096)
     sub = max(16, min(cfg.decode_down_sub, _p2(N)))
     bkd = max(16, min(cfg.decode_down_bk if down_dot else cfg.decode_down_bk_gemv, _p2(K)))
     # units per down program: a whole number of sub-ranges, enough of them that the fp32
@@ -641,10 +661,9 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
         "down_dot": down_dot,
         "bm": bm,
         "bm_down": max(16, _p2(M)) if down_dot else _p2(M),
-        # M = 1: the whole K row in one load (a K loop without tl.dot is not pipelined, and each
-        # step costs a memory round trip); M > 1: a pipelined tl.dot loop
-        "bn": min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256),
-        "bk": min(_p2(K), 4096) if not use_dot else max(16, min(cfg.decode_bk, _p2(K), 8192 // bm)),
+        "bn": bn,
+        "bk": bk,
+        "acc3": acc3,
         "bkd": bkd,
         "kc": _cdiv(K, bkd),
         "sub": sub,
@@ -734,6 +753,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         USE_DOT=p["use_dot"],
         DOT_PREC=prec,
         KC_P2=_p2(KC),
+        ACC3=p["acc3"],
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
