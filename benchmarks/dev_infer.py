@@ -80,6 +80,8 @@ DECODE_VARIANTS = [
     ("decode:bk512", {"decode_bk": 512}),
     ("decode:acc3", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True}),
     ("decode:acc3-bn8", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True, "decode_bn_gemv": 8}),
+    ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
+    ("decode:swap64", {"decode_dot_swap": True, "decode_bn_dot": 64}),
 ]
 
 

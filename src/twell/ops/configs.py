@@ -71,6 +71,9 @@ class InferConfig:
     #: measured on a GPU yet: off)
     decode_gemv_acc3: bool = False
     decode_bn_dot: int = 16
+    #: tl.dot form with the units on the MMA's M side and the tokens on its N side (the
+    #: orientation of cuBLAS's small-batch kernels; not measured on a GPU yet: off)
+    decode_dot_swap: bool = False
     decode_bk: int = 256
     decode_warps: int = 4
     decode_stages: int = 3

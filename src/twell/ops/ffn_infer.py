@@ -246,15 +246,18 @@ def _tokens_dot_rows(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ACC3: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     # [BM, BN] fp32: x[i_m, :] . w[o_n, :] over K in BK steps; rows of w with m_rows False are
-    # not read (masked loads move no bytes). Without USE_DOT and BM > 1 (small batches on CUDA
+    # not read (masked loads move no bytes). SWAP (with USE_DOT) puts the units on the MMA's M
+    # side and the tokens on its N side. Without USE_DOT and BM > 1 (small batches on CUDA
     # cores): with ACC3, elementwise products summed into a [BM, BN, BK] accumulator across the
     # K steps and reduced once at the end; otherwise the w tile of each K step is dotted with
     # each token's row in turn (a cross-warp reduction per token and step).
     o_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc3 = tl.zeros((BM, BN, BK) if ACC3 else (1, 1, 1), dtype=tl.float32)
+    acc_t = tl.zeros((BN, BM) if SWAP else (1, 1), dtype=tl.float32)
     for k in range(0, K, BK):
         m_k = (k + o_k) < K
         b_w = tl.load(
@@ -268,7 +271,10 @@ def _tokens_dot_rows(
                 mask=m_m[:, None] & m_k[None, :],
                 other=0.0,
             )
-            if USE_DOT:
+            if USE_DOT and SWAP:
+                # units on the MMA's M side: [BN, BK] @ [BK, BM] -> [BN, BM]
+                acc_t = tl.dot(b_w, tl.trans(b_x), acc_t, input_precision=DOT_PREC)
+            elif USE_DOT:
                 # [BM, BK] @ [BK, BN] -> [BM, BN]
                 acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
             elif ACC3:
@@ -283,6 +289,8 @@ def _tokens_dot_rows(
                 acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
     if ACC3:
         acc = tl.sum(acc3, axis=2)
+    if SWAP:
+        acc = tl.trans(acc_t)
     return acc
 
 
@@ -314,6 +322,7 @@ def _decode_gate_up_kernel(
     DOT_PREC: tl.constexpr,
     KC_P2: tl.constexpr,
     ACC3: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == 0:
@@ -328,7 +337,23 @@ def _decode_gate_up_kernel(
     o_n = pid * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc_g = _tokens_dot_rows(
-        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, USE_DOT, DOT_PREC, ACC3
+        x_ptr,
+        wg_ptr,
+        i_m,
+        m_m,
+        o_n,
+        m_n,
+        M,
+        K,
+        stride_xm,
+        stride_xk,
+        BM,
+        BN,
+        BK,
+        USE_DOT,
+        DOT_PREC,
+        ACC3,
+        SWAP,
     )
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
@@ -353,6 +378,7 @@ def _decode_gate_up_kernel(
             USE_DOT,
             DOT_PREC,
             ACC3,
+            SWAP,
         )
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
@@ -754,6 +780,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         DOT_PREC=prec,
         KC_P2=_p2(KC),
         ACC3=p["acc3"],
+        SWAP=p["use_dot"] and cfg.decode_dot_swap,
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
