@@ -337,24 +337,9 @@ def _decode_gate_up_kernel(
     o_n = pid * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc_g = _tokens_dot_rows(
-        x_ptr,
-        wg_ptr,
-        i_m,
-        m_m,
-        o_n,
-        m_n,
-        M,
-        K,
-        stride_xm,
-        stride_xk,
-        BM,
-        BN,
-        BK,
-        USE_DOT,
-        DOT_PREC,
-        ACC3,
-        SWAP,
-    )
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk,
+        BM, BN, BK, USE_DOT, DOT_PREC, ACC3, SWAP,
+    )  # fmt: skip
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
     n_act = tl.sum(b_act.to(tl.int32), axis=0)
@@ -362,24 +347,9 @@ def _decode_gate_up_kernel(
     if tl.sum(n_act) > 0:
         # rows of W_up of units no token activates are not read
         acc_u = _tokens_dot_rows(
-            x_ptr,
-            wu_ptr,
-            i_m,
-            m_m,
-            o_n,
-            m_n & (n_act > 0),
-            M,
-            K,
-            stride_xm,
-            stride_xk,
-            BM,
-            BN,
-            BK,
-            USE_DOT,
-            DOT_PREC,
-            ACC3,
-            SWAP,
-        )
+            x_ptr, wu_ptr, i_m, m_m, o_n, m_n & (n_act > 0), M, K, stride_xm, stride_xk,
+            BM, BN, BK, USE_DOT, DOT_PREC, ACC3, SWAP,
+        )  # fmt: skip
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
