@@ -82,6 +82,7 @@ DECODE_VARIANTS = [
     ("decode:acc3-bn8", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True, "decode_bn_gemv": 8}),
     ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
     ("decode:swap64", {"decode_dot_swap": True, "decode_bn_dot": 64}),
+    ("decode:down1split", {"decode_down_sub": 2048, "decode_partial_mib": 0}),
 ]
 
 
@@ -89,6 +90,11 @@ DECODE_VARIANTS = [
 M1_VARIANTS = [
     ("decode:bn8", {"decode_bn_gemv": 8}),
     ("decode:bn2", {"decode_bn_gemv": 2}),
+    ("decode:down1split", {"decode_down_sub": 2048, "decode_partial_mib": 0}),
+    (
+        "decode:down1split-bk128",
+        {"decode_down_sub": 2048, "decode_partial_mib": 0, "decode_down_bk_gemv": 128},
+    ),
 ]
 
 
