@@ -69,6 +69,47 @@ def profile(shape, M, a, dtype, path="auto"):
             print(f"  {ev.key[:60]:60s} {ev.device_time_total / max(ev.count, 1):9.1f} us x{ev.count // 10}")
 
 
+def decode_profile(shape, Ms, dtype, variants, rows, env):
+    """Per-kernel device time (torch.profiler) of the decode path, weights rotated over 4 sets, at
+    ~30 active units per token and at none (the gate alone: no unit's W_up or W_down is read)."""
+    K, N = SHAPES[shape]
+    for a in (30, 0):
+        W = _weights(K, N, a, "iid", dtype)
+        for M in Ms:
+            x = _x(M, K, dtype)
+            for name, ov in variants:
+                with override("infer", **ov), torch.no_grad():
+                    for w in W * 2:
+                        ffn_infer(x, *w, path="decode")
+                    torch.cuda.synchronize()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            for w in W:
+                                ffn_infer(x, *w, path="decode")
+                        torch.cuda.synchronize()
+                kern = {
+                    ev.key[:40]: ev.device_time_total / max(ev.count, 1)
+                    for ev in prof.key_averages()
+                    if ev.device_time_total > 0
+                }
+                print(
+                    f"profile M={M:3d} a={a:2d} {name:14s} "
+                    + "  ".join(f"{k} {v:6.1f}us" for k, v in kern.items())
+                )
+                rows.append(
+                    {
+                        "bench": "decode_profile",
+                        "shape": shape,
+                        "M": M,
+                        "active_per_token": a,
+                        "variant": name,
+                        "kernel_us": kern,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        **env,
+                    }
+                )
+
+
 #: decode configurations compared by --decode-sweep (InferConfig overrides)
 DECODE_VARIANTS = [
     ("decode", {}),
@@ -83,6 +124,8 @@ DECODE_VARIANTS = [
     ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
     ("decode:swap64", {"decode_dot_swap": True, "decode_bn_dot": 64}),
     ("decode:down1split", {"decode_down_sub": 2048, "decode_partial_mib": 0}),
+    ("decode:hT", {"decode_h_t": True}),
+    ("decode:hT-swap32", {"decode_h_t": True, "decode_dot_swap": True, "decode_bn_dot": 32}),
 ]
 
 
@@ -310,6 +353,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--recheck", action="store_true", help="only the cases changed after the full run")
     ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
+    ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
     args = ap.parse_args()
     dtype = torch.bfloat16
     env = {
@@ -322,6 +366,17 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     rows: list[dict] = []
     P = "paper-2048x5632"
+    if args.decode_profile:
+        V = [
+            ("decode", {}),
+            ("decode:hT", {"decode_h_t": True}),
+            ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
+        ]
+        decode_profile(P, (1, 2, 8, 16, 32, 64), dtype, V, rows, env)
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return 0
     if args.decode_sweep:
         decode_sweep(P, (1, 2, 4, 8, 16, 32, 64), 30, dtype, args.reps, env, rows)
         with open(args.out, "w") as f:

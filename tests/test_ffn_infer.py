@@ -170,23 +170,26 @@ def test_empty_batch_and_no_stats(kdevice, poison, path):
 
 @pytest.mark.parametrize("M", [2, 16, 33])
 @pytest.mark.parametrize(
-    "sub,partial_mib,gemv,acc3",
-    [(64, 16, 0, False), (32, 0, 0, False), (64, 16, 64, False), (32, 0, 64, True)],
+    "plan",
+    [
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0),
+        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=0),
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=64),
+        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_gemv_acc3=True),
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_dot_swap=True),
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_h_t=True),
+        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_h_t=True),
+    ],
+    ids=["split", "one-split", "gemv", "gemv-acc3", "dot-swap", "h-t", "gemv-h-t"],
 )
-def test_decode_batches_and_split_plans(kdevice, poison, M, sub, partial_mib, gemv, acc3):
-    # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks (gemv: the gate + up
-    # stage on CUDA cores, one token at a time or, acc3, all at once); partial_mib=0 forces a single split whose walk spans many
-    # compacted sub-ranges of `sub` units
+def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
+    # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks; gemv: the gate + up
+    # stage on CUDA cores, one token at a time or (acc3) all at once; dot-swap: units on the MMA's
+    # M side; h-t: h kept unit-major between the stages; decode_partial_mib=0 forces a single
+    # split whose walk spans many compacted sub-ranges of `sub` units
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
-    with override(
-        "infer",
-        decode_down_sub=sub,
-        decode_partial_mib=partial_mib,
-        decode_down_chunk=16,
-        decode_gemv_max_m=gemv,
-        decode_gemv_acc3=acc3,
-    ):
+    with override("infer", decode_down_chunk=16, **plan):
         _check(x, wg, wu, wd, 64, 8, "decode")
 
 

@@ -75,6 +75,10 @@ class InferConfig:
     #: orientation of cuBLAS's small-batch kernels; not measured on a GPU yet: off)
     decode_dot_swap: bool = False
     decode_bk: int = 256
+    #: h between the decode stages stored [N, M] (unit-major): the down stage's gather of a
+    #: unit's M values reads one contiguous row instead of M scattered elements (not measured on
+    #: a GPU yet: off)
+    decode_h_t: bool = False
     decode_warps: int = 4
     decode_stages: int = 3
     #: decode stage 2 (down, W_down^T rows of the batch's active units): K columns per program

@@ -323,6 +323,7 @@ def _decode_gate_up_kernel(
     KC_P2: tl.constexpr,
     ACC3: tl.constexpr,
     SWAP: tl.constexpr,
+    H_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == 0:
@@ -351,7 +352,10 @@ def _decode_gate_up_kernel(
             BM, BN, BK, USE_DOT, DOT_PREC, ACC3, SWAP,
         )  # fmt: skip
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
-    tl.store(h_ptr + i_m[:, None] * N + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
+    # h is [M, N], or [N, M] with H_T (the down stage then gathers each unit's M values from
+    # one contiguous row instead of M scattered elements)
+    p_h = o_n[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + o_n[None, :]
+    tl.store(h_ptr + p_h, b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
@@ -410,6 +414,7 @@ def _down_range(
     m_k,
     i_m,
     m_m,
+    M,
     N,
     K,
     BM: tl.constexpr,
@@ -418,6 +423,7 @@ def _down_range(
     SUB: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    H_T: tl.constexpr,
 ):
     # sum over the units n in [n_lo, n_hi) that some token activates of h[:, n] W_down^T[n, o_k]
     # -> [BM, BKD] fp32
@@ -444,7 +450,7 @@ def _down_range(
                 other=0.0,
             )
             b_h = tl.load(
-                h_ptr + i_m[:, None] * N + idx[None, :],
+                h_ptr + (idx[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + idx[None, :]),
                 mask=m_m[:, None] & v_c[None, :],
                 other=0.0,
                 cache_modifier=".cg",
@@ -514,6 +520,7 @@ def _decode_down_kernel(
     TCH: tl.constexpr,
     SBM: tl.constexpr,
     SUB: tl.constexpr,
+    H_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid == KC * NSPLIT:
@@ -527,7 +534,8 @@ def _decode_down_kernel(
         m_k = o_k < K
         n_hi = tl.minimum(N, (i_s + 1) * NPS)
         acc = _down_range(
-            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC
+            h_ptr, wdt_ptr, nact_ptr, i_s * NPS, n_hi, o_k, m_k, i_m, m_m, M, N, K, BM, BKD, CH, SUB, USE_DOT, DOT_PREC,
+            H_T,
         )  # fmt: skip
         m_out = m_m[:, None] & m_k[None, :]
         if NSPLIT == 1:
@@ -751,6 +759,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         KC_P2=_p2(KC),
         ACC3=p["acc3"],
         SWAP=p["use_dot"] and cfg.decode_dot_swap,
+        H_T=M > 1 and cfg.decode_h_t,
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
@@ -790,6 +799,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         TCH=_stats_tch(NT, bpt, M),
         SBM=_p2(M),
         SUB=p["sub"],
+        H_T=M > 1 and cfg.decode_h_t,
         num_warps=cfg.decode_down_warps,
     )
     ucounts = nact.to(torch.int64) if unit_counts else None
