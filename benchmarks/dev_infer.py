@@ -110,34 +110,28 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
                 )
 
 
-#: decode configurations compared by --decode-sweep (InferConfig overrides)
+#: decode configurations compared by --decode-sweep (InferConfig overrides) at 1 < M <= max M.
+#: Earlier sweeps (decode-sweep-h100-*.log) retired 2/4 stages, 8 warps, 512-column K steps, the
+#: acc3 CUDA-core form at M >= 2 and a one-split down stage: all slower than the default
+_SW = {"decode_dot_swap": True, "decode_bn_dot": 64}
 DECODE_VARIANTS = [
-    ("decode", {}),
-    ("decode:dot2", {"decode_gemv_max_m": 1}),
-    ("decode:gemv4", {"decode_gemv_max_m": 4}),
-    ("decode:s2", {"decode_stages": 2}),
-    ("decode:s4", {"decode_stages": 4}),
-    ("decode:w8", {"decode_warps": 8}),
-    ("decode:bk512", {"decode_bk": 512}),
-    ("decode:acc3", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True}),
-    ("decode:acc3-bn8", {"decode_gemv_max_m": 16, "decode_gemv_acc3": True, "decode_bn_gemv": 8}),
-    ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
-    ("decode:swap64", {"decode_dot_swap": True, "decode_bn_dot": 64}),
-    ("decode:down1split", {"decode_down_sub": 2048, "decode_partial_mib": 0}),
-    ("decode:hT", {"decode_h_t": True}),
-    ("decode:hT-swap32", {"decode_h_t": True, "decode_dot_swap": True, "decode_bn_dot": 32}),
+    ("decode", {}, 128),
+    ("decode:swap64", _SW, 128),
+    ("decode:swap64-hT", {**_SW, "decode_h_t": True}, 128),
+    ("decode:swap128-hT", {**_SW, "decode_bn_dot": 128, "decode_h_t": True}, 128),
+    ("decode:swap64-hT-pdl", {**_SW, "decode_h_t": True, "decode_pdl": True}, 128),
+    ("decode:pdl", {"decode_pdl": True}, 2),
+    ("decode:fused", {"decode_fused_max_m": 2}, 2),
+    ("decode:fused-c8k", {"decode_fused_max_m": 2, "decode_tail_chunk": 8192}, 2),
 ]
 
 
-#: M = 1 only: other unit blocks of the GEMV
+#: M = 1 only
 M1_VARIANTS = [
-    ("decode:bn8", {"decode_bn_gemv": 8}),
-    ("decode:bn2", {"decode_bn_gemv": 2}),
-    ("decode:down1split", {"decode_down_sub": 2048, "decode_partial_mib": 0}),
-    (
-        "decode:down1split-bk128",
-        {"decode_down_sub": 2048, "decode_partial_mib": 0, "decode_down_bk_gemv": 128},
-    ),
+    ("decode:pdl", {"decode_pdl": True}),
+    ("decode:fused", {"decode_fused_max_m": 1}),
+    ("decode:fused-c8k", {"decode_fused_max_m": 1, "decode_tail_chunk": 8192}),
+    ("decode:fused-c32k", {"decode_fused_max_m": 1, "decode_tail_chunk": 32768}),
 ]
 
 
@@ -150,7 +144,12 @@ def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
         with torch.no_grad():
             d_ms = _time([(lambda w=w, x=x: _dense_ffn(x, *w)) for w in W], reps)[0]
             ref = _ref32(x, W[0])
-            for name, ov in DECODE_VARIANTS if M > 1 else DECODE_VARIANTS[:1] + M1_VARIANTS:
+            variants = (
+                [(n, o) for n, o, top in DECODE_VARIANTS if M <= top]
+                if M > 1
+                else [DECODE_VARIANTS[0][:2]] + M1_VARIANTS
+            )
+            for name, ov in variants:
                 with override("infer", **ov), warnings.catch_warnings():
                     # ffn_infer answers a decode compile failure with the dense path and a warning:
                     # here that must fail the variant, not time dense under its name
@@ -379,6 +378,7 @@ def main() -> int:
         return 0
     if args.decode_sweep:
         decode_sweep(P, (1, 2, 4, 8, 16, 32, 64), 30, dtype, args.reps, env, rows)
+        decode_sweep("llama3-8b-4096x14336", (1, 2, 8), 30, dtype, args.reps, env, rows)
         with open(args.out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

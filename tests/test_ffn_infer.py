@@ -193,6 +193,32 @@ def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
         _check(x, wg, wu, wd, 64, 8, "decode")
 
 
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("case", ["sparse", "none active", "dense token", "nan token"])
+def test_decode_fused_one_launch(kdevice, poison, M, case):
+    # M <= decode_fused_max_m: one kernel, the last program runs the down projection over the
+    # sorted unit list. A fully active token overflows the list (its capacity is M * NT * slots
+    # = 64 entries here) and is computed by the walk over all units; two calls in a row check
+    # that the list count and the ticket are back at zero after each call
+    x, wg, wu, wd = make_sparse_ffn(M, 48, 300, 6, device=kdevice, seed=7 + M)
+    if case == "none active":
+        x[:, 0] = 1e4
+    elif case == "dense token":
+        x[M - 1, 0] = -30.0
+    elif case == "nan token":
+        x[M - 1, 5] = float("nan")
+    with override("infer", decode_fused_max_m=2, decode_gemv_max_m=2):
+        for _ in range(2):
+            if case == "nan token":
+                y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=4, path="decode")
+                assert torch.isnan(y[M - 1]).all()
+                if M > 1:
+                    y64, _, y_torch = _ref(x[:1], wg, wu, wd, 64, 4)
+                    assert_close(y[:1], y64, name="y without the NaN token", dtype=x.dtype, baseline=y_torch)
+            else:
+                _check(x, wg, wu, wd, 64, 4, "decode")
+
+
 def test_decode_scratch_reused_between_calls(kdevice):
     # without poisoning, eager decode calls of one shape reuse one scratch set; a call with other
     # inputs (a fully active token, then a sparse batch again) still matches the reference

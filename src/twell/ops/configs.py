@@ -66,6 +66,16 @@ class InferConfig:
     #: 30.4 vs 30.0; M = 8 46.2 vs 31.7 (a cross-warp reduction per token). The same form for the
     #: down stage lost everywhere above M = 1 (M = 2 27.6 vs 27.6 us, M = 8 89 vs 32)
     decode_gemv_max_m: int = 2
+    #: largest M decoded in one launch: the gate + up kernel appends the units some token
+    #: activates to a list and its last program computes the down projection (no second kernel,
+    #: no launch gap). Only with the CUDA-core gate + up form (M <= decode_gemv_max_m)
+    decode_fused_max_m: int = 0
+    #: launch the decode down kernel with programmatic dependent launch (CUDA, sm_90+): it is
+    #: scheduled while the gate + up grid drains and waits on it in-kernel (not measured yet: off)
+    decode_pdl: bool = False
+    #: elements of the fused tail's W_down^T chunk [rows, K] (rows = this // (p2(K) * p2(M)), at
+    #: most 16)
+    decode_tail_chunk: int = 16384
     #: CUDA-core form for 1 < M <= decode_gemv_max_m: products summed into a [BM, BN, BK]
     #: accumulator over K and reduced once, instead of a reduction per token and K step (not
     #: measured on a GPU yet: off)

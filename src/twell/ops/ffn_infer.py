@@ -304,13 +304,22 @@ def _decode_gate_up_kernel(
     bl1_ptr,
     nact_ptr,
     sem_ptr,
+    wdt_ptr,
+    y_ptr,
+    list_ptr,
+    fz_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
     M,
     N,
     K,
     NB,
+    NT,
     KC,
     stride_xm,
     stride_xk,
+    stride_ym,
     OUT_DTYPE: tl.constexpr,
     BITS_DTYPE: tl.constexpr,
     INF_BITS: tl.constexpr,
@@ -324,7 +333,21 @@ def _decode_gate_up_kernel(
     ACC3: tl.constexpr,
     SWAP: tl.constexpr,
     H_T: tl.constexpr,
+    FUSED: tl.constexpr,
+    CAP: tl.constexpr,
+    CHF: tl.constexpr,
+    BKF: tl.constexpr,
+    SUB: tl.constexpr,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+    SBM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # the down kernel (launched with programmatic dependent launch) may be scheduled now; it
+        # waits for this grid's completion and memory before its first instruction
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid == 0:
         # tickets of the down kernel's split reduction start at 0 on every call
@@ -359,6 +382,101 @@ def _decode_gate_up_kernel(
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
+    if FUSED:
+        # one launch: the units some token activates are appended to a list (fz[0] counts them),
+        # and the last program to finish (fz[1] is the ticket) runs the down projection
+        f_u = m_n & (n_act > 0)
+        n_u = tl.sum(f_u.to(tl.int32), axis=0)
+        if n_u > 0:
+            base = tl.atomic_add(fz_ptr, n_u)
+            pos = base + tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+            tl.store(list_ptr + pos, o_n, mask=f_u & (pos < CAP))
+        tl.debug_barrier()
+        ticket = tl.atomic_add(fz_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if ticket == NB - 1:
+            _decode_tail(
+                h_ptr, wdt_ptr, nact_ptr, list_ptr, fz_ptr, y_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr,
+                over_ptr, M, N, K, NB, NT, stride_ym, OUT_DTYPE, BM, BKF, CAP, CHF, SUB, DOT_PREC,
+                S, BPT, TCH, SBM,
+            )  # fmt: skip
+
+
+@triton.jit
+def _decode_tail(
+    h_ptr,
+    wdt_ptr,
+    nact_ptr,
+    list_ptr,
+    fz_ptr,
+    y_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
+    M,
+    N,
+    K,
+    NB,
+    NT,
+    stride_ym,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BKF: tl.constexpr,
+    CAP: tl.constexpr,
+    CHF: tl.constexpr,
+    SUB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+    SBM: tl.constexpr,
+):
+    # the down projection of a small batch in one program, run by the last program of the fused
+    # decode kernel: y = h[:, list] @ W_down^T[list, :] over the listed units in ascending order
+    # (the list is filled in completion order; sorting makes the sum order, hence y, the same on
+    # every call). CAP >= M * NT * S, so a list that overflows means some token has more than
+    # NT * S active units, hence an overflowing tile that the statistics count; the walk over
+    # all N units then computes y exactly
+    _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+    cnt = tl.atomic_add(fz_ptr, 0)
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    o_k = tl.arange(0, BKF)
+    m_k = o_k < K
+    if cnt <= CAP:
+        o_l = tl.arange(0, CAP)
+        ids = tl.load(list_ptr + o_l, mask=o_l < cnt, other=N, cache_modifier=".cg")
+        ids = tl.reshape(tl.sort(ids), (CAP // CHF, CHF))
+        o_r = tl.arange(0, CAP // CHF)
+        acc = tl.zeros((BM, BKF), dtype=tl.float32)
+        for c in range(0, tl.cdiv(cnt, CHF)):
+            # chunk c of the sorted list: CHF W_down^T rows (whole K) in one load
+            idx = tl.sum(tl.where(o_r[:, None] == c, ids, 0), axis=0)
+            v = idx < N
+            b_w = tl.load(
+                wdt_ptr + idx[:, None].to(tl.int64) * K + o_k[None, :],
+                mask=v[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_h = tl.load(
+                h_ptr + i_m[:, None] * N + idx[None, :],
+                mask=m_m[:, None] & v[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
+    else:
+        acc = _down_range(
+            h_ptr, wdt_ptr, nact_ptr, 0, N, o_k, m_k, i_m, m_m, M, N, K, BM, BKF, CHF, SUB, False,
+            DOT_PREC, False,
+        )  # fmt: skip
+    tl.store(
+        y_ptr + i_m[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_m[:, None] & m_k[None, :]
+    )
+    # ready for the next call
+    tl.store(fz_ptr, 0)
+    tl.store(fz_ptr + 1, 0)
 
 
 @triton.jit
@@ -521,7 +639,10 @@ def _decode_down_kernel(
     SBM: tl.constexpr,
     SUB: tl.constexpr,
     H_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the gate + up grid has completed and its writes are visible
     pid = tl.program_id(0)
     if pid == KC * NSPLIT:
         _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
@@ -660,7 +781,15 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
+    # one launch (gate + up, then the down projection in the last program) for small batches on
+    # CUDA cores: the fused tail's chunk of W_down^T rows [chf, K] stays at tail_chunk elements
+    fused = not use_dot and M <= cfg.decode_fused_max_m
+    bkf = _p2(K)
+    chf = max(1, min(16, cfg.decode_tail_chunk // (bkf * bm)))
     return {
+        "fused": fused,
+        "bkf": bkf,
+        "chf": chf,
         "use_dot": use_dot,
         "down_dot": down_dot,
         "bm": bm,
@@ -680,9 +809,11 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
 _SCRATCH: dict[tuple, tuple] = {}
 
 
-def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool):
-    """Scratch of the two decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
-    counts, the K-block tickets and the fp32 partials of the split down projection (or None).
+def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, cap: int, dtype, dev, reuse: bool):
+    """Scratch of the decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
+    counts, the K-block tickets, the fp32 partials of the split down projection (or None), and for
+    the fused form the unit list (``cap`` entries) with its count and ticket (two zeros, which the
+    kernel's last program restores after each call).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -694,7 +825,7 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
     key = None
     if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K, cap)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -705,6 +836,8 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
         _alloc.empty((N,), dtype=torch.int32, device=dev),
         _alloc.empty((KC,), dtype=torch.int32, device=dev),
         _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else None,
+        _alloc.empty((max(cap, 1),), dtype=torch.int32, device=dev),
+        torch.zeros(2, dtype=torch.int32, device=dev),
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
@@ -729,8 +862,18 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     p = _decode_plan(M, K, N, cfg)
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
-    KC, nsplit = p["kc"], p["nsplit"]
-    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse)
+    KC, nsplit, fused = p["kc"], p["nsplit"], p["fused"]
+    # list capacity of the fused form: M * NT * slots entries, so that only a batch with an
+    # overflowing (token, tile) can overflow it (see _decode_tail)
+    cap = max(p["chf"], min(_p2(M * NT * slots), _p2(N))) if fused else 0
+    h, bcnt, bl1, nact, sem, part, ulist, fz = _decode_scratch(
+        M, N, NB, KC, nsplit, K, cap, x.dtype, dev, reuse
+    )
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    l0, l1, over = _stats_bufs(dev)
+    bpt = tile // bn
+    wdt = down_t(w_down)
+    pdl = cfg.decode_pdl and not fused and x.is_cuda
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -740,13 +883,22 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         bl1,
         nact,
         sem,
+        wdt,
+        y,
+        ulist,
+        fz,
+        l0,
+        l1,
+        over,
         M,
         N,
         K,
         NB,
+        NT,
         KC,
         x.stride(0),
         x.stride(1),
+        y.stride(0),
         OUT_DTYPE=out_dt,
         BITS_DTYPE=bits_dt,
         INF_BITS=inf_bits,
@@ -759,17 +911,84 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         KC_P2=_p2(KC),
         ACC3=p["acc3"],
         SWAP=p["use_dot"] and cfg.decode_dot_swap,
-        H_T=M > 1 and cfg.decode_h_t,
+        H_T=M > 1 and cfg.decode_h_t and not fused,
+        FUSED=fused,
+        CAP=max(cap, 1),
+        CHF=p["chf"],
+        BKF=p["bkf"],
+        SUB=p["sub"],
+        S=slots,
+        BPT=bpt,
+        TCH=_stats_tch(NT, bpt, M),
+        SBM=_p2(M),
+        PDL=pdl,
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
-    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    if not fused:
+        _launch_down(
+            p,
+            cfg,
+            h,
+            wdt,
+            nact,
+            y,
+            part,
+            sem,
+            bcnt,
+            bl1,
+            l0,
+            l1,
+            over,
+            M,
+            N,
+            K,
+            NB,
+            NT,
+            KC,
+            nsplit,
+            out_dt,
+            prec,
+            slots,
+            bpt,
+            pdl,
+        )
+    ucounts = nact.to(torch.int64) if unit_counts else None
+    return y, l0, l1, over, ucounts
+
+
+def _launch_down(
+    p,
+    cfg,
+    h,
+    wdt,
+    nact,
+    y,
+    part,
+    sem,
+    bcnt,
+    bl1,
+    l0,
+    l1,
+    over,
+    M,
+    N,
+    K,
+    NB,
+    NT,
+    KC,
+    nsplit,
+    out_dt,
+    prec,
+    slots,
+    bpt,
+    pdl,
+):
+    """Decode stage 2 (the separate down kernel, see _decode_down_kernel)."""
     part = y if part is None else part
-    l0, l1, over = _stats_bufs(dev)
-    bpt = tile // bn
     _decode_down_kernel[(KC * nsplit + 1,)](
         h,
-        down_t(w_down),
+        wdt,
         nact,
         y,
         part,
@@ -800,10 +1019,10 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         SBM=_p2(M),
         SUB=p["sub"],
         H_T=M > 1 and cfg.decode_h_t,
+        PDL=pdl,
         num_warps=cfg.decode_down_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
-    ucounts = nact.to(torch.int64) if unit_counts else None
-    return y, l0, l1, over, ucounts
 
 
 def _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts):
