@@ -179,14 +179,16 @@ def test_empty_batch_and_no_stats(kdevice, poison, path):
         dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_dot_swap=True),
         dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_h_t=True),
         dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_h_t=True),
+        dict(decode_gemv_max_m=0, decode_dot_swap=True, decode_h_t=True, decode_pdl=True),
     ],
-    ids=["split", "one-split", "gemv", "gemv-acc3", "dot-swap", "h-t", "gemv-h-t"],
+    ids=["split", "one-split", "gemv", "gemv-acc3", "dot-swap", "h-t", "gemv-h-t", "swap-h-t-pdl"],
 )
 def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
     # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks; gemv: the gate + up
     # stage on CUDA cores, one token at a time or (acc3) all at once; dot-swap: units on the MMA's
     # M side; h-t: h kept unit-major between the stages; decode_partial_mib=0 forces a single
-    # split whose walk spans many compacted sub-ranges of `sub` units
+    # split whose walk spans many compacted sub-ranges of `sub` units; pdl (CUDA only): the down
+    # kernel launched with programmatic dependent launch
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
     with override("infer", decode_down_chunk=16, **plan):
