@@ -111,27 +111,23 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 
 
 #: decode configurations compared by --decode-sweep (InferConfig overrides) at 1 < M <= max M.
-#: Earlier sweeps (decode-sweep-h100-*.log) retired 2/4 stages, 8 warps, 512-column K steps, the
-#: acc3 CUDA-core form at M >= 2 and a one-split down stage: all slower than the default
-_SW = {"decode_dot_swap": True, "decode_bn_dot": 64}
+#: Earlier sweeps (benchmarks/results/decode-sweep-h100-*.log) retired 2/4 stages, 8 warps,
+#: 512-column K steps, a CUDA-core [BM, BN, BK] accumulator, a one-split down stage, 128 units per
+#: tl.dot program and a one-launch form (the down projection in the gate kernel's last program:
+#: M = 1 31.8 us against 19.4)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
-    ("decode:swap64", _SW, 128),
-    ("decode:swap64-hT", {**_SW, "decode_h_t": True}, 128),
-    ("decode:swap128-hT", {**_SW, "decode_bn_dot": 128, "decode_h_t": True}, 128),
-    ("decode:swap64-hT-pdl", {**_SW, "decode_h_t": True, "decode_pdl": True}, 128),
-    ("decode:pdl", {"decode_pdl": True}, 2),
-    ("decode:fused", {"decode_fused_max_m": 2}, 2),
-    ("decode:fused-c8k", {"decode_fused_max_m": 2, "decode_tail_chunk": 8192}, 2),
+    ("decode:no-pdl", {"decode_pdl": False}, 128),
+    ("decode:bn32", {"decode_bn_dot": 32}, 128),
+    ("decode:row-major-h", {"decode_h_t": False}, 16),
+    ("decode:unswapped16", {"decode_dot_swap": False, "decode_bn_dot": 16}, 128),
 ]
 
 
 #: M = 1 only
 M1_VARIANTS = [
-    ("decode:pdl", {"decode_pdl": True}),
-    ("decode:fused", {"decode_fused_max_m": 1}),
-    ("decode:fused-c8k", {"decode_fused_max_m": 1, "decode_tail_chunk": 8192}),
-    ("decode:fused-c32k", {"decode_fused_max_m": 1, "decode_tail_chunk": 32768}),
+    ("decode:no-pdl", {"decode_pdl": False}),
+    ("decode:bn8", {"decode_bn_gemv": 8}),
 ]
 
 

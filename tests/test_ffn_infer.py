@@ -175,50 +175,23 @@ def test_empty_batch_and_no_stats(kdevice, poison, path):
         dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0),
         dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=0),
         dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=64),
-        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_gemv_acc3=True),
-        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_dot_swap=True),
-        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_h_t=True),
-        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_h_t=True),
-        dict(decode_gemv_max_m=0, decode_dot_swap=True, decode_h_t=True, decode_pdl=True),
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_dot_swap=False),
+        dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_h_t=False),
+        dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_h_t=False),
+        dict(decode_gemv_max_m=0, decode_pdl=False, decode_bn_dot=16),
     ],
-    ids=["split", "one-split", "gemv", "gemv-acc3", "dot-swap", "h-t", "gemv-h-t", "swap-h-t-pdl"],
+    ids=["split", "one-split", "gemv", "unswapped-dot", "row-major-h", "gemv-row-major-h", "no-pdl-bn16"],
 )
 def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
-    # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks; gemv: the gate + up
-    # stage on CUDA cores, one token at a time or (acc3) all at once; dot-swap: units on the MMA's
-    # M side; h-t: h kept unit-major between the stages; decode_partial_mib=0 forces a single
-    # split whose walk spans many compacted sub-ranges of `sub` units; pdl (CUDA only): the down
-    # kernel launched with programmatic dependent launch
+    # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks. Defaults: the gate + up
+    # tl.dot with the units on the MMA's M side, h unit-major between the stages, the down kernel
+    # launched with programmatic dependent launch (CUDA only); each plan turns one off. gemv: the
+    # gate + up stage on CUDA cores, one token at a time; decode_partial_mib=0 forces a single
+    # split whose walk spans many compacted sub-ranges of `sub` units
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
     with override("infer", decode_down_chunk=16, **plan):
         _check(x, wg, wu, wd, 64, 8, "decode")
-
-
-@pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("case", ["sparse", "none active", "dense token", "nan token"])
-def test_decode_fused_one_launch(kdevice, poison, M, case):
-    # M <= decode_fused_max_m: one kernel, the last program runs the down projection over the
-    # sorted unit list. A fully active token overflows the list (its capacity is M * NT * slots
-    # = 64 entries here) and is computed by the walk over all units; two calls in a row check
-    # that the list count and the ticket are back at zero after each call
-    x, wg, wu, wd = make_sparse_ffn(M, 48, 300, 6, device=kdevice, seed=7 + M)
-    if case == "none active":
-        x[:, 0] = 1e4
-    elif case == "dense token":
-        x[M - 1, 0] = -30.0
-    elif case == "nan token":
-        x[M - 1, 5] = float("nan")
-    with override("infer", decode_fused_max_m=2, decode_gemv_max_m=2):
-        for _ in range(2):
-            if case == "nan token":
-                y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=4, path="decode")
-                assert torch.isnan(y[M - 1]).all()
-                if M > 1:
-                    y64, _, y_torch = _ref(x[:1], wg, wu, wd, 64, 4)
-                    assert_close(y[:1], y64, name="y without the NaN token", dtype=x.dtype, baseline=y_torch)
-            else:
-                _check(x, wg, wu, wd, 64, 4, "decode")
 
 
 def test_decode_scratch_reused_between_calls(kdevice):

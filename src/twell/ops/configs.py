@@ -48,14 +48,14 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    #: (H100, paper shape, ~30 active units per token, W_down^T gather with 128-column blocks,
-    #: device time vs dense: M = 1 2.20x, 2 1.59x, 4 1.36x, 8 1.39x, 16 1.22x, 32 0.96x, 64 0.59x)
-    decode_max_m: int = 16
+    #: (H100, paper shape, ~30 active units per token, device time vs dense, 9355b88 with the
+    #: defaults below: M = 1 2.44x, 2 1.88x, 4 1.77x, 8 1.69x, 16 1.52x, 32 1.21x, 64 0.71x)
+    decode_max_m: int = 32
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
-    #: decode stage 1 (gate + up): units per program (4 for the GEMV form, 16 with tl.dot), K
+    #: decode stage 1 (gate + up): units per program of the GEMV form (tl.dot form below), K
     #: step, warps and pipeline stages of the tl.dot loop
     #: (H100, paper shape, 30 active/token, device time, 97647af: M = 1 19.6 us with 4 units per
     #: program, 20.4 with 8, 24.5 with 16)
@@ -66,29 +66,24 @@ class InferConfig:
     #: 30.4 vs 30.0; M = 8 46.2 vs 31.7 (a cross-warp reduction per token). The same form for the
     #: down stage lost everywhere above M = 1 (M = 2 27.6 vs 27.6 us, M = 8 89 vs 32)
     decode_gemv_max_m: int = 2
-    #: largest M decoded in one launch: the gate + up kernel appends the units some token
-    #: activates to a list and its last program computes the down projection (no second kernel,
-    #: no launch gap). Only with the CUDA-core gate + up form (M <= decode_gemv_max_m)
-    decode_fused_max_m: int = 0
-    #: launch the decode down kernel with programmatic dependent launch (CUDA, sm_90+): it is
-    #: scheduled while the gate + up grid drains and waits on it in-kernel (not measured yet: off)
-    decode_pdl: bool = False
-    #: elements of the fused tail's W_down^T chunk [rows, K] (rows = this // (p2(K) * p2(M)), at
-    #: most 16)
-    decode_tail_chunk: int = 16384
-    #: CUDA-core form for 1 < M <= decode_gemv_max_m: products summed into a [BM, BN, BK]
-    #: accumulator over K and reduced once, instead of a reduction per token and K step (not
-    #: measured on a GPU yet: off)
-    decode_gemv_acc3: bool = False
-    decode_bn_dot: int = 16
-    #: tl.dot form with the units on the MMA's M side and the tokens on its N side (the
-    #: orientation of cuBLAS's small-batch kernels; not measured on a GPU yet: off)
-    decode_dot_swap: bool = False
+    #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
+    #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
+    #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,
+    #: M = 2 24.9 -> 23.7, and 1-2 us at M = 4..32 with the swapped dot and unit-major h
+    decode_pdl: bool = True
+    #: tl.dot form: units per program, and the orientation with the units on the MMA's M side and
+    #: the tokens on its N side (as cuBLAS's small-batch kernels do). Measured at 9355b88 against
+    #: 16 units per program unswapped: M = 4 26.6 vs 29.7 us, M = 8 28.1 vs 31.7, M = 16 31.7 vs
+    #: 36.0, M = 32 43.4 vs 46.2; 128 units per program was slower (M = 8 34.2 us) and 32 units
+    #: (ec5a81d) between the two. A CUDA-core form summing products into a [BM, BN, BK]
+    #: accumulator lost at every M (M = 2 27.5 vs 24.6 us, M = 8 54.0 vs 31.7, ec5a81d)
+    decode_bn_dot: int = 64
+    decode_dot_swap: bool = True
     decode_bk: int = 256
     #: h between the decode stages stored [N, M] (unit-major): the down stage's gather of a
-    #: unit's M values reads one contiguous row instead of M scattered elements (not measured on
-    #: a GPU yet: off)
-    decode_h_t: bool = False
+    #: unit's M values reads one contiguous row instead of M scattered elements. Down kernel at
+    #: ec5a81d: M = 32 18.4 vs 22.4 us, M = 64 38.7 vs 51.2; the same within 1 us at M <= 16
+    decode_h_t: bool = True
     decode_warps: int = 4
     decode_stages: int = 3
     #: decode stage 2 (down, W_down^T rows of the batch's active units): K columns per program
@@ -107,8 +102,9 @@ class InferConfig:
     dense_above_prefill: float = 52.0
     #: decode: fraction of units active in at least one token of the batch above which dense is
     #: faster. Sparse reads (1 + 2 union) / 3 of dense's bytes, but its down walk slows with the
-    #: union: measured 1.22x dense at a union of 8 % (M = 16) and 0.96x at 16 % (M = 32)
-    decode_dense_union: float = 0.12
+    #: union: measured at 9355b88 1.52x dense at a union of 8 % (M = 16), 1.21x at 16 % (M = 32)
+    #: and 0.71x at 29 % (M = 64)
+    decode_dense_union: float = 0.18
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
     #: once a weight has an estimate, one call in this many measures its density for the dispatcher

@@ -13,21 +13,22 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
   * decode (M <= ``decode_max_m``, while the batch's union of active units is small):
     unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
-    (on CUDA cores at M <= ``decode_gemv_max_m``, tl.dot with M padded to 16 above), then W_up
-    rows only for units active in some token (masked loads move no bytes), and writes h [M, N]
-    (dense but tiny) and the number of tokens activating each unit.
-    ``_decode_down_kernel``: programs over (K block, range of units) compact the units some token
-    activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
-    M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
-    and writes y; one extra program reduces the statistics.
+    (on CUDA cores at M <= ``decode_gemv_max_m``; above it tl.dot with the units on the MMA's M
+    side and the tokens, padded to 16, on its N side), then W_up rows only for units active in
+    some token (masked loads move no bytes), and writes h (unit-major [N, M], tiny) and the
+    number of tokens activating each unit.
+    ``_decode_down_kernel`` (launched with programmatic dependent launch on sm_90+, so it is
+    scheduled while the first grid drains): programs over (K block, range of units) compact the
+    units some token activates (512 per step) and gather their W_down^T row segments 16 per load
+    (tl.dot for M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums
+    the partials and writes y; one extra program reduces the statistics.
   * dense: 2 cuBLAS GEMMs, ``_relu_mul_stats_kernel`` (h = relu(g) u and the statistics in one
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): decode M = 1 2.06-2.21x, M = 8 1.34-1.41x, M = 16 1.22-1.25x (0.99x at M = 32, so the
-dense path runs from M = 17 to 1023); prefill M = 2048 1.22x, M = 16384 1.41x (gate_pack 571 us +
-up/down 614 us = 1.25 ns per (token x active unit)), M = 131072 1.40x; Llama-3-8B shape 2.32x at
-M = 1 and 1.64x at M = 16384. Numbers and what bounds them: docs/kernels.md.
+GEMMs): decode M = 1 2.44x, M = 2 1.88x, M = 8 1.69x, M = 16 1.52x, M = 32 1.21x (0.71x at M = 64,
+so the dense path runs from M = 33 to 1023); prefill (twell bench, 4459a52) M = 2048 1.31x,
+M = 16384 1.54x, M = 131072 1.56x; Llama-3-8B shape 2.48x at M = 1 and 1.60x at M = 16384. Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
 (NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). No host
@@ -38,6 +39,7 @@ capture works (under capture the decision is frozen).
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 import weakref
@@ -245,18 +247,14 @@ def _tokens_dot_rows(
     BK: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    ACC3: tl.constexpr,
     SWAP: tl.constexpr,
 ):
     # [BM, BN] fp32: x[i_m, :] . w[o_n, :] over K in BK steps; rows of w with m_rows False are
     # not read (masked loads move no bytes). SWAP (with USE_DOT) puts the units on the MMA's M
     # side and the tokens on its N side. Without USE_DOT and BM > 1 (small batches on CUDA
-    # cores): with ACC3, elementwise products summed into a [BM, BN, BK] accumulator across the
-    # K steps and reduced once at the end; otherwise the w tile of each K step is dotted with
-    # each token's row in turn (a cross-warp reduction per token and step).
+    # cores), the w tile of each K step is dotted with each token's row in turn.
     o_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc3 = tl.zeros((BM, BN, BK) if ACC3 else (1, 1, 1), dtype=tl.float32)
     acc_t = tl.zeros((BN, BM) if SWAP else (1, 1), dtype=tl.float32)
     for k in range(0, K, BK):
         m_k = (k + o_k) < K
@@ -265,7 +263,7 @@ def _tokens_dot_rows(
             mask=m_rows[:, None] & m_k[None, :],
             other=0.0,
         )
-        if USE_DOT or BM == 1 or ACC3:
+        if USE_DOT or BM == 1:
             b_x = tl.load(
                 x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
                 mask=m_m[:, None] & m_k[None, :],
@@ -277,8 +275,6 @@ def _tokens_dot_rows(
             elif USE_DOT:
                 # [BM, BK] @ [BK, BN] -> [BM, BN]
                 acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=DOT_PREC)
-            elif ACC3:
-                acc3 += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
             else:
                 acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
         else:
@@ -287,8 +283,6 @@ def _tokens_dot_rows(
                 x_r = tl.load(x_ptr + r * stride_xm + (k + o_k) * stride_xk, mask=m_k, other=0.0)
                 d_r = tl.sum(b_wf * x_r.to(tl.float32)[None, :], axis=1)
                 acc += tl.where((i_m == r)[:, None], d_r[None, :], 0.0)
-    if ACC3:
-        acc = tl.sum(acc3, axis=2)
     if SWAP:
         acc = tl.trans(acc_t)
     return acc
@@ -304,22 +298,13 @@ def _decode_gate_up_kernel(
     bl1_ptr,
     nact_ptr,
     sem_ptr,
-    wdt_ptr,
-    y_ptr,
-    list_ptr,
-    fz_ptr,
-    l0_ptr,
-    l1_ptr,
-    over_ptr,
     M,
     N,
     K,
     NB,
-    NT,
     KC,
     stride_xm,
     stride_xk,
-    stride_ym,
     OUT_DTYPE: tl.constexpr,
     BITS_DTYPE: tl.constexpr,
     INF_BITS: tl.constexpr,
@@ -330,23 +315,13 @@ def _decode_gate_up_kernel(
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KC_P2: tl.constexpr,
-    ACC3: tl.constexpr,
     SWAP: tl.constexpr,
     H_T: tl.constexpr,
-    FUSED: tl.constexpr,
-    CAP: tl.constexpr,
-    CHF: tl.constexpr,
-    BKF: tl.constexpr,
-    SUB: tl.constexpr,
-    S: tl.constexpr,
-    BPT: tl.constexpr,
-    TCH: tl.constexpr,
-    SBM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:
-        # the down kernel (launched with programmatic dependent launch) may be scheduled now; it
-        # waits for this grid's completion and memory before its first instruction
+        # the down kernel, launched with programmatic dependent launch, may be scheduled from now
+        # on; it waits in-kernel for this grid's completion and memory (gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid == 0:
@@ -362,7 +337,7 @@ def _decode_gate_up_kernel(
     m_n = o_n < N
     acc_g = _tokens_dot_rows(
         x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk,
-        BM, BN, BK, USE_DOT, DOT_PREC, ACC3, SWAP,
+        BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
     )  # fmt: skip
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
@@ -372,7 +347,7 @@ def _decode_gate_up_kernel(
         # rows of W_up of units no token activates are not read
         acc_u = _tokens_dot_rows(
             x_ptr, wu_ptr, i_m, m_m, o_n, m_n & (n_act > 0), M, K, stride_xm, stride_xk,
-            BM, BN, BK, USE_DOT, DOT_PREC, ACC3, SWAP,
+            BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
         )  # fmt: skip
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     # h is [M, N], or [N, M] with H_T (the down stage then gathers each unit's M values from
@@ -382,101 +357,6 @@ def _decode_gate_up_kernel(
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
-    if FUSED:
-        # one launch: the units some token activates are appended to a list (fz[0] counts them),
-        # and the last program to finish (fz[1] is the ticket) runs the down projection
-        f_u = m_n & (n_act > 0)
-        n_u = tl.sum(f_u.to(tl.int32), axis=0)
-        if n_u > 0:
-            base = tl.atomic_add(fz_ptr, n_u)
-            pos = base + tl.cumsum(f_u.to(tl.int32), axis=0) - 1
-            tl.store(list_ptr + pos, o_n, mask=f_u & (pos < CAP))
-        tl.debug_barrier()
-        ticket = tl.atomic_add(fz_ptr + 1, 1, sem="acq_rel", scope="gpu")
-        if ticket == NB - 1:
-            _decode_tail(
-                h_ptr, wdt_ptr, nact_ptr, list_ptr, fz_ptr, y_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr,
-                over_ptr, M, N, K, NB, NT, stride_ym, OUT_DTYPE, BM, BKF, CAP, CHF, SUB, DOT_PREC,
-                S, BPT, TCH, SBM,
-            )  # fmt: skip
-
-
-@triton.jit
-def _decode_tail(
-    h_ptr,
-    wdt_ptr,
-    nact_ptr,
-    list_ptr,
-    fz_ptr,
-    y_ptr,
-    bcnt_ptr,
-    bl1_ptr,
-    l0_ptr,
-    l1_ptr,
-    over_ptr,
-    M,
-    N,
-    K,
-    NB,
-    NT,
-    stride_ym,
-    OUT_DTYPE: tl.constexpr,
-    BM: tl.constexpr,
-    BKF: tl.constexpr,
-    CAP: tl.constexpr,
-    CHF: tl.constexpr,
-    SUB: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    S: tl.constexpr,
-    BPT: tl.constexpr,
-    TCH: tl.constexpr,
-    SBM: tl.constexpr,
-):
-    # the down projection of a small batch in one program, run by the last program of the fused
-    # decode kernel: y = h[:, list] @ W_down^T[list, :] over the listed units in ascending order
-    # (the list is filled in completion order; sorting makes the sum order, hence y, the same on
-    # every call). CAP >= M * NT * S, so a list that overflows means some token has more than
-    # NT * S active units, hence an overflowing tile that the statistics count; the walk over
-    # all N units then computes y exactly
-    _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
-    cnt = tl.atomic_add(fz_ptr, 0)
-    i_m = tl.arange(0, BM)
-    m_m = i_m < M
-    o_k = tl.arange(0, BKF)
-    m_k = o_k < K
-    if cnt <= CAP:
-        o_l = tl.arange(0, CAP)
-        ids = tl.load(list_ptr + o_l, mask=o_l < cnt, other=N, cache_modifier=".cg")
-        ids = tl.reshape(tl.sort(ids), (CAP // CHF, CHF))
-        o_r = tl.arange(0, CAP // CHF)
-        acc = tl.zeros((BM, BKF), dtype=tl.float32)
-        for c in range(0, tl.cdiv(cnt, CHF)):
-            # chunk c of the sorted list: CHF W_down^T rows (whole K) in one load
-            idx = tl.sum(tl.where(o_r[:, None] == c, ids, 0), axis=0)
-            v = idx < N
-            b_w = tl.load(
-                wdt_ptr + idx[:, None].to(tl.int64) * K + o_k[None, :],
-                mask=v[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            b_h = tl.load(
-                h_ptr + i_m[:, None] * N + idx[None, :],
-                mask=m_m[:, None] & v[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            acc += tl.sum(b_h.to(tl.float32)[:, :, None] * b_w.to(tl.float32)[None, :, :], axis=1)
-    else:
-        acc = _down_range(
-            h_ptr, wdt_ptr, nact_ptr, 0, N, o_k, m_k, i_m, m_m, M, N, K, BM, BKF, CHF, SUB, False,
-            DOT_PREC, False,
-        )  # fmt: skip
-    tl.store(
-        y_ptr + i_m[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_m[:, None] & m_k[None, :]
-    )
-    # ready for the next call
-    tl.store(fz_ptr, 0)
-    tl.store(fz_ptr + 1, 0)
 
 
 @triton.jit
@@ -766,11 +646,8 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     down_dot = M > 1
     bm = max(16, _p2(M)) if use_dot else _p2(M)
     bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256)
-    acc3 = not use_dot and bm > 1 and cfg.decode_gemv_acc3
     if use_dot:
         bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
-    elif acc3:
-        bk = max(16, min(_p2(K), 8192 // (bm * bn)))  # the [BM, BN, BK] accumulator: 8K fp32
     else:
         # the whole K row in one load (a K loop without tl.dot is not pipelined, and each step
         # costs a memory round trip)
@@ -781,22 +658,13 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
-    # one launch (gate + up, then the down projection in the last program) for small batches on
-    # CUDA cores: the fused tail's chunk of W_down^T rows [chf, K] stays at tail_chunk elements
-    fused = not use_dot and M <= cfg.decode_fused_max_m
-    bkf = _p2(K)
-    chf = max(1, min(16, cfg.decode_tail_chunk // (bkf * bm)))
     return {
-        "fused": fused,
-        "bkf": bkf,
-        "chf": chf,
         "use_dot": use_dot,
         "down_dot": down_dot,
         "bm": bm,
         "bm_down": max(16, _p2(M)) if down_dot else _p2(M),
         "bn": bn,
         "bk": bk,
-        "acc3": acc3,
         "bkd": bkd,
         "kc": _cdiv(K, bkd),
         "sub": sub,
@@ -809,11 +677,9 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
 _SCRATCH: dict[tuple, tuple] = {}
 
 
-def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, cap: int, dtype, dev, reuse: bool):
-    """Scratch of the decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
-    counts, the K-block tickets, the fp32 partials of the split down projection (or None), and for
-    the fused form the unit list (``cap`` entries) with its count and ticket (two zeros, which the
-    kernel's last program restores after each call).
+def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool):
+    """Scratch of the two decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
+    counts, the K-block tickets and the fp32 partials of the split down projection (or None).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -825,7 +691,7 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, cap: 
     key = None
     if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K, cap)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -836,14 +702,19 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, cap: 
         _alloc.empty((N,), dtype=torch.int32, device=dev),
         _alloc.empty((KC,), dtype=torch.int32, device=dev),
         _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else None,
-        _alloc.empty((max(cap, 1),), dtype=torch.int32, device=dev),
-        torch.zeros(2, dtype=torch.int32, device=dev),
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
             _SCRATCH.pop(next(iter(_SCRATCH)), None)
         _SCRATCH[key] = bufs
     return bufs
+
+
+@functools.cache
+def _pdl_ok(dev: torch.device) -> bool:
+    """Programmatic dependent launch is usable: sm_90+ and a Triton with grid dependency control."""
+    cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)
+    return torch.cuda.get_device_capability(dev)[0] >= 9 and hasattr(cuda_ext, "gdc_wait")
 
 
 def _stats_tch(NT: int, bpt: int, M: int) -> int:
@@ -862,18 +733,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     p = _decode_plan(M, K, N, cfg)
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
-    KC, nsplit, fused = p["kc"], p["nsplit"], p["fused"]
-    # list capacity of the fused form: M * NT * slots entries, so that only a batch with an
-    # overflowing (token, tile) can overflow it (see _decode_tail)
-    cap = max(p["chf"], min(_p2(M * NT * slots), _p2(N))) if fused else 0
-    h, bcnt, bl1, nact, sem, part, ulist, fz = _decode_scratch(
-        M, N, NB, KC, nsplit, K, cap, x.dtype, dev, reuse
-    )
-    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    l0, l1, over = _stats_bufs(dev)
-    bpt = tile // bn
-    wdt = down_t(w_down)
-    pdl = cfg.decode_pdl and not fused and x.is_cuda
+    KC, nsplit = p["kc"], p["nsplit"]
+    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse)
+    pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev)
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -883,22 +745,13 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         bl1,
         nact,
         sem,
-        wdt,
-        y,
-        ulist,
-        fz,
-        l0,
-        l1,
-        over,
         M,
         N,
         K,
         NB,
-        NT,
         KC,
         x.stride(0),
         x.stride(1),
-        y.stride(0),
         OUT_DTYPE=out_dt,
         BITS_DTYPE=bits_dt,
         INF_BITS=inf_bits,
@@ -909,86 +762,19 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         USE_DOT=p["use_dot"],
         DOT_PREC=prec,
         KC_P2=_p2(KC),
-        ACC3=p["acc3"],
         SWAP=p["use_dot"] and cfg.decode_dot_swap,
-        H_T=M > 1 and cfg.decode_h_t and not fused,
-        FUSED=fused,
-        CAP=max(cap, 1),
-        CHF=p["chf"],
-        BKF=p["bkf"],
-        SUB=p["sub"],
-        S=slots,
-        BPT=bpt,
-        TCH=_stats_tch(NT, bpt, M),
-        SBM=_p2(M),
+        H_T=M > 1 and cfg.decode_h_t,
         PDL=pdl,
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
-    if not fused:
-        _launch_down(
-            p,
-            cfg,
-            h,
-            wdt,
-            nact,
-            y,
-            part,
-            sem,
-            bcnt,
-            bl1,
-            l0,
-            l1,
-            over,
-            M,
-            N,
-            K,
-            NB,
-            NT,
-            KC,
-            nsplit,
-            out_dt,
-            prec,
-            slots,
-            bpt,
-            pdl,
-        )
-    ucounts = nact.to(torch.int64) if unit_counts else None
-    return y, l0, l1, over, ucounts
-
-
-def _launch_down(
-    p,
-    cfg,
-    h,
-    wdt,
-    nact,
-    y,
-    part,
-    sem,
-    bcnt,
-    bl1,
-    l0,
-    l1,
-    over,
-    M,
-    N,
-    K,
-    NB,
-    NT,
-    KC,
-    nsplit,
-    out_dt,
-    prec,
-    slots,
-    bpt,
-    pdl,
-):
-    """Decode stage 2 (the separate down kernel, see _decode_down_kernel)."""
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     part = y if part is None else part
+    l0, l1, over = _stats_bufs(dev)
+    bpt = tile // bn
     _decode_down_kernel[(KC * nsplit + 1,)](
         h,
-        wdt,
+        down_t(w_down),
         nact,
         y,
         part,
@@ -1023,6 +809,8 @@ def _launch_down(
         num_warps=cfg.decode_down_warps,
         **({"launch_pdl": True} if pdl else {}),
     )
+    ucounts = nact.to(torch.int64) if unit_counts else None
+    return y, l0, l1, over, ucounts
 
 
 def _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts):
