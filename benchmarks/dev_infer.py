@@ -121,6 +121,9 @@ DECODE_VARIANTS = [
     ("decode:bn32", {"decode_bn_dot": 32}, 128),
     ("decode:row-major-h", {"decode_h_t": False}, 16),
     ("decode:unswapped16", {"decode_dot_swap": False, "decode_bn_dot": 16}, 128),
+    ("decode:down-bk256", {"decode_down_bk": 256}, 128),
+    ("decode:sub1024", {"decode_down_sub": 1024}, 128),
+    ("decode:sub256", {"decode_down_sub": 256}, 128),
 ]
 
 
@@ -128,6 +131,10 @@ DECODE_VARIANTS = [
 M1_VARIANTS = [
     ("decode:no-pdl", {"decode_pdl": False}),
     ("decode:bn8", {"decode_bn_gemv": 8}),
+    ("decode:down-bk128", {"decode_down_bk_gemv": 128}),
+    ("decode:down-bk512", {"decode_down_bk_gemv": 512}),
+    ("decode:sub1024", {"decode_down_sub": 1024}),
+    ("decode:sub256", {"decode_down_sub": 256}),
 ]
 
 
@@ -348,6 +355,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--recheck", action="store_true", help="only the cases changed after the full run")
     ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
+    ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -373,8 +381,8 @@ def main() -> int:
                 f.write(json.dumps(r) + "\n")
         return 0
     if args.decode_sweep:
-        decode_sweep(P, (1, 2, 4, 8, 16, 32, 64), 30, dtype, args.reps, env, rows)
-        decode_sweep("llama3-8b-4096x14336", (1, 2, 8), 30, dtype, args.reps, env, rows)
+        decode_sweep(P, tuple(args.decode_ms), 30, dtype, args.reps, env, rows)
+        decode_sweep("llama3-8b-4096x14336", (1, 8), 30, dtype, args.reps, env, rows)
         with open(args.out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
