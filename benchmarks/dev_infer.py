@@ -124,6 +124,7 @@ DECODE_VARIANTS = [
     ("decode:down-bk256", {"decode_down_bk": 256}, 128),
     ("decode:sub1024", {"decode_down_sub": 1024}, 128),
     ("decode:sub256", {"decode_down_sub": 256}, 128),
+    ("decode:chunk32", {"decode_down_chunk": 32}, 128),
 ]
 
 
