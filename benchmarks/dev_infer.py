@@ -132,8 +132,8 @@ DECODE_VARIANTS = [
 M1_VARIANTS = [
     ("decode:no-pdl", {"decode_pdl": False}),
     ("decode:bn8", {"decode_bn_gemv": 8}),
-    ("decode:down-bk128", {"decode_down_bk_gemv": 128}),
-    ("decode:down-bk512", {"decode_down_bk_gemv": 512}),
+    ("decode:down-kc16", {"decode_down_kc_gemv": 16}),
+    ("decode:down-kc4", {"decode_down_kc_gemv": 4}),
     ("decode:sub1024", {"decode_down_sub": 1024}),
     ("decode:sub256", {"decode_down_sub": 256}),
 ]

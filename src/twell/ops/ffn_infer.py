@@ -653,7 +653,8 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
         # costs a memory round trip)
         bk = min(_p2(K), 4096)
     sub = max(16, min(cfg.decode_down_sub, _p2(N)))
-    bkd = max(16, min(cfg.decode_down_bk if down_dot else cfg.decode_down_bk_gemv, _p2(K)))
+    bkd = cfg.decode_down_bk if down_dot else _p2(_cdiv(K, max(1, cfg.decode_down_kc_gemv)))
+    bkd = max(16, min(bkd, _p2(K)))
     # units per down program: a whole number of sub-ranges, enough of them that the fp32
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
