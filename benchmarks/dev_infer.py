@@ -125,6 +125,9 @@ DECODE_VARIANTS = [
     ("decode:sub1024", {"decode_down_sub": 1024}, 128),
     ("decode:sub256", {"decode_down_sub": 256}, 128),
     ("decode:chunk32", {"decode_down_chunk": 32}, 128),
+    ("decode:bkup512", {"decode_bk_up": 512}, 128),
+    ("decode:bkup512-s2", {"decode_bk_up": 512, "decode_stages": 2}, 128),
+    ("decode:bkup1024-s2", {"decode_bk_up": 1024, "decode_stages": 2}, 128),
 ]
 
 

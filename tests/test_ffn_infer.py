@@ -179,13 +179,24 @@ def test_empty_batch_and_no_stats(kdevice, poison, path):
         dict(decode_down_sub=64, decode_partial_mib=16, decode_gemv_max_m=0, decode_h_t=False),
         dict(decode_down_sub=32, decode_partial_mib=0, decode_gemv_max_m=64, decode_h_t=False),
         dict(decode_gemv_max_m=0, decode_pdl=False, decode_bn_dot=16),
+        dict(decode_gemv_max_m=0, decode_bk=16, decode_bk_up=32),
     ],
-    ids=["split", "one-split", "gemv", "unswapped-dot", "row-major-h", "gemv-row-major-h", "no-pdl-bn16"],
+    ids=[
+        "split",
+        "one-split",
+        "gemv",
+        "unswapped-dot",
+        "row-major-h",
+        "gemv-row-major-h",
+        "no-pdl-bn16",
+        "bk-up",
+    ],
 )
 def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
     # M > 1 gathers the batch's active W_down^T rows into tl.dot chunks. Defaults: the gate + up
     # tl.dot with the units on the MMA's M side, h unit-major between the stages, the down kernel
-    # launched with programmatic dependent launch (CUDA only); each plan turns one off. gemv: the
+    # launched with programmatic dependent launch (CUDA only); each plan turns one off. bk-up: the
+    # W_up loop with a longer K step than the gate loop (K = 32: 2 gate steps, 1 up step). gemv: the
     # gate + up stage on CUDA cores, one token at a time; decode_partial_mib=0 forces a single
     # split whose walk spans many compacted sub-ranges of `sub` units
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)

@@ -80,6 +80,10 @@ class InferConfig:
     decode_bn_dot: int = 64
     decode_dot_swap: bool = True
     decode_bk: int = 256
+    #: K step of the W_up loop of the tl.dot form (0: decode_bk). That loop reads only the rows of
+    #: units some token activates (a few of 64 at M = 8), so it is latency-bound: fewer, longer
+    #: steps may hide more of it (not measured on a GPU yet: 0)
+    decode_bk_up: int = 0
     #: h between the decode stages stored [N, M] (unit-major): the down stage's gather of a
     #: unit's M values reads one contiguous row instead of M scattered elements. Down kernel at
     #: ec5a81d: M = 32 18.4 vs 22.4 us, M = 64 38.7 vs 51.2; the same within 1 us at M <= 16

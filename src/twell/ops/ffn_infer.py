@@ -312,6 +312,7 @@ def _decode_gate_up_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BK_UP: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KC_P2: tl.constexpr,
@@ -347,7 +348,7 @@ def _decode_gate_up_kernel(
         # rows of W_up of units no token activates are not read
         acc_u = _tokens_dot_rows(
             x_ptr, wu_ptr, i_m, m_m, o_n, m_n & (n_act > 0), M, K, stride_xm, stride_xk,
-            BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
+            BM, BN, BK_UP, USE_DOT, DOT_PREC, SWAP,
         )  # fmt: skip
     b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
     # h is [M, N], or [N, M] with H_T (the down stage then gathers each unit's M values from
@@ -648,10 +649,11 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256)
     if use_dot:
         bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+        bk_up = max(16, min(cfg.decode_bk_up or cfg.decode_bk, _p2(K), 16384 // bm))
     else:
         # the whole K row in one load (a K loop without tl.dot is not pipelined, and each step
         # costs a memory round trip)
-        bk = min(_p2(K), 4096)
+        bk = bk_up = min(_p2(K), 4096)
     sub = max(16, min(cfg.decode_down_sub, _p2(N)))
     bkd = cfg.decode_down_bk if down_dot else _p2(_cdiv(K, max(1, cfg.decode_down_kc_gemv)))
     bkd = max(16, min(bkd, _p2(K)))
@@ -666,6 +668,7 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
         "bm_down": max(16, _p2(M)) if down_dot else _p2(M),
         "bn": bn,
         "bk": bk,
+        "bk_up": bk_up,
         "bkd": bkd,
         "kc": _cdiv(K, bkd),
         "sub": sub,
@@ -760,6 +763,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         BM=p["bm"],
         BN=bn,
         BK=p["bk"],
+        BK_UP=p["bk_up"],
         USE_DOT=p["use_dot"],
         DOT_PREC=prec,
         KC_P2=_p2(KC),
