@@ -351,6 +351,12 @@ def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False)
     torch.cuda.empty_cache()
 
 
+def _write_rows(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -376,20 +382,16 @@ def main() -> int:
     if args.decode_profile:
         V = [
             ("decode", {}),
-            ("decode:hT", {"decode_h_t": True}),
-            ("decode:swap32", {"decode_dot_swap": True, "decode_bn_dot": 32}),
+            ("decode:row-major-h", {"decode_h_t": False}),
+            ("decode:unswapped16", {"decode_dot_swap": False, "decode_bn_dot": 16}),
         ]
         decode_profile(P, (1, 2, 8, 16, 32, 64), dtype, V, rows, env)
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _write_rows(args.out, rows)
         return 0
     if args.decode_sweep:
         decode_sweep(P, tuple(args.decode_ms), 30, dtype, args.reps, env, rows)
         decode_sweep("llama3-8b-4096x14336", (1, 8), 30, dtype, args.reps, env, rows)
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _write_rows(args.out, rows)
         return 0
     if args.profile:
         for M, path in (
@@ -444,9 +446,7 @@ def main() -> int:
             run_case(shape, M, a, pattern, dtype, args.reps, variants, env, rows, gate)
         except Exception as e:  # record and go on: one failing case must not lose the others
             print(f"FAILED {shape} M={M} a={a} {pattern}: {e!r}"[:800], flush=True)
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        _write_rows(args.out, rows)
     return 0
 
 

@@ -184,8 +184,9 @@ def synced_ms(fn: Callable, device: torch.device | str, reps: int) -> list[float
     (CUDA events on a GPU, wall clock elsewhere): for work long enough that host gaps do not matter
     (roofline probes, whole-model forwards)."""
     times = []
+    cuda = torch.device(device).type == "cuda"
     for _ in range(reps):
-        if torch.device(device).type == "cuda":
+        if cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()

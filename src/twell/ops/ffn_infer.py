@@ -26,9 +26,10 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): decode M = 1 2.44x, M = 2 1.88x, M = 8 1.69x, M = 16 1.52x, M = 32 1.21x (0.71x at M = 64,
-so the dense path runs from M = 33 to 1023); prefill (twell bench, 4459a52) M = 2048 1.31x,
-M = 16384 1.54x, M = 131072 1.56x; Llama-3-8B shape 2.48x at M = 1 and 1.60x at M = 16384. Numbers and what bounds them: docs/kernels.md.
+GEMMs): decode (dev sweep, 129474d) M = 1 2.39x, M = 2 1.79x, M = 8 1.62x, M = 16 1.52x,
+M = 32 1.23x (0.70x at M = 64, so the dense path runs from M = 33 to 1023); prefill (twell bench,
+129474d) M = 2048 1.32x, M = 16384 1.52x, M = 131072 1.53x; Llama-3-8B shape 2.70x at M = 1
+(370c65a) and 1.63x at M = 16384. Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
 (NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). No host
@@ -663,6 +664,9 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
     return {
         "use_dot": use_dot,
+        "swap": use_dot and cfg.decode_dot_swap,
+        # h unit-major between the stages (both kernels must agree); the same layout at M = 1
+        "h_t": M > 1 and cfg.decode_h_t,
         "down_dot": down_dot,
         "bm": bm,
         "bm_down": max(16, _p2(M)) if down_dot else _p2(M),
@@ -682,8 +686,9 @@ _SCRATCH: dict[tuple, tuple] = {}
 
 
 def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool):
-    """Scratch of the two decode kernels: h [M, N], per-(token, unit block) counts and l1, per-unit
-    counts, the K-block tickets and the fp32 partials of the split down projection (or None).
+    """Scratch of the two decode kernels: h (M x N values, in the layout the plan picks),
+    per-(token, unit block) counts and l1, per-unit counts, the K-block tickets and the fp32
+    partials of the split down projection (or None).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -767,8 +772,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         USE_DOT=p["use_dot"],
         DOT_PREC=prec,
         KC_P2=_p2(KC),
-        SWAP=p["use_dot"] and cfg.decode_dot_swap,
-        H_T=M > 1 and cfg.decode_h_t,
+        SWAP=p["swap"],
+        H_T=p["h_t"],
         PDL=pdl,
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
@@ -809,7 +814,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         TCH=_stats_tch(NT, bpt, M),
         SBM=_p2(M),
         SUB=p["sub"],
-        H_T=M > 1 and cfg.decode_h_t,
+        H_T=p["h_t"],
         PDL=pdl,
         num_warps=cfg.decode_down_warps,
         **({"launch_pdl": True} if pdl else {}),
