@@ -46,6 +46,8 @@ GATE_VARIANTS = [
     ("gate_pack:noflatten", {"flatten": False}),
     ("gate_pack:tl.store", {"use_asm_store": False}),
     ("gate_pack:plain", {"use_tma": "never"}),
+    ("gate_pack:lean", {"lean_epilogue": True}),
+    ("gate_pack:lean-noflatten", {"lean_epilogue": True, "flatten": False}),
 ]
 
 
@@ -128,17 +130,17 @@ DECODE_VARIANTS = [
     ("decode:bkup512", {"decode_bk_up": 512}, 128),
     ("decode:bkup512-s2", {"decode_bk_up": 512, "decode_stages": 2}, 128),
     ("decode:bkup1024-s2", {"decode_bk_up": 1024, "decode_stages": 2}, 128),
+    ("decode:atomic", {"decode_atomic_max_m": 2}, 2),
 ]
 
 
 #: M = 1 only
 M1_VARIANTS = [
     ("decode:no-pdl", {"decode_pdl": False}),
-    ("decode:bn8", {"decode_bn_gemv": 8}),
-    ("decode:down-kc16", {"decode_down_kc_gemv": 16}),
-    ("decode:down-kc4", {"decode_down_kc_gemv": 4}),
-    ("decode:sub1024", {"decode_down_sub": 1024}),
-    ("decode:sub256", {"decode_down_sub": 256}),
+    ("decode:atomic", {"decode_atomic_max_m": 1}),
+    ("decode:atomic-bn2", {"decode_atomic_max_m": 1, "decode_bn_gemv": 2}),
+    ("decode:atomic-bn8", {"decode_atomic_max_m": 1, "decode_bn_gemv": 8}),
+    ("decode:atomic-no-pdl", {"decode_atomic_max_m": 1, "decode_pdl": False}),
 ]
 
 
@@ -285,6 +287,13 @@ def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False)
 
     def twell(i, path):
         wg, wu, wd = W[i]
+        if path.endswith("+lean"):  # the gate_pack epilogue with fewer instructions per element
+
+            def lean():
+                with override("gate", lean_epilogue=True):
+                    return ffn_infer(x, wg, wu, wd, path=path[: -len("+lean")])
+
+            return lean
         return lambda: ffn_infer(x, wg, wu, wd, path=path)
 
     with torch.no_grad():
@@ -367,6 +376,7 @@ def main() -> int:
     ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
+    ap.add_argument("--gate-sweep", action="store_true", help="gate_pack epilogue variants, M = 2048..131072")
     args = ap.parse_args()
     dtype = torch.bfloat16
     env = {
@@ -388,9 +398,15 @@ def main() -> int:
         decode_profile(P, (1, 2, 8, 16, 32, 64), dtype, V, rows, env)
         _write_rows(args.out, rows)
         return 0
+    if args.gate_sweep:
+        for M in (2048, 16384, 131072):
+            run_case(P, M, 30, "iid", dtype, args.reps, ["auto", "auto+lean"], env, rows, gate="all")
+        _write_rows(args.out, rows)
+        return 0
     if args.decode_sweep:
         decode_sweep(P, tuple(args.decode_ms), 30, dtype, args.reps, env, rows)
-        decode_sweep("llama3-8b-4096x14336", (1, 8), 30, dtype, args.reps, env, rows)
+        llama_ms = tuple(m for m in args.decode_ms if m in (1, 8)) or (1,)
+        decode_sweep("llama3-8b-4096x14336", llama_ms, 30, dtype, args.reps, env, rows)
         _write_rows(args.out, rows)
         return 0
     if args.profile:

@@ -222,6 +222,45 @@ def test_decode_scratch_reused_between_calls(kdevice):
     assert len(fi._SCRATCH) == 1
 
 
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("K,bk_up", [(48, 0), (40, 16)], ids=["one-step", "k-loop"])
+def test_decode_atomic_down(kdevice, poison, M, K, bk_up):
+    # the CUDA-core gate + up programs add h W_down^T into an fp32 accumulator by atomics; a second
+    # kernel rounds it into y and zeroes it. Sparse, none active, every unit active (all tiles
+    # overflow), a NaN token, and repeated calls (the reused accumulator must start at zero)
+    from twell.ops import ffn_infer as fi
+
+    plan = dict(decode_atomic_max_m=2, decode_gemv_max_m=2, decode_bk_up=bk_up)
+    with override("infer", **plan):
+        p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
+        assert p["atomic"] and p["one_step"] == (bk_up == 0)
+        for active in (12, 0, 300, 12):
+            x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
+            y, st = _check(x, wg, wu, wd, 64, 8, "decode")
+            assert bool(y.any()) == (active > 0)
+            assert int(st.overflow_rows) == (M if active == 300 else 0)
+        x[M - 1, 5] = float("nan")
+        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
+        assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
+        x[M - 1, 5] = 0.0
+        _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
+
+
+def test_decode_atomic_down_off_when_deterministic():
+    from twell.ops import ffn_infer as fi
+
+    with override("infer", decode_atomic_max_m=2, decode_gemv_max_m=2):
+        cfg = fi.get_config("infer")
+        assert fi._decode_plan(1, 64, 300, cfg)["atomic"]
+        assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
+        finally:
+            torch.use_deterministic_algorithms(was)
+
+
 def test_decode_compile_failure_falls_back_to_dense(kdevice, monkeypatch):
     # a decode kernel that does not compile on some install: warned once, the dense path answers
     from triton.compiler.errors import CompilationError

@@ -290,6 +290,68 @@ def _tokens_dot_rows(
 
 
 @triton.jit
+def _up_down_atomic(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    acc_ptr,
+    b_g,
+    b_act,
+    i_m,
+    m_m,
+    o_n,
+    m_rows,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    ONE_STEP: tl.constexpr,
+):
+    # CUDA-core form (BM <= 2): u of the rows m_rows (units some token activates), h = g u
+    # rounded to the activation dtype, then acc[M, K] (fp32) += h @ W_down^T[o_n] by atomic adds;
+    # returns h [BM, BN]. With ONE_STEP (K <= BK) the W_up and W_down^T rows are loaded together,
+    # so the whole down projection costs this program one memory round trip.
+    o_k = tl.arange(0, BK)
+    m_x = m_m[:, None]
+    if ONE_STEP:
+        m_k = o_k < K
+        p_w = o_n[:, None].to(tl.int64) * K + o_k[None, :]
+        m_w = m_rows[:, None] & m_k[None, :]
+        b_u = tl.load(wu_ptr + p_w, mask=m_w, other=0.0).to(tl.float32)
+        b_d = tl.load(wdt_ptr + p_w, mask=m_w, other=0.0).to(tl.float32)
+        b_x = tl.load(
+            x_ptr + i_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_x & m_k[None, :], other=0.0
+        ).to(tl.float32)
+        acc_u = tl.sum(b_x[:, None, :] * b_u[None, :, :], axis=2)
+        b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
+        c = tl.sum(b_h.to(tl.float32)[:, :, None] * b_d[None, :, :], axis=1)
+        tl.atomic_add(acc_ptr + i_m[:, None] * K + o_k[None, :], c, mask=m_x & m_k[None, :], sem="relaxed")
+    else:
+        acc_u = _tokens_dot_rows(
+            x_ptr, wu_ptr, i_m, m_m, o_n, m_rows, M, K, stride_xm, stride_xk,
+            BM, BN, BK, False, "ieee", False,
+        )  # fmt: skip
+        b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
+        b_hf = b_h.to(tl.float32)
+        for k in range(0, K, BK):
+            m_k = (k + o_k) < K
+            b_d = tl.load(
+                wdt_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
+                mask=m_rows[:, None] & m_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            c = tl.sum(b_hf[:, :, None] * b_d[None, :, :], axis=1)
+            tl.atomic_add(
+                acc_ptr + i_m[:, None] * K + (k + o_k)[None, :], c, mask=m_x & m_k[None, :], sem="relaxed"
+            )
+    return b_h
+
+
+@triton.jit
 def _decode_gate_up_kernel(
     x_ptr,
     wg_ptr,
@@ -299,6 +361,8 @@ def _decode_gate_up_kernel(
     bl1_ptr,
     nact_ptr,
     sem_ptr,
+    wdt_ptr,
+    acc_ptr,
     M,
     N,
     K,
@@ -320,6 +384,8 @@ def _decode_gate_up_kernel(
     SWAP: tl.constexpr,
     H_T: tl.constexpr,
     PDL: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    ONE_STEP: tl.constexpr,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -344,18 +410,28 @@ def _decode_gate_up_kernel(
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
     n_act = tl.sum(b_act.to(tl.int32), axis=0)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    if tl.sum(n_act) > 0:
-        # rows of W_up of units no token activates are not read
-        acc_u = _tokens_dot_rows(
-            x_ptr, wu_ptr, i_m, m_m, o_n, m_n & (n_act > 0), M, K, stride_xm, stride_xk,
-            BM, BN, BK_UP, USE_DOT, DOT_PREC, SWAP,
-        )  # fmt: skip
-    b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
-    # h is [M, N], or [N, M] with H_T (the down stage then gathers each unit's M values from
-    # one contiguous row instead of M scattered elements)
-    p_h = o_n[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + o_n[None, :]
-    tl.store(h_ptr + p_h, b_h, mask=m_m[:, None] & m_n[None, :])
+    if ATOMIC:
+        # this program also runs the down projection of its active units (fp32 atomic adds into
+        # acc; the finishing kernel rounds acc into y and zeroes it), so h never reaches memory
+        b_h = tl.zeros((BM, BN), dtype=OUT_DTYPE)
+        if tl.sum(n_act) > 0:
+            b_h = _up_down_atomic(
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, b_g, b_act, i_m, m_m, o_n, m_n & (n_act > 0), M, K,
+                stride_xm, stride_xk, OUT_DTYPE, BM, BN, BK_UP, ONE_STEP,
+            )  # fmt: skip
+    else:
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        if tl.sum(n_act) > 0:
+            # rows of W_up of units no token activates are not read
+            acc_u = _tokens_dot_rows(
+                x_ptr, wu_ptr, i_m, m_m, o_n, m_n & (n_act > 0), M, K, stride_xm, stride_xk,
+                BM, BN, BK_UP, USE_DOT, DOT_PREC, SWAP,
+            )  # fmt: skip
+        b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
+        # h is [M, N], or [N, M] with H_T (the down stage then gathers each unit's M values from
+        # one contiguous row instead of M scattered elements)
+        p_h = o_n[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + o_n[None, :]
+        tl.store(h_ptr + p_h, b_h, mask=m_m[:, None] & m_n[None, :])
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
@@ -552,6 +628,46 @@ def _decode_down_kernel(
                 _sum_partials(part_ptr, y_ptr, i_m, o_k, m_out, M, K, stride_ym, OUT_DTYPE, BM, BKD, NSPLIT)
 
 
+@triton.jit
+def _decode_finish_kernel(
+    acc_ptr,
+    y_ptr,
+    bcnt_ptr,
+    bl1_ptr,
+    l0_ptr,
+    l1_ptr,
+    over_ptr,
+    M,
+    K,
+    NB,
+    NT,
+    stride_ym,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BKF: tl.constexpr,
+    S: tl.constexpr,
+    BPT: tl.constexpr,
+    TCH: tl.constexpr,
+    SBM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # decode stage 2 of the atomic form: y = acc rounded to the activation dtype, acc zeroed for
+    # the next call (one program per BKF columns), and one program for the statistics
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the gate + up grid has completed and its atomics are visible
+    pid = tl.program_id(0)
+    if pid == tl.cdiv(K, BKF):
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+    else:
+        i_m = tl.arange(0, BM)
+        o_k = pid * BKF + tl.arange(0, BKF)
+        m = (i_m < M)[:, None] & (o_k < K)[None, :]
+        p = i_m[:, None] * K + o_k[None, :]
+        v = tl.load(acc_ptr + p, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m)
+        tl.store(acc_ptr + p, tl.zeros((BM, BKF), dtype=tl.float32), mask=m)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
@@ -662,8 +778,17 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
+    # the CUDA-core gate + up programs also run the down projection (fp32 atomics): not in
+    # deterministic mode, where the split down kernel sums its partials in a fixed order
+    atomic = not use_dot and M <= cfg.decode_atomic_max_m and not torch.are_deterministic_algorithms_enabled()
+    if atomic:
+        # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
+        # up to 4096 columns or decode_bk_up)
+        bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
         "use_dot": use_dot,
+        "atomic": atomic,
+        "one_step": atomic and bk_up >= K,
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
         "h_t": M > 1 and cfg.decode_h_t,
@@ -685,10 +810,14 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
 _SCRATCH: dict[tuple, tuple] = {}
 
 
-def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool):
+def _decode_scratch(
+    M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool, atomic: bool
+):
     """Scratch of the two decode kernels: h (M x N values, in the layout the plan picks),
     per-(token, unit block) counts and l1, per-unit counts, the K-block tickets and the fp32
-    partials of the split down projection (or None).
+    partials of the split down projection (or None); with ``atomic``, the partials' place holds
+    the fp32 [M, K] accumulator of the atomic form, zero between calls (the finishing kernel
+    zeroes it after reading).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -700,7 +829,7 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
     key = None
     if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K, atomic)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -710,7 +839,11 @@ def _decode_scratch(M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype
         _alloc.empty((M, NB), dtype=torch.float32, device=dev),
         _alloc.empty((N,), dtype=torch.int32, device=dev),
         _alloc.empty((KC,), dtype=torch.int32, device=dev),
-        _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev) if nsplit > 1 else None,
+        torch.zeros((M, K), dtype=torch.float32, device=dev)
+        if atomic
+        else _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev)
+        if nsplit > 1
+        else None,
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
@@ -743,8 +876,10 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
-    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse)
+    atomic = p["atomic"]
+    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse, atomic)
     pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev)
+    wdt = down_t(w_down)
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -754,6 +889,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         bl1,
         nact,
         sem,
+        wdt,
+        part if atomic else h,
         M,
         N,
         K,
@@ -775,16 +912,32 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         SWAP=p["swap"],
         H_T=p["h_t"],
         PDL=pdl,
+        ATOMIC=atomic,
+        ONE_STEP=p["one_step"],
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    part = y if part is None else part
     l0, l1, over = _stats_bufs(dev)
     bpt = tile // bn
+    if atomic:
+        bkf = max(16, min(_p2(K), 4096 // _p2(M), cfg.decode_finish_bk))
+        try:
+            _decode_finish_kernel[(_cdiv(K, bkf) + 1,)](
+                part, y, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
+                OUT_DTYPE=out_dt, BM=_p2(M), BKF=bkf, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M),
+                SBM=_p2(M), PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+            )  # fmt: skip
+        except BaseException:
+            # the accumulator may now hold this call's sums: never reuse it
+            _SCRATCH.clear()
+            raise
+        ucounts = nact.to(torch.int64) if unit_counts else None
+        return y, l0, l1, over, ucounts
+    part = y if part is None else part
     _decode_down_kernel[(KC * nsplit + 1,)](
         h,
-        down_t(w_down),
+        wdt,
         nact,
         y,
         part,
