@@ -46,8 +46,6 @@ GATE_VARIANTS = [
     ("gate_pack:noflatten", {"flatten": False}),
     ("gate_pack:tl.store", {"use_asm_store": False}),
     ("gate_pack:plain", {"use_tma": "never"}),
-    ("gate_pack:lean", {"lean_epilogue": True}),
-    ("gate_pack:lean-noflatten", {"lean_epilogue": True, "flatten": False}),
 ]
 
 
@@ -119,28 +117,21 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 #: M = 1 31.8 us against 19.4)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
-    ("decode:no-pdl", {"decode_pdl": False}, 128),
-    ("decode:bn32", {"decode_bn_dot": 32}, 128),
-    ("decode:row-major-h", {"decode_h_t": False}, 16),
-    ("decode:unswapped16", {"decode_dot_swap": False, "decode_bn_dot": 16}, 128),
     ("decode:down-bk256", {"decode_down_bk": 256}, 128),
-    ("decode:sub1024", {"decode_down_sub": 1024}, 128),
-    ("decode:sub256", {"decode_down_sub": 256}, 128),
-    ("decode:chunk32", {"decode_down_chunk": 32}, 128),
     ("decode:bkup512", {"decode_bk_up": 512}, 128),
-    ("decode:bkup512-s2", {"decode_bk_up": 512, "decode_stages": 2}, 128),
-    ("decode:bkup1024-s2", {"decode_bk_up": 1024, "decode_stages": 2}, 128),
-    ("decode:atomic", {"decode_atomic_max_m": 2}, 2),
+    ("decode:split", {"decode_atomic_max_m": 0}, 2),
+    ("decode:atomic", {"decode_atomic_max_m": 64}, 128),
+    ("decode:atomic-bk256", {"decode_atomic_max_m": 64, "decode_atomic_bk": 256}, 128),
+    ("decode:atomic-bk64", {"decode_atomic_max_m": 64, "decode_atomic_bk": 64}, 128),
+    ("decode:atomic-gemv4", {"decode_atomic_max_m": 64, "decode_gemv_max_m": 4}, 4),
 ]
 
 
 #: M = 1 only
 M1_VARIANTS = [
-    ("decode:no-pdl", {"decode_pdl": False}),
-    ("decode:atomic", {"decode_atomic_max_m": 1}),
-    ("decode:atomic-bn2", {"decode_atomic_max_m": 1, "decode_bn_gemv": 2}),
-    ("decode:atomic-bn8", {"decode_atomic_max_m": 1, "decode_bn_gemv": 8}),
-    ("decode:atomic-no-pdl", {"decode_atomic_max_m": 1, "decode_pdl": False}),
+    ("decode:split", {"decode_atomic_max_m": 0}),
+    ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
+    ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
 ]
 
 
@@ -287,13 +278,6 @@ def run_case(shape, M, a, pattern, dtype, reps, variants, env, rows, gate=False)
 
     def twell(i, path):
         wg, wu, wd = W[i]
-        if path.endswith("+lean"):  # the gate_pack epilogue with fewer instructions per element
-
-            def lean():
-                with override("gate", lean_epilogue=True):
-                    return ffn_infer(x, wg, wu, wd, path=path[: -len("+lean")])
-
-            return lean
         return lambda: ffn_infer(x, wg, wu, wd, path=path)
 
     with torch.no_grad():
@@ -400,7 +384,7 @@ def main() -> int:
         return 0
     if args.gate_sweep:
         for M in (2048, 16384, 131072):
-            run_case(P, M, 30, "iid", dtype, args.reps, ["auto", "auto+lean"], env, rows, gate="all")
+            run_case(P, M, 30, "iid", dtype, args.reps, ["auto"], env, rows, gate="all")
         _write_rows(args.out, rows)
         return 0
     if args.decode_sweep:

@@ -146,13 +146,16 @@ def test_ffn_infer_bad_input():
         ffn_infer(x, wg, wu, wd, tile=100)
 
 
+@pytest.mark.parametrize("atomic", [0, 1], ids=["split-down", "atomic-down"])
 @pytest.mark.parametrize("active", [0, 5, 100])
-def test_decode_single_token(kdevice, poison, active):
-    # M = 1 takes the compacted walk over active units in the down kernel
+def test_decode_single_token(kdevice, poison, active, atomic):
+    # M = 1: the compacted walk over active units in the split down kernel, or the gate + up
+    # programs' atomic adds
     x, wg, wu, wd = make_sparse_ffn(1, 48, 300, active, device=kdevice, seed=active)
-    _check(x, wg, wu, wd, 64, 8, "decode")
-    x[0, 9] = float("nan")
-    y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
+    with override("infer", decode_atomic_max_m=atomic):
+        _check(x, wg, wu, wd, 64, 8, "decode")
+        x[0, 9] = float("nan")
+        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
     assert torch.isnan(y).all()
 
 
@@ -222,18 +225,22 @@ def test_decode_scratch_reused_between_calls(kdevice):
     assert len(fi._SCRATCH) == 1
 
 
-@pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("K,bk_up", [(48, 0), (40, 16)], ids=["one-step", "k-loop"])
-def test_decode_atomic_down(kdevice, poison, M, K, bk_up):
-    # the CUDA-core gate + up programs add h W_down^T into an fp32 accumulator by atomics; a second
-    # kernel rounds it into y and zeroes it. Sparse, none active, every unit active (all tiles
-    # overflow), a NaN token, and repeated calls (the reused accumulator must start at zero)
+@pytest.mark.parametrize(
+    "M,K,gemv,bk_up",
+    [(1, 48, 2, 0), (2, 48, 2, 0), (1, 40, 2, 16), (2, 40, 2, 16), (3, 48, 0, 0), (7, 40, 0, 0)],
+    ids=["gemv-one-step-1", "gemv-one-step-2", "gemv-k-loop-1", "gemv-k-loop-2", "dot-3", "dot-7"],
+)
+def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
+    # the gate + up programs add h W_down^T into an fp32 accumulator by atomics (CUDA-core form
+    # at M <= gemv, tl.dot form above); a second kernel rounds it into y and zeroes it. Sparse,
+    # none active, every unit active (all tiles overflow), a NaN token, and repeated calls (the
+    # reused accumulator must start at zero)
     from twell.ops import ffn_infer as fi
 
-    plan = dict(decode_atomic_max_m=2, decode_gemv_max_m=2, decode_bk_up=bk_up)
+    plan = dict(decode_atomic_max_m=8, decode_gemv_max_m=gemv, decode_bk_up=bk_up, decode_atomic_bk=16)
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
-        assert p["atomic"] and p["one_step"] == (bk_up == 0)
+        assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv)
         for active in (12, 0, 300, 12):
             x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
             y, st = _check(x, wg, wu, wd, 64, 8, "decode")
@@ -249,7 +256,7 @@ def test_decode_atomic_down(kdevice, poison, M, K, bk_up):
 def test_decode_atomic_down_off_when_deterministic():
     from twell.ops import ffn_infer as fi
 
-    with override("infer", decode_atomic_max_m=2, decode_gemv_max_m=2):
+    with override("infer", decode_atomic_max_m=2):
         cfg = fi.get_config("infer")
         assert fi._decode_plan(1, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]

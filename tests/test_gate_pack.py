@@ -44,12 +44,6 @@ def _check_packing(P: TwELL, x, w, tile, slots):
         assert torch.equal(P.to_dense(), torch.relu(x @ w.T))
 
 
-@pytest.fixture(params=[False, True], ids=["epilogue", "lean-epilogue"])
-def epilogue(request):
-    with override("gate", lean_epilogue=request.param):
-        yield request.param
-
-
 @pytest.mark.parametrize(
     "M,K,N,tile,slots,density",
     [
@@ -59,14 +53,14 @@ def epilogue(request):
         (5, 24, 530, 512, 8, 0.02),
     ],
 )
-def test_gate_pack_matches_from_dense(kdevice, poison, epilogue, M, K, N, tile, slots, density):
+def test_gate_pack_matches_from_dense(kdevice, poison, M, K, N, tile, slots, density):
     x, w = _int_inputs(M, K, N, density, device=kdevice)
     P = gate_pack(x, w, tile=tile, slots=slots)
     _check_packing(P, x, w, tile, slots)
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_gate_pack_extreme_density(kdevice, poison, epilogue, density):
+def test_gate_pack_extreme_density(kdevice, poison, density):
     M, K, N, tile, slots = 9, 16, 300, 64, 8
     x, w = _int_inputs(M, K, N, density, device=kdevice)
     P = gate_pack(x, w, tile=tile, slots=slots)
@@ -75,7 +69,7 @@ def test_gate_pack_extreme_density(kdevice, poison, epilogue, density):
     assert torch.equal(P.counts, widths.expand(M, -1) if density else torch.zeros_like(P.counts))
 
 
-def test_gate_pack_dense_row_and_nan_row(kdevice, poison, epilogue):
+def test_gate_pack_dense_row_and_nan_row(kdevice, poison):
     M, K, N, tile, slots = 6, 16, 200, 64, 4
     x, w = _int_inputs(M, K, N, 0.03, device=kdevice)
     x[2, 0] = 1000.0 * float(torch.sign(w[0, 0]))  # every unit of token 2 active: all its tiles overflow
@@ -97,7 +91,7 @@ def test_gate_pack_dense_row_and_nan_row(kdevice, poison, epilogue):
     )
 
 
-def test_gate_pack_tma_kernel_in_interpreter(kdevice, poison, epilogue):
+def test_gate_pack_tma_kernel_in_interpreter(kdevice, poison):
     # the persistent tensor-descriptor kernel, forced on (on CPU its inline-asm store is off)
     x, w = _int_inputs(70, 32, 300, 0.05, device=kdevice)
     with override("gate", use_tma="always"):

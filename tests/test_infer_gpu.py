@@ -47,15 +47,16 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 8, 32])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
-    # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics)
+    # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics): CUDA-core
+    # form at M <= 2, tl.dot form above
     from twell.ops.configs import override
 
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    with override("infer", decode_atomic_max_m=2):
+    with override("infer", decode_atomic_max_m=32):
         for _ in range(2):  # the second call reuses the accumulator the first one zeroed
             y, st = ffn_infer(x, wg, wu, wd, path="decode")
             assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())
@@ -125,33 +126,6 @@ def test_gate_pack_tma_vs_plain_bitexact():
         used = torch.arange(32, device="cuda").view(1, 1, 32) < P.counts.clamp(max=32).unsqueeze(-1)
         assert torch.equal(P1.columns[used], P.columns[used])
         assert torch.equal(P1.values[used], P.values[used])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("N", [5632, 5000])
-def test_gate_pack_lean_epilogue_bitexact(dtype, N):
-    # the branchy epilogue (rank and stores behind a warp-skippable branch) against the default
-    # one, on the TMA and pointer kernels: edge rows (M = 3000) and columns (N = 5000), tokens
-    # whose tiles overflow, and a NaN token
-    from twell.ops.configs import override
-
-    K = SHAPES["paper"][0]
-    x, wg, _, _ = _inputs(3000, K, N, 30, dtype, seed=3)
-    x[17, 0] = -40.0  # every unit of token 17 active: all its tiles overflow
-    x[2999, 0] = -40.0
-    x[1234, 77] = float("nan")
-    for tma in ("auto", "never"):
-        with override("gate", use_tma=tma):
-            P1 = gate_pack(x, wg)
-            with override("gate", lean_epilogue=True):
-                P2 = gate_pack(x, wg)
-        assert torch.equal(P1.counts, P2.counts)
-        assert int((P1.counts > 32).sum()) >= 2 * (N // 256)
-        used = torch.arange(32, device="cuda").view(1, 1, 32) < P1.counts.clamp(max=32).unsqueeze(-1)
-        assert torch.equal(P1.columns[used], P2.columns[used])
-        bits = torch.int32 if dtype == torch.float32 else torch.int16
-        assert torch.equal(P1.values.view(bits)[used], P2.values.view(bits)[used])
-    assert not gp_mod._BROKEN, f"kernel variants that failed to compile: {gp_mod._BROKEN}"
 
 
 @pytest.mark.parametrize("M", [1, 64, 2048])

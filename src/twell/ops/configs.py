@@ -39,10 +39,6 @@ class GateConfig:
     use_asm_store: bool = True
     #: flatten the persistent tile loop with the K loop (lets the pipeliner overlap tiles)
     flatten: bool = True
-    #: the epilogue form with fewer instructions per accumulator element (two signed compares for
-    #: activity, row bounds through the slot base, slot addresses formed inside the predicated
-    #: store); not measured on a GPU yet
-    lean_epilogue: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,13 +66,19 @@ class InferConfig:
     #: 30.4 vs 30.0; M = 8 46.2 vs 31.7 (a cross-warp reduction per token). The same form for the
     #: down stage lost everywhere above M = 1 (M = 2 27.6 vs 27.6 us, M = 8 89 vs 32)
     decode_gemv_max_m: int = 2
-    #: largest M (at most decode_gemv_max_m) whose CUDA-core gate + up programs also run the down
-    #: projection of their active units, adding h W_down^T into an fp32 [M, K] accumulator with
-    #: atomics; a small second kernel rounds it into y. Skipped in deterministic mode
-    #: (torch.use_deterministic_algorithms), where the split down kernel runs. Not measured yet: 0
-    decode_atomic_max_m: int = 0
+    #: largest M whose gate + up programs also run the down projection of their active units,
+    #: adding h W_down^T into an fp32 [M, K] accumulator with atomics (only the rows of tokens that
+    #: activate one of the program's units); a small second kernel rounds it into y and zeroes it.
+    #: This replaces the split down kernel's chain of dependent round trips (compaction, gather,
+    #: partials, ticket, sum). Skipped in deterministic mode (torch.use_deterministic_algorithms),
+    #: where the split down kernel runs. Measured at a892d34 (H100, paper shape, 30 active/token,
+    #: device time, dev sweep): M = 1 17.3 us against 18.3 (2.58x dense instead of 2.44x), M = 2
+    #: 21.2 against 23.4 (2.02x instead of 1.83x); Llama-3-8B shape M = 1 50.1 against 50.0
+    decode_atomic_max_m: int = 2
     #: columns per program of that second kernel
     decode_finish_bk: int = 512
+    #: K step of the down projection in the tl.dot form of the atomic path
+    decode_atomic_bk: int = 128
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -309,14 +309,19 @@ def _up_down_atomic(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BKD: tl.constexpr,
     ONE_STEP: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
-    # CUDA-core form (BM <= 2): u of the rows m_rows (units some token activates), h = g u
-    # rounded to the activation dtype, then acc[M, K] (fp32) += h @ W_down^T[o_n] by atomic adds;
-    # returns h [BM, BN]. With ONE_STEP (K <= BK) the W_up and W_down^T rows are loaded together,
-    # so the whole down projection costs this program one memory round trip.
+    # u of the rows m_rows (units some token activates), h = g u rounded to the activation dtype,
+    # then acc[M, K] (fp32) += h @ W_down^T[o_n] by atomic adds, only into the rows of tokens that
+    # activate one of these units; returns h [BM, BN]. CUDA-core form (BM <= 2) with ONE_STEP
+    # (K <= BK): the W_up and W_down^T rows are loaded together, so the down projection costs this
+    # program no extra memory round trip. tl.dot form: [BM, BN] @ [BN, BKD] per K step of W_down^T.
     o_k = tl.arange(0, BK)
-    m_x = m_m[:, None]
+    m_x = (m_m & (tl.sum(b_act.to(tl.int32), axis=1) > 0))[:, None]
     if ONE_STEP:
         m_k = o_k < K
         p_w = o_n[:, None].to(tl.int64) * K + o_k[None, :]
@@ -324,7 +329,9 @@ def _up_down_atomic(
         b_u = tl.load(wu_ptr + p_w, mask=m_w, other=0.0).to(tl.float32)
         b_d = tl.load(wdt_ptr + p_w, mask=m_w, other=0.0).to(tl.float32)
         b_x = tl.load(
-            x_ptr + i_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_x & m_k[None, :], other=0.0
+            x_ptr + i_m[:, None] * stride_xm + o_k[None, :] * stride_xk,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc_u = tl.sum(b_x[:, None, :] * b_u[None, :, :], axis=2)
         b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
@@ -333,20 +340,23 @@ def _up_down_atomic(
     else:
         acc_u = _tokens_dot_rows(
             x_ptr, wu_ptr, i_m, m_m, o_n, m_rows, M, K, stride_xm, stride_xk,
-            BM, BN, BK, False, "ieee", False,
+            BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
         )  # fmt: skip
         b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
-        b_hf = b_h.to(tl.float32)
-        for k in range(0, K, BK):
-            m_k = (k + o_k) < K
+        o_kd = tl.arange(0, BKD)
+        for k in range(0, K, BKD):
+            m_k = (k + o_kd) < K
             b_d = tl.load(
-                wdt_ptr + o_n[:, None].to(tl.int64) * K + (k + o_k)[None, :],
+                wdt_ptr + o_n[:, None].to(tl.int64) * K + (k + o_kd)[None, :],
                 mask=m_rows[:, None] & m_k[None, :],
                 other=0.0,
-            ).to(tl.float32)
-            c = tl.sum(b_hf[:, :, None] * b_d[None, :, :], axis=1)
+            )
+            if USE_DOT:
+                c = tl.dot(b_h, b_d, input_precision=DOT_PREC)
+            else:
+                c = tl.sum(b_h.to(tl.float32)[:, :, None] * b_d.to(tl.float32)[None, :, :], axis=1)
             tl.atomic_add(
-                acc_ptr + i_m[:, None] * K + (k + o_k)[None, :], c, mask=m_x & m_k[None, :], sem="relaxed"
+                acc_ptr + i_m[:, None] * K + (k + o_kd)[None, :], c, mask=m_x & m_k[None, :], sem="relaxed"
             )
     return b_h
 
@@ -386,6 +396,7 @@ def _decode_gate_up_kernel(
     PDL: tl.constexpr,
     ATOMIC: tl.constexpr,
     ONE_STEP: tl.constexpr,
+    BKD_ATOMIC: tl.constexpr,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -417,7 +428,7 @@ def _decode_gate_up_kernel(
         if tl.sum(n_act) > 0:
             b_h = _up_down_atomic(
                 x_ptr, wu_ptr, wdt_ptr, acc_ptr, b_g, b_act, i_m, m_m, o_n, m_n & (n_act > 0), M, K,
-                stride_xm, stride_xk, OUT_DTYPE, BM, BN, BK_UP, ONE_STEP,
+                stride_xm, stride_xk, OUT_DTYPE, BM, BN, BK_UP, BKD_ATOMIC, ONE_STEP, USE_DOT, DOT_PREC, SWAP,
             )  # fmt: skip
     else:
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
@@ -780,15 +791,16 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
     # the CUDA-core gate + up programs also run the down projection (fp32 atomics): not in
     # deterministic mode, where the split down kernel sums its partials in a fixed order
-    atomic = not use_dot and M <= cfg.decode_atomic_max_m and not torch.are_deterministic_algorithms_enabled()
-    if atomic:
+    atomic = M <= cfg.decode_atomic_max_m and not torch.are_deterministic_algorithms_enabled()
+    if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
         "use_dot": use_dot,
         "atomic": atomic,
-        "one_step": atomic and bk_up >= K,
+        "one_step": atomic and not use_dot and bk_up >= K,
+        "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
         "h_t": M > 1 and cfg.decode_h_t,
@@ -914,6 +926,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         PDL=pdl,
         ATOMIC=atomic,
         ONE_STEP=p["one_step"],
+        BKD_ATOMIC=p["bkd_atomic"],
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )

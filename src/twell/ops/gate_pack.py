@@ -80,94 +80,6 @@ def _popc(v, HW_POPC: tl.constexpr):
 
 
 @triton.jit
-def _pack_chunk_lean(
-    c,
-    i_m,
-    col0,
-    base,
-    t,
-    M,
-    N,
-    NT,
-    values_ptr,
-    columns_ptr,
-    ucounts_ptr,
-    OUT_DTYPE: tl.constexpr,
-    BITS_DTYPE: tl.constexpr,
-    INF_BITS: tl.constexpr,
-    MAG_MASK: tl.constexpr,
-    BM: tl.constexpr,
-    CH: tl.constexpr,
-    S: tl.constexpr,
-    HW_POPC: tl.constexpr,
-    ASM_STORE: tl.constexpr,
-    UNIT_COUNTS: tl.constexpr,
-):
-    # _pack_chunk with fewer instructions per element (the epilogue is issue-bound: ~31 SASS
-    # instructions per accumulator element before): activity from two signed compares of the
-    # bits, rows >= M excluded through their base (S: no slot is free) instead of a per-element
-    # mask, and the 64-bit slot addresses formed inside the predicated store from one base per
-    # (row, chunk), so inactive elements pay no address arithmetic
-    o_l = tl.arange(0, CH)
-    o_n = col0 + o_l
-    b_bits = c.to(OUT_DTYPE).to(BITS_DTYPE, bitcast=True)
-    # > 0 or NaN: the signed bits are nonzero and above those of -inf (negative NaNs lie between)
-    NEG_INF: tl.constexpr = INF_BITS - MAG_MASK - 1
-    b_act = (b_bits != 0) & (b_bits > NEG_INF) & (o_n < N)[None, :]
-    b_word = tl.sum(tl.where(b_act, 1 << o_l[None, :], 0), axis=1)
-    b_base = tl.where(i_m < M, base, S)
-    p_row = (i_m.to(tl.int64) * NT + t) * S
-    b_lowmask = ((1 << o_l) - 1)[None, :]
-    if ASM_STORE:
-        # per element only the activity test runs for everyone: the rank (popcount of the active
-        # bits left of the column), the slot bound and both stores sit behind a branch that a warp
-        # skips when none of its lanes has this element active (most elements at ~1% density)
-        b_col = tl.broadcast_to(o_n[None, :], (BM, CH)).to(tl.int16)
-        pv = tl.broadcast_to((values_ptr + p_row).to(tl.int64)[:, None], (BM, CH))
-        pc = tl.broadcast_to((columns_ptr + p_row).to(tl.int64)[:, None], (BM, CH))
-        b_w2 = tl.broadcast_to(b_word[:, None], (BM, CH))
-        b_m2 = tl.broadcast_to(b_lowmask, (BM, CH))
-        b_b2 = tl.broadcast_to(b_base[:, None], (BM, CH))
-        b_s = tl.full((BM, CH), S, dtype=tl.int32)
-        if BITS_DTYPE == tl.int16:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred %p<1>; .reg .b32 %r<2>; .reg .b64 %a<2>; setp.ne.b32 %p0, $1, 0; "
-                "@!%p0 bra SKIP; and.b32 %r0, $2, $3; popc.b32 %r1, %r0; add.u32 %r1, %r1, $4; "
-                "setp.lt.u32 %p0, %r1, $9; @!%p0 bra SKIP; mad.wide.u32 %a0, %r1, 2, $5; "
-                "st.global.b16 [%a0], $7; mad.wide.u32 %a1, %r1, 2, $6; st.global.b16 [%a1], $8; "
-                "SKIP: mov.b32 $0, 0; }",
-                "=r,r,r,r,r,l,l,h,h,r",
-                [b_act.to(tl.int32), b_w2, b_m2, b_b2, pv, pc, b_bits, b_col, b_s],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred %p<1>; .reg .b32 %r<2>; .reg .b64 %a<2>; setp.ne.b32 %p0, $1, 0; "
-                "@!%p0 bra SKIP; and.b32 %r0, $2, $3; popc.b32 %r1, %r0; add.u32 %r1, %r1, $4; "
-                "setp.lt.u32 %p0, %r1, $9; @!%p0 bra SKIP; mad.wide.u32 %a0, %r1, 4, $5; "
-                "st.global.b32 [%a0], $7; mad.wide.u32 %a1, %r1, 2, $6; st.global.b16 [%a1], $8; "
-                "SKIP: mov.b32 $0, 0; }",
-                "=r,r,r,r,r,l,l,r,h,r",
-                [b_act.to(tl.int32), b_w2, b_m2, b_b2, pv, pc, b_bits, b_col, b_s],
-                dtype=tl.int32,
-                is_pure=False,
-                pack=1,
-            )
-    else:
-        b_rank = b_base[:, None] + _popc(b_word[:, None] & b_lowmask, HW_POPC)
-        m_keep = b_act & (b_rank < S)
-        p_slot = p_row[:, None] + b_rank
-        tl.store(values_ptr + p_slot, b_bits, mask=m_keep)
-        tl.store(columns_ptr + p_slot, tl.broadcast_to(o_n[None, :], (BM, CH)).to(tl.int16), mask=m_keep)
-    if UNIT_COUNTS:
-        m_row = (i_m < M)[:, None]
-        tl.atomic_add(ucounts_ptr + o_n, tl.sum((b_act & m_row).to(tl.int32), axis=0), mask=o_n < N)
-    return base + _popc(b_word, HW_POPC)
-
-
-@triton.jit
 def _pack_chunk(
     c,
     i_m,
@@ -190,56 +102,48 @@ def _pack_chunk(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    LEAN: tl.constexpr,
 ):
     # c [BM, CH <= 32] fp32 accumulators of columns col0.. -> stores the active entries at slot
     # base + rank (rank = popcount of the active bits left of the column); returns the new base
-    if LEAN:
-        nb = _pack_chunk_lean(
-            c, i_m, col0, base, t, M, N, NT, values_ptr, columns_ptr, ucounts_ptr, OUT_DTYPE,
-            BITS_DTYPE, INF_BITS, MAG_MASK, BM, CH, S, HW_POPC, ASM_STORE, UNIT_COUNTS,
-        )  # fmt: skip
-    else:
-        o_l = tl.arange(0, CH)
-        o_n = col0 + o_l
-        b_bits = c.to(OUT_DTYPE).to(BITS_DTYPE, bitcast=True)
-        m_in = (i_m < M)[:, None] & (o_n < N)[None, :]
-        b_act = ((b_bits > 0) | ((b_bits & MAG_MASK) > INF_BITS)) & m_in
-        b_word = tl.sum(b_act.to(tl.int32) << o_l[None, :], axis=1)
-        b_rank = base[:, None] + _popc(b_word[:, None] & ((1 << o_l) - 1)[None, :], HW_POPC)
-        m_keep = b_act & (b_rank < S)
-        p_slot = (i_m.to(tl.int64) * NT + t)[:, None] * S + b_rank
-        b_col = tl.broadcast_to(o_n[None, :], (BM, CH)).to(tl.int16)
-        if ASM_STORE:
-            p_v = (values_ptr + p_slot).to(tl.int64)
-            p_c = (columns_ptr + p_slot).to(tl.int64)
-            if BITS_DTYPE == tl.int16:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred %p<1>; setp.ne.b32 %p0, $5, 0; @%p0 st.global.b16 [$1], $3; "
-                    "@%p0 st.global.b16 [$2], $4; mov.b32 $0, 0; }",
-                    "=r,l,l,h,h,r",
-                    [p_v, p_c, b_bits, b_col, m_keep.to(tl.int32)],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
-            else:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred %p<1>; setp.ne.b32 %p0, $5, 0; @%p0 st.global.b32 [$1], $3; "
-                    "@%p0 st.global.b16 [$2], $4; mov.b32 $0, 0; }",
-                    "=r,l,l,r,h,r",
-                    [p_v, p_c, b_bits, b_col, m_keep.to(tl.int32)],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
+    o_l = tl.arange(0, CH)
+    o_n = col0 + o_l
+    b_bits = c.to(OUT_DTYPE).to(BITS_DTYPE, bitcast=True)
+    m_in = (i_m < M)[:, None] & (o_n < N)[None, :]
+    b_act = ((b_bits > 0) | ((b_bits & MAG_MASK) > INF_BITS)) & m_in
+    b_word = tl.sum(b_act.to(tl.int32) << o_l[None, :], axis=1)
+    b_rank = base[:, None] + _popc(b_word[:, None] & ((1 << o_l) - 1)[None, :], HW_POPC)
+    m_keep = b_act & (b_rank < S)
+    p_slot = (i_m.to(tl.int64) * NT + t)[:, None] * S + b_rank
+    b_col = tl.broadcast_to(o_n[None, :], (BM, CH)).to(tl.int16)
+    if ASM_STORE:
+        p_v = (values_ptr + p_slot).to(tl.int64)
+        p_c = (columns_ptr + p_slot).to(tl.int64)
+        if BITS_DTYPE == tl.int16:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred %p<1>; setp.ne.b32 %p0, $5, 0; @%p0 st.global.b16 [$1], $3; "
+                "@%p0 st.global.b16 [$2], $4; mov.b32 $0, 0; }",
+                "=r,l,l,h,h,r",
+                [p_v, p_c, b_bits, b_col, m_keep.to(tl.int32)],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
         else:
-            tl.store(values_ptr + p_slot, b_bits, mask=m_keep)
-            tl.store(columns_ptr + p_slot, b_col, mask=m_keep)
-        if UNIT_COUNTS:
-            tl.atomic_add(ucounts_ptr + o_n, tl.sum(b_act.to(tl.int32), axis=0), mask=o_n < N)
-        nb = base + _popc(b_word, HW_POPC)
-    return nb
+            tl.inline_asm_elementwise(
+                "{ .reg .pred %p<1>; setp.ne.b32 %p0, $5, 0; @%p0 st.global.b32 [$1], $3; "
+                "@%p0 st.global.b16 [$2], $4; mov.b32 $0, 0; }",
+                "=r,l,l,r,h,r",
+                [p_v, p_c, b_bits, b_col, m_keep.to(tl.int32)],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+    else:
+        tl.store(values_ptr + p_slot, b_bits, mask=m_keep)
+        tl.store(columns_ptr + p_slot, b_col, mask=m_keep)
+    if UNIT_COUNTS:
+        tl.atomic_add(ucounts_ptr + o_n, tl.sum(b_act.to(tl.int32), axis=0), mask=o_n < N)
+    return base + _popc(b_word, HW_POPC)
 
 
 @triton.jit
@@ -272,7 +176,6 @@ def _pack_tile(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    LEAN: tl.constexpr,
 ):
     # acc [BM, BN] fp32, packed in 32-column chunks from left to right (a whole-tile rank
     # computation keeps ~6 [BM, BN] temporaries live and spills); returns the active count per row
@@ -300,7 +203,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
     elif BN == 64:
         c0, c1 = _halves(acc, BM, 64)
@@ -326,7 +228,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c1,
@@ -350,7 +251,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
     elif BN == 128:
         h0, h1 = _halves(acc, BM, 128)
@@ -378,7 +278,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c1,
@@ -402,7 +301,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c2,
@@ -426,7 +324,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c3,
@@ -450,7 +347,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
     else:
         q0, q1 = _halves(acc, BM, 256)
@@ -482,7 +378,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c1,
@@ -506,7 +401,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c2,
@@ -530,7 +424,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c3,
@@ -554,7 +447,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c4,
@@ -578,7 +470,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c5,
@@ -602,7 +493,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c6,
@@ -626,7 +516,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         b = _pack_chunk(
             c7,
@@ -650,7 +539,6 @@ def _pack_tile(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
     return b - base
 
@@ -686,7 +574,6 @@ def _gate_pack_kernel(
     HW_POPC: tl.constexpr,
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
-    LEAN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
@@ -740,7 +627,6 @@ def _gate_pack_kernel(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
     tl.store(counts_ptr + i_m.to(tl.int64) * NT + i_t, b_base, mask=i_m < M)
 
@@ -773,7 +659,6 @@ def _gate_pack_tma_kernel(
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
     FLATTEN: tl.constexpr,
-    LEAN: tl.constexpr,
 ):
     # T == BN here: one GEMM tile column band per TwELL tile
     start = tl.program_id(0)
@@ -819,7 +704,6 @@ def _gate_pack_tma_kernel(
             HW_POPC,
             ASM_STORE,
             UNIT_COUNTS,
-            LEAN,
         )
         tl.store(counts_ptr + i_m.to(tl.int64) * NT + i_t, b_cnt, mask=i_m < M)
 
@@ -889,7 +773,6 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         DOT_PREC=prec,
         HW_POPC=on_gpu and torch.version.hip is None,
         UNIT_COUNTS=ucounts is not None,
-        LEAN=cfg.lean_epilogue,
     )
     plain, tma = _gate_pack_kernel, _gate_pack_tma_kernel
     asm_choices = [True, False] if (on_gpu and cfg.use_asm_store and torch.version.hip is None) else [False]
