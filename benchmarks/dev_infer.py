@@ -114,22 +114,21 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 #: Earlier sweeps (benchmarks/results/decode-sweep-h100-*.log) retired 2/4 stages, 8 warps,
 #: 512-column K steps, a CUDA-core [BM, BN, BK] accumulator, a one-split down stage, 128 units per
 #: tl.dot program and a one-launch form (the down projection in the gate kernel's last program:
-#: M = 1 31.8 us against 19.4)
+#: M = 1 31.8 us against 19.4); the 3c01553 sweep retired 512/1024-column W_up steps (M = 2 24.5
+#: against 21.3 us, out of shared memory at M = 4..32), 64-column steps of the atomic form's down
+#: loop and the CUDA-core atomic form at M = 4 (31.2 against 24.2 us)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
-    ("decode:down-bk256", {"decode_down_bk": 256}, 128),
-    ("decode:bkup512", {"decode_bk_up": 512}, 128),
-    ("decode:split", {"decode_atomic_max_m": 0}, 2),
-    ("decode:atomic", {"decode_atomic_max_m": 64}, 128),
-    ("decode:atomic-bk256", {"decode_atomic_max_m": 64, "decode_atomic_bk": 256}, 128),
-    ("decode:atomic-bk64", {"decode_atomic_max_m": 64, "decode_atomic_bk": 64}, 128),
-    ("decode:atomic-gemv4", {"decode_atomic_max_m": 64, "decode_gemv_max_m": 4}, 4),
+    ("decode:down-bk128", {"decode_down_bk": 128}, 128),
+    ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
+    ("decode:atomic-dot", {"decode_atomic_dot_min_m": 3}, 128),
+    ("decode:atomic-dot-bk128", {"decode_atomic_dot_min_m": 3, "decode_atomic_bk": 128}, 128),
 ]
 
 
 #: M = 1 only
 M1_VARIANTS = [
-    ("decode:split", {"decode_atomic_max_m": 0}),
+    ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
     ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
     ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
 ]

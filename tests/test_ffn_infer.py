@@ -204,7 +204,7 @@ def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
     # split whose walk spans many compacted sub-ranges of `sub` units
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
-    with override("infer", decode_down_chunk=16, **plan):
+    with override("infer", decode_down_chunk=16, decode_atomic_max_m=0, decode_atomic_dot_min_m=0, **plan):
         _check(x, wg, wu, wd, 64, 8, "decode")
 
 
@@ -237,7 +237,13 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
     # reused accumulator must start at zero)
     from twell.ops import ffn_infer as fi
 
-    plan = dict(decode_atomic_max_m=8, decode_gemv_max_m=gemv, decode_bk_up=bk_up, decode_atomic_bk=16)
+    plan = dict(
+        decode_atomic_max_m=2,
+        decode_atomic_dot_min_m=3,
+        decode_gemv_max_m=gemv,
+        decode_bk_up=bk_up,
+        decode_atomic_bk=16,
+    )
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
         assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv)
@@ -258,12 +264,13 @@ def test_decode_atomic_down_off_when_deterministic():
 
     with override("infer", decode_atomic_max_m=2):
         cfg = fi.get_config("infer")
-        assert fi._decode_plan(1, 64, 300, cfg)["atomic"]
+        assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
         was = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
             assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
+            assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
         finally:
             torch.use_deterministic_algorithms(was)
 

@@ -56,7 +56,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    with override("infer", decode_atomic_max_m=32):
+    with override("infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3):
         for _ in range(2):  # the second call reuses the accumulator the first one zeroed
             y, st = ffn_infer(x, wg, wu, wd, path="decode")
             assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())

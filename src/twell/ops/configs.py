@@ -71,14 +71,20 @@ class InferConfig:
     #: activate one of the program's units); a small second kernel rounds it into y and zeroes it.
     #: This replaces the split down kernel's chain of dependent round trips (compaction, gather,
     #: partials, ticket, sum). Skipped in deterministic mode (torch.use_deterministic_algorithms),
-    #: where the split down kernel runs. Measured at a892d34 (H100, paper shape, 30 active/token,
-    #: device time, dev sweep): M = 1 17.3 us against 18.3 (2.58x dense instead of 2.44x), M = 2
-    #: 21.2 against 23.4 (2.02x instead of 1.83x); Llama-3-8B shape M = 1 50.1 against 50.0
+    #: where the split down kernel runs. CUDA-core form (M <= decode_atomic_max_m) measured at
+    #: a892d34 / 3c01553 (H100, paper shape, 30 active/token, device time, dev sweep): M = 1
+    #: 17.2-17.3 us against 18.2-18.3 with the split kernel (2.55-2.58x dense instead of
+    #: 2.41-2.44x), M = 2 21.2-21.3 against 23.3-23.4 (1.98-2.02x instead of 1.81-1.83x);
+    #: Llama-3-8B shape M = 1 50.1 against 49.9-50.0.
     decode_atomic_max_m: int = 2
-    #: columns per program of that second kernel
+    #: the same in the tl.dot form at M >= this (0: never), K step decode_atomic_bk of its W_down^T
+    #: loop. 3c01553 with 256-column steps against the split kernel (with its best column block):
+    #: M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
+    #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower
+    decode_atomic_dot_min_m: int = 16
+    decode_atomic_bk: int = 256
+    #: columns per program of the atomic form's second kernel
     decode_finish_bk: int = 512
-    #: K step of the down projection in the tl.dot form of the atomic path
-    decode_atomic_bk: int = 128
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,
@@ -108,9 +114,11 @@ class InferConfig:
     #: blocks of decode_down_bk columns; units compacted per step of the walk, rows gathered per
     #: load, warps. M = 1, 840fade sweep (H100, 30 units/token): 8 blocks at K = 2048 (256 columns)
     #: 18.4 us against 19.6 with 128 columns and 19.4 with 512; at K = 4096 (Llama-3-8B shape)
-    #: 512-column blocks 50.2 us (2.77x dense) against 56.0 with 256 and 52.8 with 128
+    #: 512-column blocks 50.2 us (2.77x dense) against 56.0 with 256 and 52.8 with 128. Above M = 1
+    #: (3c01553, paper shape): 256 columns against 128 at M = 4 24.2 / 24.9 us, M = 8 26.2 / 26.6
+    #: (Llama-3-8B 80.5 / 84.2); worse at M = 32 (40.4 / 37.1), where the atomic form runs instead
     decode_down_kc_gemv: int = 8
-    decode_down_bk: int = 128
+    decode_down_bk: int = 256
     decode_down_sub: int = 512
     decode_down_chunk: int = 16
     decode_down_warps: int = 8

@@ -791,7 +791,9 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
     # the CUDA-core gate + up programs also run the down projection (fp32 atomics): not in
     # deterministic mode, where the split down kernel sums its partials in a fixed order
-    atomic = M <= cfg.decode_atomic_max_m and not torch.are_deterministic_algorithms_enabled()
+    atomic = (
+        M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
+    ) and not torch.are_deterministic_algorithms_enabled()
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
