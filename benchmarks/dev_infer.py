@@ -123,6 +123,7 @@ DECODE_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
     ("decode:atomic-dot", {"decode_atomic_dot_min_m": 3}, 128),
     ("decode:atomic-dot-bk128", {"decode_atomic_dot_min_m": 3, "decode_atomic_bk": 128}, 128),
+    ("decode:one-launch", {"decode_atomic_one_launch": True}, 2),
 ]
 
 
@@ -131,6 +132,8 @@ M1_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
     ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
     ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
+    ("decode:one-launch", {"decode_atomic_one_launch": True}),
+    ("decode:one-launch-bn8", {"decode_atomic_one_launch": True, "decode_bn_gemv": 8}),
 ]
 
 
