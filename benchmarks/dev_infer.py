@@ -116,14 +116,15 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 #: tl.dot program and a one-launch form (the down projection in the gate kernel's last program:
 #: M = 1 31.8 us against 19.4); the 3c01553 sweep retired 512/1024-column W_up steps (M = 2 24.5
 #: against 21.3 us, out of shared memory at M = 4..32), 64-column steps of the atomic form's down
-#: loop and the CUDA-core atomic form at M = 4 (31.2 against 24.2 us)
+#: loop and the CUDA-core atomic form at M = 4 (31.2 against 24.2 us); the 7c51821 sweep retired a
+#: one-launch atomic form (the last program to finish takes a ticket and writes y: M = 1 17.9
+#: against 17.4 us, M = 2 22.7 against 21.4, Llama-3-8B M = 1 53.7 against 50.1)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
     ("decode:down-bk128", {"decode_down_bk": 128}, 128),
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
     ("decode:atomic-dot", {"decode_atomic_dot_min_m": 3}, 128),
     ("decode:atomic-dot-bk128", {"decode_atomic_dot_min_m": 3, "decode_atomic_bk": 128}, 128),
-    ("decode:one-launch", {"decode_atomic_one_launch": True}, 2),
 ]
 
 
@@ -132,8 +133,6 @@ M1_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
     ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
     ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
-    ("decode:one-launch", {"decode_atomic_one_launch": True}),
-    ("decode:one-launch-bn8", {"decode_atomic_one_launch": True, "decode_bn_gemv": 8}),
 ]
 
 

@@ -226,34 +226,15 @@ def test_decode_scratch_reused_between_calls(kdevice):
 
 
 @pytest.mark.parametrize(
-    "M,K,gemv,bk_up,one",
-    [
-        (1, 48, 2, 0, False),
-        (2, 48, 2, 0, False),
-        (1, 40, 2, 16, False),
-        (2, 40, 2, 16, False),
-        (3, 48, 0, 0, False),
-        (7, 40, 0, 0, False),
-        (1, 48, 2, 0, True),
-        (2, 40, 2, 16, True),
-    ],
-    ids=[
-        "gemv-one-step-1",
-        "gemv-one-step-2",
-        "gemv-k-loop-1",
-        "gemv-k-loop-2",
-        "dot-3",
-        "dot-7",
-        "one-launch-1",
-        "one-launch-k-loop-2",
-    ],
+    "M,K,gemv,bk_up",
+    [(1, 48, 2, 0), (2, 48, 2, 0), (1, 40, 2, 16), (2, 40, 2, 16), (3, 48, 0, 0), (7, 40, 0, 0)],
+    ids=["gemv-one-step-1", "gemv-one-step-2", "gemv-k-loop-1", "gemv-k-loop-2", "dot-3", "dot-7"],
 )
-def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, one):
+def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
     # the gate + up programs add h W_down^T into an fp32 accumulator by atomics (CUDA-core form
     # at M <= gemv, tl.dot form above); a second kernel rounds it into y and zeroes it. Sparse,
     # none active, every unit active (all tiles overflow), a NaN token, and repeated calls (the
-    # reused accumulator must start at zero). one: no second kernel, the last program to finish
-    # (ticket) writes y and the statistics
+    # reused accumulator must start at zero)
     from twell.ops import ffn_infer as fi
 
     plan = dict(
@@ -262,11 +243,10 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, one):
         decode_gemv_max_m=gemv,
         decode_bk_up=bk_up,
         decode_atomic_bk=16,
-        decode_atomic_one_launch=one,
     )
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
-        assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv) and p["one_launch"] == one
+        assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv)
         for active in (12, 0, 300, 12):
             x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
             y, st = _check(x, wg, wu, wd, 64, 8, "decode")

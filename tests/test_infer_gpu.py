@@ -56,19 +56,12 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    for one in (False, True) if M <= 2 else (False,):
-        with override(
-            "infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3, decode_atomic_one_launch=one
-        ):
-            _check_twice(x, wg, wu, wd, y32, sr, y_t, f"{shape}, M={M}, one-launch={one}", dtype)
-
-
-def _check_twice(x, wg, wu, wd, y32, sr, y_t, name, dtype):
-    for _ in range(2):  # the second call reuses the accumulator the first one zeroed
-        y, st = ffn_infer(x, wg, wu, wd, path="decode")
-        assert_close(y.float(), y32, name=f"y[{name}]", dtype=dtype, baseline=y_t.float())
-        assert int(st.overflow_rows) == int(sr.overflow_rows)
-        assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
+    with override("infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3):
+        for _ in range(2):  # the second call reuses the accumulator the first one zeroed
+            y, st = ffn_infer(x, wg, wu, wd, path="decode")
+            assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())
+            assert int(st.overflow_rows) == int(sr.overflow_rows)
+            assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
 @pytest.mark.parametrize("pattern", ["skewed", "heavy"])

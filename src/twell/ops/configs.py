@@ -85,9 +85,6 @@ class InferConfig:
     decode_atomic_bk: int = 256
     #: columns per program of the atomic form's second kernel
     decode_finish_bk: int = 512
-    #: CUDA-core atomic form: no second kernel, the last gate + up program to finish (atomic
-    #: ticket) rounds the accumulator into y and reduces the statistics (not measured yet: off)
-    decode_atomic_one_launch: bool = False
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -397,18 +397,6 @@ def _decode_gate_up_kernel(
     ATOMIC: tl.constexpr,
     ONE_STEP: tl.constexpr,
     BKD_ATOMIC: tl.constexpr,
-    ONE_LAUNCH: tl.constexpr,
-    y_ptr,
-    tick_ptr,
-    l0_ptr,
-    l1_ptr,
-    over_ptr,
-    NT,
-    stride_ym,
-    S: tl.constexpr,
-    BPT: tl.constexpr,
-    TCH: tl.constexpr,
-    BKF: tl.constexpr,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -458,16 +446,6 @@ def _decode_gate_up_kernel(
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
-    if ONE_LAUNCH:
-        # the last program to finish (atomic ticket) rounds acc into y, zeroes it and reduces the
-        # statistics: no second kernel
-        tl.debug_barrier()
-        ticket = tl.atomic_add(tick_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == NB - 1:
-            tl.store(tick_ptr, 0)  # the next call's tickets start at 0
-            for k0 in range(0, K, BKF):
-                _acc_to_y(acc_ptr, y_ptr, k0, M, K, stride_ym, OUT_DTYPE, BM, BKF)
-            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, BM)
 
 
 @triton.jit
@@ -662,21 +640,6 @@ def _decode_down_kernel(
 
 
 @triton.jit
-def _acc_to_y(
-    acc_ptr, y_ptr, k0, M, K, stride_ym, OUT_DTYPE: tl.constexpr, BM: tl.constexpr, BKF: tl.constexpr
-):
-    # y[:, k0:k0 + BKF] = the fp32 accumulator rounded to the activation dtype; the accumulator
-    # is zeroed for the next call
-    i_m = tl.arange(0, BM)
-    o_k = k0 + tl.arange(0, BKF)
-    m = (i_m < M)[:, None] & (o_k < K)[None, :]
-    p = i_m[:, None] * K + o_k[None, :]
-    v = tl.load(acc_ptr + p, mask=m, other=0.0, cache_modifier=".cg")
-    tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m)
-    tl.store(acc_ptr + p, tl.zeros((BM, BKF), dtype=tl.float32), mask=m)
-
-
-@triton.jit
 def _decode_finish_kernel(
     acc_ptr,
     y_ptr,
@@ -707,7 +670,13 @@ def _decode_finish_kernel(
     if pid == tl.cdiv(K, BKF):
         _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
     else:
-        _acc_to_y(acc_ptr, y_ptr, pid * BKF, M, K, stride_ym, OUT_DTYPE, BM, BKF)
+        i_m = tl.arange(0, BM)
+        o_k = pid * BKF + tl.arange(0, BKF)
+        m = (i_m < M)[:, None] & (o_k < K)[None, :]
+        p = i_m[:, None] * K + o_k[None, :]
+        v = tl.load(acc_ptr + p, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m)
+        tl.store(acc_ptr + p, tl.zeros((BM, BKF), dtype=tl.float32), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,7 +802,6 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
         "use_dot": use_dot,
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
-        "one_launch": atomic and not use_dot and cfg.decode_atomic_one_launch,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
@@ -885,8 +853,7 @@ def _decode_scratch(
         _alloc.empty((M, NB), dtype=torch.float32, device=dev),
         _alloc.empty((N,), dtype=torch.int32, device=dev),
         _alloc.empty((KC,), dtype=torch.int32, device=dev),
-        # + 1: the one-launch form's ticket (int32 bits of a zero float) sits past the [M, K] floats
-        torch.zeros((M * K + 1,), dtype=torch.float32, device=dev)
+        torch.zeros((M, K), dtype=torch.float32, device=dev)
         if atomic
         else _alloc.empty((nsplit, M, K), dtype=torch.float32, device=dev)
         if nsplit > 1
@@ -924,16 +891,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
     atomic = p["atomic"]
-    one = p["one_launch"]
     h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse, atomic)
-    pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev) and not one
+    pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev)
     wdt = down_t(w_down)
-    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    l0, l1, over = _stats_bufs(dev)
-    bpt = tile // bn
-    tch = _stats_tch(NT, bpt, M)
-    # the one-launch form's ticket: the int32 just past the accumulator's [M, K] floats
-    tick = part.view(-1)[M * K :].view(torch.int32) if one else sem
     _decode_gate_up_kernel[(NB,)](
         x,
         w_gate,
@@ -969,24 +929,12 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         ATOMIC=atomic,
         ONE_STEP=p["one_step"],
         BKD_ATOMIC=p["bkd_atomic"],
-        ONE_LAUNCH=one,
-        y_ptr=y,
-        tick_ptr=tick,
-        l0_ptr=l0,
-        l1_ptr=l1,
-        over_ptr=over,
-        NT=NT,
-        stride_ym=y.stride(0),
-        S=slots,
-        BPT=bpt,
-        TCH=tch,
-        BKF=max(16, min(_p2(K), 4096 // _p2(M))),
         num_warps=cfg.decode_warps if p["use_dot"] else 8,
         num_stages=cfg.decode_stages,
     )
-    if one:
-        ucounts = nact.to(torch.int64) if unit_counts else None
-        return y, l0, l1, over, ucounts
+    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    l0, l1, over = _stats_bufs(dev)
+    bpt = tile // bn
     if atomic:
         bkf = max(16, min(_p2(K), 4096 // _p2(M), cfg.decode_finish_bk))
         try:
