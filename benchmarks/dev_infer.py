@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import twell
 from twell.ops import ffn_infer as fi
 from twell.ops.configs import override
 from twell.ops.ffn_infer import ffn_infer
@@ -133,6 +134,10 @@ M1_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
     ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
     ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
+    ("decode:gemv-warps4", {"decode_gemv_warps": 4}),
+    ("decode:gemv-warps16", {"decode_gemv_warps": 16}),
+    ("sparse_ffn", {}),
+    ("sparse_ffn:density-every32", {"density_every": 32}),
 ]
 
 
@@ -156,7 +161,10 @@ def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
                     # here that must fail the variant, not time dense under its name
                     warnings.simplefilter("error", RuntimeWarning)
                     try:
-                        fns = [(lambda w=w, x=x: ffn_infer(x, *w, path="decode")) for w in W]
+                        if name.startswith("sparse_ffn"):  # the user entry point: dispatcher included
+                            fns = [(lambda w=w, x=x: twell.sparse_ffn(x, *w)) for w in W]
+                        else:
+                            fns = [(lambda w=w, x=x: ffn_infer(x, *w, path="decode")) for w in W]
                         ms, p20, p80, host = _time(fns, reps)
                         err = (ffn_infer(x, *W[0], path="decode")[0].float() - ref).abs().max().item()
                     except Exception as e:  # a variant that fails to compile must not stop the sweep

@@ -259,13 +259,15 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
         _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
 
 
-def test_decode_atomic_down_off_when_deterministic():
+def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
     with override("infer", decode_atomic_max_m=2):
         cfg = fi.get_config("infer")
         assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+        # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
+        assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]
         was = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:

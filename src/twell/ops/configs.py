@@ -60,6 +60,8 @@ class InferConfig:
     #: (H100, paper shape, 30 active/token, device time, 97647af: M = 1 19.6 us with 4 units per
     #: program, 20.4 with 8, 24.5 with 16)
     decode_bn_gemv: int = 4
+    #: warps per program of the GEMV form
+    decode_gemv_warps: int = 8
     #: largest M whose gate + up stage runs on CUDA cores (the W tile loaded once per K step, each
     #: token's row dotted with it in turn) instead of tl.dot with M padded to 16. Measured at
     #: 97647af (H100, same case, 4 units per program): M = 2 24.3 us vs 27.6 with tl.dot; M = 4

@@ -767,7 +767,7 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l0, l1, over, ucounts
 
 
-def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
+def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
     """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`)."""
     # gate + up: tensor cores (tl.dot, M padded to 16) above decode_gemv_max_m, CUDA cores at or
     # below it; down: CUDA cores at M = 1 only
@@ -789,11 +789,11 @@ def _decode_plan(M: int, K: int, N: int, cfg) -> dict:
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
-    # the CUDA-core gate + up programs also run the down projection (fp32 atomics): not in
-    # deterministic mode, where the split down kernel sums its partials in a fixed order
-    atomic = (
-        M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
-    ) and not torch.are_deterministic_algorithms_enabled()
+    # the gate + up programs also run the down projection (fp32 atomics): not in deterministic
+    # mode, where the split down kernel sums its partials in a fixed order, and not while a CUDA
+    # graph is captured (its fresh accumulator would need a zero fill in the graph on every replay)
+    in_range = M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
+    atomic = in_range and not capturing and not torch.are_deterministic_algorithms_enabled()
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
@@ -886,7 +886,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    p = _decode_plan(M, K, N, cfg)
+    p = _decode_plan(
+        M, K, N, cfg, capturing=not reuse and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
@@ -929,7 +931,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         ATOMIC=atomic,
         ONE_STEP=p["one_step"],
         BKD_ATOMIC=p["bkd_atomic"],
-        num_warps=cfg.decode_warps if p["use_dot"] else 8,
+        num_warps=cfg.decode_warps if p["use_dot"] else cfg.decode_gemv_warps,
         num_stages=cfg.decode_stages,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
