@@ -369,6 +369,7 @@ def main() -> int:
     ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
+    ap.add_argument("--gemv-sweep", action="store_true", help="GEMV-form decode blocks at M = 1, 2")
     ap.add_argument("--gate-sweep", action="store_true", help="gate_pack epilogue variants, M = 2048..131072")
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -394,6 +395,20 @@ def main() -> int:
     if args.gate_sweep:
         for M in (2048, 16384, 131072):
             run_case(P, M, 30, "iid", dtype, args.reps, ["auto"], env, rows, gate="all")
+        _write_rows(args.out, rows)
+        return 0
+    if args.gemv_sweep:
+        # GEMV form (M <= 2): units per program x warps per program, on the three shapes
+        global DECODE_VARIANTS, M1_VARIANTS
+        grid = [
+            (f"decode:bn{b}-w{w}", {"decode_bn_gemv": b, "decode_gemv_warps": w})
+            for b in (2, 4, 8)
+            for w in (2, 4, 8)
+        ]
+        M1_VARIANTS = grid
+        DECODE_VARIANTS = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
+        for shape in SHAPES:
+            decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows)
         _write_rows(args.out, rows)
         return 0
     if args.decode_sweep:
