@@ -132,10 +132,7 @@ DECODE_VARIANTS = [
 #: M = 1 only
 M1_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
-    ("decode:atomic-bn2", {"decode_bn_gemv": 2}),
-    ("decode:atomic-bn8", {"decode_bn_gemv": 8}),
-    ("decode:gemv-warps4", {"decode_gemv_warps": 4}),
-    ("decode:gemv-warps16", {"decode_gemv_warps": 16}),
+    ("decode:bn4-w8", {"decode_bn_gemv": 4, "decode_gemv_warps": 8}),
     ("sparse_ffn", {}),
     ("sparse_ffn:density-every32", {"density_every": 32}),
 ]

@@ -259,6 +259,19 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
         _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
 
 
+@pytest.mark.parametrize("bn,warps", [(2, 4), (4, 2), (8, 8)])
+def test_decode_gemv_blocks(kdevice, poison, bn, warps):
+    # units and warps per program of the GEMV form (defaults pick them by K), M = 1 and 2
+    from twell.ops import ffn_infer as fi
+
+    assert fi._decode_plan(1, 4096, 300, fi.get_config("infer"))["bn"] == 2
+    assert fi._decode_plan(2, 896, 300, fi.get_config("infer"))["warps"] == 2
+    for M in (1, 2):
+        x, wg, wu, wd = make_sparse_ffn(M, 40, 300, 12, device=kdevice, seed=M + bn)
+        with override("infer", decode_bn_gemv=bn, decode_gemv_warps=warps):
+            _check(x, wg, wu, wd, 64, 8, "decode")
+
+
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 

@@ -55,13 +55,16 @@ class InferConfig:
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
-    #: decode stage 1 (gate + up): units per program of the GEMV form (tl.dot form below), K
-    #: step, warps and pipeline stages of the tl.dot loop
-    #: (H100, paper shape, 30 active/token, device time, 97647af: M = 1 19.6 us with 4 units per
-    #: program, 20.4 with 8, 24.5 with 16)
-    decode_bn_gemv: int = 4
-    #: warps per program of the GEMV form
-    decode_gemv_warps: int = 8
+    #: decode stage 1 (gate + up), GEMV form (M <= decode_gemv_max_m): units and warps per program,
+    #: 0 = by K: 2 units at M = 1 when K > 2048, else 4; 2 warps when K <= 1024, else 4. From the
+    #: bf7277f sweep (H100, 30 active/token, device time, atomic down form; units x warps in
+    #: {2, 4, 8}^2): paper shape (K = 2048) M = 1 16.6 us with 4 x 4 (best; 17.4 with the earlier
+    #: 4 x 8), M = 2 20.8 (best 20.0 with 2 x 4; 21.7 with 4 x 8); Llama-3-8B (K = 4096) M = 1 48.7
+    #: with 2 x 4 (best 48.1 with 2 x 8; 50.1 with 4 x 8), M = 2 54.6 with 4 x 4 (best; 74.9 with
+    #: 4 x 8); Qwen2-0.5B (K = 896) M = 1 10.4 with 4 x 2 (best; 12.6 with 4 x 8), M = 2 13.2
+    #: (best; 14.5). 8 units with 2 warps spill at K = 4096 (510 us).
+    decode_bn_gemv: int = 0
+    decode_gemv_warps: int = 0
     #: largest M whose gate + up stage runs on CUDA cores (the W tile loaded once per K step, each
     #: token's row dotted with it in turn) instead of tl.dot with M padded to 16. Measured at
     #: 97647af (H100, same case, 4 units per program): M = 2 24.3 us vs 27.6 with tl.dot; M = 4

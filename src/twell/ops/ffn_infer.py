@@ -774,7 +774,8 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
     use_dot = M > cfg.decode_gemv_max_m
     down_dot = M > 1
     bm = max(16, _p2(M)) if use_dot else _p2(M)
-    bn = min(cfg.decode_bn_dot if use_dot else cfg.decode_bn_gemv, 256)
+    bn_gemv = cfg.decode_bn_gemv or (2 if M == 1 and K > 2048 else 4)
+    bn = min(cfg.decode_bn_dot if use_dot else bn_gemv, 256)
     if use_dot:
         bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
         bk_up = max(16, min(cfg.decode_bk_up or cfg.decode_bk, _p2(K), 16384 // bm))
@@ -800,6 +801,7 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
         "use_dot": use_dot,
+        "warps": cfg.decode_warps if use_dot else cfg.decode_gemv_warps or (2 if K <= 1024 else 4),
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
@@ -931,7 +933,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         ATOMIC=atomic,
         ONE_STEP=p["one_step"],
         BKD_ATOMIC=p["bkd_atomic"],
-        num_warps=cfg.decode_warps if p["use_dot"] else cfg.decode_gemv_warps,
+        num_warps=p["warps"],
         num_stages=cfg.decode_stages,
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
