@@ -15,24 +15,31 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
     (on CUDA cores at M <= ``decode_gemv_max_m``; above it tl.dot with the units on the MMA's M
     side and the tokens, padded to 16, on its N side), then W_up rows only for units active in
-    some token (masked loads move no bytes), and writes h (unit-major [N, M], tiny) and the
-    number of tokens activating each unit.
-    ``_decode_down_kernel`` (launched with programmatic dependent launch on sm_90+, so it is
-    scheduled while the first grid drains): programs over (K block, range of units) compact the
-    units some token activates (512 per step) and gather their W_down^T row segments 16 per load
-    (tl.dot for M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums
-    the partials and writes y; one extra program reduces the statistics.
+    some token (masked loads move no bytes), and the number of tokens activating each unit.
+    Atomic form (M <= ``decode_atomic_max_m`` or M >= ``decode_atomic_dot_min_m``; not in
+    deterministic mode or under CUDA-graph capture): the same program loads its active units'
+    W_down^T rows and adds h W_down^T into an fp32 [M, K] accumulator with atomics;
+    ``_decode_finish_kernel`` rounds it into y and zeroes it.
+    Split form: h is written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
+    kernels are launched with programmatic dependent launch on sm_90+, so they are scheduled
+    while the first grid drains): programs over (K block, range of units) compact the units some
+    token activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
+    M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
+    in a fixed order and writes y; one extra program reduces the statistics.
   * dense: 2 cuBLAS GEMMs, ``_relu_mul_stats_kernel`` (h = relu(g) u and the statistics in one
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): decode (dev sweep, 129474d) M = 1 2.39x, M = 2 1.79x, M = 8 1.62x, M = 16 1.52x,
-M = 32 1.23x (0.70x at M = 64, so the dense path runs from M = 33 to 1023); prefill (twell bench,
-129474d) M = 2048 1.32x, M = 16384 1.52x, M = 131072 1.53x; Llama-3-8B shape 2.70x at M = 1
-(370c65a) and 1.63x at M = 16384. Numbers and what bounds them: docs/kernels.md.
+GEMMs): decode (dev sweep, 6360074) M = 1 2.66x, M = 2 2.16x, M = 4 1.79x, M = 8 1.66x,
+M = 16 1.56x, M = 32 1.38x (0.93x at M = 64 in the atomic form, so the dense path runs from M = 33
+to 1023); twell bench (6360074): M = 1 2.52-2.55x, M = 2048 1.32x, M = 16384 1.54x, M = 131072
+1.56x; Llama-3-8B shape 2.83x at M = 1 and 1.61x at M = 16384. Numbers and what bounds them:
+docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
-(NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). No host
+(NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). The atomic
+decode form sums in arrival order (the last bit of y may differ between calls); deterministic
+mode runs the split form instead. No host
 synchronisation on any path: the dispatcher reads the density of earlier calls from a pinned
 host copy only once its event has completed, so the work queue never drains and CUDA-graph
 capture works (under capture the decision is frozen).
