@@ -126,6 +126,28 @@ DECODE_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
     ("decode:atomic-dot", {"decode_atomic_dot_min_m": 3}, 128),
     ("decode:atomic-dot-bk128", {"decode_atomic_dot_min_m": 3, "decode_atomic_bk": 128}, 128),
+    ("decode:compact", {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True}, 128),
+    (
+        "decode:compact-bkc256",
+        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_bkc": 256},
+        128,
+    ),
+    (
+        "decode:compact-bkc1024",
+        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_bkc": 1024},
+        128,
+    ),
+    (
+        "decode:compact-ch32",
+        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_chunk": 32},
+        128,
+    ),
+    ("decode:bn32", {"decode_bn_dot": 32}, 128),
+    (
+        "decode:compact-bn32",
+        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_bn_dot": 32},
+        128,
+    ),
 ]
 
 

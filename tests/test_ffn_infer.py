@@ -226,15 +226,34 @@ def test_decode_scratch_reused_between_calls(kdevice):
 
 
 @pytest.mark.parametrize(
-    "M,K,gemv,bk_up",
-    [(1, 48, 2, 0), (2, 48, 2, 0), (1, 40, 2, 16), (2, 40, 2, 16), (3, 48, 0, 0), (7, 40, 0, 0)],
-    ids=["gemv-one-step-1", "gemv-one-step-2", "gemv-k-loop-1", "gemv-k-loop-2", "dot-3", "dot-7"],
+    "M,K,gemv,bk_up,compact",
+    [
+        (1, 48, 2, 0, False),
+        (2, 48, 2, 0, False),
+        (1, 40, 2, 16, False),
+        (2, 40, 2, 16, False),
+        (3, 48, 0, 0, False),
+        (7, 40, 0, 0, False),
+        (3, 48, 0, 0, True),
+        (7, 40, 0, 0, True),
+    ],
+    ids=[
+        "gemv-one-step-1",
+        "gemv-one-step-2",
+        "gemv-k-loop-1",
+        "gemv-k-loop-2",
+        "dot-3",
+        "dot-7",
+        "dot-compact-3",
+        "dot-compact-7",
+    ],
 )
-def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
+def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
     # the gate + up programs add h W_down^T into an fp32 accumulator by atomics (CUDA-core form
-    # at M <= gemv, tl.dot form above); a second kernel rounds it into y and zeroes it. Sparse,
-    # none active, every unit active (all tiles overflow), a NaN token, and repeated calls (the
-    # reused accumulator must start at zero)
+    # at M <= gemv, tl.dot form above, optionally over the program's active units compacted 16 at
+    # a time); a second kernel rounds it into y and zeroes it. Sparse, none active, every unit
+    # active (all tiles overflow), a NaN token, and repeated calls (the reused accumulator must
+    # start at zero)
     from twell.ops import ffn_infer as fi
 
     plan = dict(
@@ -243,10 +262,12 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up):
         decode_gemv_max_m=gemv,
         decode_bk_up=bk_up,
         decode_atomic_bk=16,
+        decode_atomic_compact=compact,
+        decode_atomic_bkc=16,
     )
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
-        assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv)
+        assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv) and p["compact"] == compact
         for active in (12, 0, 300, 12):
             x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
             y, st = _check(x, wg, wu, wd, 64, 8, "decode")

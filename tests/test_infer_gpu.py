@@ -50,18 +50,23 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 @pytest.mark.parametrize("M", [1, 2, 8, 32])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
     # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics): CUDA-core
-    # form at M <= 2, tl.dot form above
+    # form at M <= 2, tl.dot form above (with and without compacting each program's active units)
     from twell.ops.configs import override
 
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
+    x[M - 1, 0] = -40.0  # one token with every unit active
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    with override("infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3):
-        for _ in range(2):  # the second call reuses the accumulator the first one zeroed
-            y, st = ffn_infer(x, wg, wu, wd, path="decode")
-            assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())
-            assert int(st.overflow_rows) == int(sr.overflow_rows)
-            assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
+    for compact in (False, True) if M > 2 else (False,):
+        with override(
+            "infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3, decode_atomic_compact=compact
+        ):
+            for _ in range(2):  # the second call reuses the accumulator the first one zeroed
+                y, st = ffn_infer(x, wg, wu, wd, path="decode")
+                name = f"y[{shape}, M={M}, compact={compact}]"
+                assert_close(y.float(), y32, name=name, dtype=dtype, baseline=y_t.float())
+                assert int(st.overflow_rows) == int(sr.overflow_rows)
+                assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
 @pytest.mark.parametrize("pattern", ["skewed", "heavy"])

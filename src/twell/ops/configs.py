@@ -88,6 +88,12 @@ class InferConfig:
     #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower
     decode_atomic_dot_min_m: int = 16
     decode_atomic_bk: int = 256
+    #: tl.dot atomic form: compact each program's active units, decode_atomic_chunk at a time,
+    #: into dense [chunk, K step] tiles of W_up (K steps of decode_atomic_bkc) and W_down^T
+    #: (decode_atomic_bk) instead of [64, K step] tiles with most rows masked (not measured: off)
+    decode_atomic_compact: bool = False
+    decode_atomic_chunk: int = 16
+    decode_atomic_bkc: int = 512
     #: columns per program of the atomic form's second kernel
     decode_finish_bk: int = 512
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled

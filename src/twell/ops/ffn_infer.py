@@ -369,6 +369,84 @@ def _up_down_atomic(
 
 
 @triton.jit
+def _up_down_atomic_compact(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    acc_ptr,
+    g_ptr,
+    b_g,
+    b_act,
+    n_act,
+    i_m,
+    m_m,
+    o_n,
+    m_n,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    CHU: tl.constexpr,
+    BKC: tl.constexpr,
+    BKD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # tl.dot form with the program's active units compacted, CHU at a time: their W_up rows
+    # (u = x @ W_up[units]^T over K in BKC steps) and W_down^T rows (acc += h @ W_down^T[units]
+    # in BKD steps) are dense [CHU, step] tiles instead of [BN, step] tiles with most rows masked.
+    # The gate values of the selected units come back from g_ptr (unit-major [N, M] scratch,
+    # written here first). Returns sum |h| per token [BM].
+    p_g = o_n[None, :] * M + i_m[:, None]
+    tl.store(g_ptr + p_g, tl.where(b_act, b_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+    tl.debug_barrier()  # the program's own gate values are visible to all its threads
+    f_u = (n_act > 0) & m_n
+    pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+    n_units = tl.sum(f_u.to(tl.int32), axis=0)
+    o_c = tl.arange(0, CHU)
+    o_kc = tl.arange(0, BKC)
+    o_kd = tl.arange(0, BKD)
+    m_x = (m_m & (tl.sum(b_act.to(tl.int32), axis=1) > 0))[:, None]
+    s_l1 = tl.zeros((BM,), dtype=tl.float32)
+    for c in range(0, n_units, CHU):
+        sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
+        idx = tl.sum(tl.where(sel, o_n[None, :], 0), axis=1).to(tl.int64)
+        v_c = (c + o_c) < n_units
+        acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
+        for k in range(0, K, BKC):
+            m_k = (k + o_kc) < K
+            b_x = tl.load(
+                x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
+                mask=m_m[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_w = tl.load(
+                wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
+            )
+            acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+        g_c = tl.load(
+            g_ptr + idx[None, :] * M + i_m[:, None],
+            mask=m_m[:, None] & v_c[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        ).to(tl.float32)
+        h_c = (g_c * acc_u).to(OUT_DTYPE)
+        s_l1 += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
+        for k in range(0, K, BKD):
+            m_k = (k + o_kd) < K
+            b_d = tl.load(
+                wdt_ptr + idx[:, None] * K + (k + o_kd)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
+            )
+            y_c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
+            tl.atomic_add(
+                acc_ptr + i_m[:, None] * K + (k + o_kd)[None, :], y_c, mask=m_x & m_k[None, :], sem="relaxed"
+            )
+    return s_l1
+
+
+@triton.jit
 def _decode_gate_up_kernel(
     x_ptr,
     wg_ptr,
@@ -404,6 +482,9 @@ def _decode_gate_up_kernel(
     ATOMIC: tl.constexpr,
     ONE_STEP: tl.constexpr,
     BKD_ATOMIC: tl.constexpr,
+    COMPACT: tl.constexpr,
+    CHU: tl.constexpr,
+    BKC: tl.constexpr,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -428,7 +509,14 @@ def _decode_gate_up_kernel(
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
     n_act = tl.sum(b_act.to(tl.int32), axis=0)
-    if ATOMIC:
+    if ATOMIC and COMPACT:
+        l1_tok = tl.zeros((BM,), dtype=tl.float32)
+        if tl.sum(n_act) > 0:
+            l1_tok = _up_down_atomic_compact(
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, b_g, b_act, n_act, i_m, m_m, o_n, m_n, M, K,
+                stride_xm, stride_xk, OUT_DTYPE, BM, BN, CHU, BKC, BKD_ATOMIC, DOT_PREC,
+            )  # fmt: skip
+    elif ATOMIC:
         # this program also runs the down projection of its active units (fp32 atomic adds into
         # acc; the finishing kernel rounds acc into y and zeroes it), so h never reaches memory
         b_h = tl.zeros((BM, BN), dtype=OUT_DTYPE)
@@ -437,6 +525,7 @@ def _decode_gate_up_kernel(
                 x_ptr, wu_ptr, wdt_ptr, acc_ptr, b_g, b_act, i_m, m_m, o_n, m_n & (n_act > 0), M, K,
                 stride_xm, stride_xk, OUT_DTYPE, BM, BN, BK_UP, BKD_ATOMIC, ONE_STEP, USE_DOT, DOT_PREC, SWAP,
             )  # fmt: skip
+        l1_tok = tl.sum(tl.abs(b_h.to(tl.float32)), axis=1)
     else:
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         if tl.sum(n_act) > 0:
@@ -450,8 +539,9 @@ def _decode_gate_up_kernel(
         # one contiguous row instead of M scattered elements)
         p_h = o_n[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + o_n[None, :]
         tl.store(h_ptr + p_h, b_h, mask=m_m[:, None] & m_n[None, :])
+        l1_tok = tl.sum(tl.abs(b_h.to(tl.float32)), axis=1)
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
-    tl.store(bl1_ptr + i_m * NB + pid, tl.sum(tl.abs(b_h.to(tl.float32)), axis=1), mask=m_m)
+    tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
 
 
@@ -812,6 +902,8 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
+        "compact": atomic and use_dot and cfg.decode_atomic_compact,
+        "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
         "h_t": M > 1 and cfg.decode_h_t,
@@ -940,6 +1032,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         ATOMIC=atomic,
         ONE_STEP=p["one_step"],
         BKD_ATOMIC=p["bkd_atomic"],
+        COMPACT=p["compact"],
+        CHU=cfg.decode_atomic_chunk,
+        BKC=p["bkc"],
         num_warps=p["warps"],
         num_stages=cfg.decode_stages,
     )
