@@ -300,6 +300,10 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
         cfg = fi.get_config("infer")
         assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+        assert (
+            fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
+        )
+        assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
         # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
         assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]
         was = torch.are_deterministic_algorithms_enabled()

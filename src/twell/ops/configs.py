@@ -85,15 +85,22 @@ class InferConfig:
     #: the same in the tl.dot form at M >= this (0: never), K step decode_atomic_bk of its W_down^T
     #: loop. 3c01553 with 256-column steps against the split kernel (with its best column block):
     #: M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
-    #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower
-    decode_atomic_dot_min_m: int = 16
+    #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower. From
+    #: M = 8 with the compact form below
+    decode_atomic_dot_min_m: int = 8
     decode_atomic_bk: int = 256
-    #: tl.dot atomic form: compact each program's active units, decode_atomic_chunk at a time,
-    #: into dense [chunk, K step] tiles of W_up (K steps of decode_atomic_bkc) and W_down^T
-    #: (decode_atomic_bk) instead of [64, K step] tiles with most rows masked (not measured: off)
-    decode_atomic_compact: bool = False
+    #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
+    #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
+    #: decode_atomic_bkc) and W_down^T (decode_atomic_bk) instead of [64, K step] tiles with most
+    #: rows masked. 3411176 sweep (paper shape unless named), against the best earlier form: M = 8
+    #: 25.2 us against 26.0 (split), Llama-3-8B M = 8 73.0 against 80.6, M = 16 26.1-26.3 against
+    #: 28.4; M = 4 24.9 against 24.1 (split), M = 32 42.2 against 32.4 and out of shared memory at
+    #: M = 64; 512-column W_up steps 25.5 / 26.1 us at M = 8 / 16, 1024 slower, 32-unit chunks
+    #: slower. M = 9..15 take the same form (not measured individually).
+    decode_atomic_compact: bool = True
+    decode_atomic_compact_max_m: int = 16
     decode_atomic_chunk: int = 16
-    decode_atomic_bkc: int = 512
+    decode_atomic_bkc: int = 256
     #: columns per program of the atomic form's second kernel
     decode_finish_bk: int = 512
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled

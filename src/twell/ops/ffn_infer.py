@@ -902,7 +902,7 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
-        "compact": atomic and use_dot and cfg.decode_atomic_compact,
+        "compact": atomic and use_dot and cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m,
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
