@@ -47,6 +47,11 @@ GATE_VARIANTS = [
     ("gate_pack:noflatten", {"flatten": False}),
     ("gate_pack:tl.store", {"use_asm_store": False}),
     ("gate_pack:plain", {"use_tma": "never"}),
+    ("gate_pack:bm64", {"block_m": 64}),
+    ("gate_pack:bm64-w4", {"block_m": 64, "num_warps": 4}),
+    ("gate_pack:bm64-s4", {"block_m": 64, "num_stages": 4}),
+    ("gate_pack:g4", {"group_m": 4}),
+    ("gate_pack:g16", {"group_m": 16}),
 ]
 
 
@@ -389,6 +394,7 @@ def main() -> int:
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
     ap.add_argument("--gemv-sweep", action="store_true", help="GEMV-form decode blocks at M = 1, 2")
+    ap.add_argument("--gate-ms", type=int, nargs="+", default=[2048, 16384, 131072])
     ap.add_argument("--gate-sweep", action="store_true", help="gate_pack epilogue variants, M = 2048..131072")
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -412,7 +418,7 @@ def main() -> int:
         _write_rows(args.out, rows)
         return 0
     if args.gate_sweep:
-        for M in (2048, 16384, 131072):
+        for M in args.gate_ms:
             run_case(P, M, 30, "iid", dtype, args.reps, ["auto"], env, rows, gate="all")
         _write_rows(args.out, rows)
         return 0
