@@ -107,6 +107,23 @@ def test_dense_dispatch_after_dense_step():
     assert rel_error(y2, ref) < 2e-2 and rel_error(y1, ref) < 2e-2
 
 
+@pytest.mark.parametrize("M,N", [(1, 5632), (7, 300), (300, 1000), (2100, 5632)])
+def test_dense_path_statistics_kernel(M, N):
+    # the dense path's l0 / overflow-row kernel against the torch statistics: N not a multiple of
+    # the tile, a token with every unit active, a NaN token (NaN is not > 0)
+    from twell.ops.ffn_ref import tile_overflow_rows
+
+    x, wg, _, _ = make_sparse_ffn(M, 256, N, 30, dtype=torch.bfloat16, device="cuda", seed=M)
+    x[M // 2, 0] = -40.0
+    if M > 2:
+        x[M - 1, 3] = float("nan")
+    g = torch.nn.functional.linear(x, wg)
+    l0, over = ft._gate_stats(g, 256, 32)
+    act = g > 0
+    assert float(l0) == pytest.approx(float(act.sum()) / M, rel=1e-6)
+    assert int(over) == int(tile_overflow_rows(act, 256, 32)) >= 1
+
+
 def test_small_calls_run_dense_large_calls_sparse():
     from torch.profiler import profile
 
