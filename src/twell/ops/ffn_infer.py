@@ -30,11 +30,11 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): decode (dev sweep, 6360074) M = 1 2.66x, M = 2 2.16x, M = 4 1.79x, M = 8 1.66x,
-M = 16 1.56x, M = 32 1.38x (0.93x at M = 64 in the atomic form, so the dense path runs from M = 33
-to 1023); twell bench (6360074): M = 1 2.52-2.55x, M = 2048 1.32x, M = 16384 1.54x, M = 131072
-1.56x; Llama-3-8B shape 2.83x at M = 1 and 1.61x at M = 16384. Numbers and what bounds them:
-docs/kernels.md.
+GEMMs): decode (dev sweeps, 6360074 and 3411176) M = 1 2.66x, M = 2 2.16x, M = 4 1.79x, M = 8
+1.69x, M = 16 1.71x, M = 32 1.38x (0.93-0.98x at M = 64 in the atomic form, so the dense path runs
+from M = 33 to 1023); twell bench (e8829c8): M = 1 2.54-2.57x, M = 8 1.72-1.78x, M = 2048 1.33x,
+M = 16384 1.55x, M = 131072 1.54x; Llama-3-8B shape 2.78x at M = 1 and 1.58x at M = 16384.
+Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
 (NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). The atomic
