@@ -69,6 +69,25 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
                 assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
+@pytest.mark.parametrize("M", [1, 8, 32])
+def test_decode_deterministic_mode_repeats_bitwise(M):
+    # torch.use_deterministic_algorithms(True): the split down kernel (fixed summation order)
+    # instead of the atomic form, so repeated calls agree bit for bit
+    K, N = SHAPES["paper"]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 5)
+    y32, _, y_t = _ref(x, wg, wu, wd)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ys = [ffn_infer(x, wg, wu, wd, path="decode")[0] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert_close(
+        ys[0].float(), y32, name=f"y[deterministic, M={M}]", dtype=torch.bfloat16, baseline=y_t.float()
+    )
+
+
 @pytest.mark.parametrize("pattern", ["skewed", "heavy"])
 @pytest.mark.parametrize("M", [8, 1024])
 def test_patterns_with_overflow_bf16(pattern, M):

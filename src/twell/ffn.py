@@ -69,6 +69,11 @@ def sparse_ffn(
     Returns:
         ``y [..., K]``, or ``(y, stats)`` with ``return_stats=True``.
 
+    Determinism: some kernels add fp32 partial sums with atomics (the decode path at small batch,
+    the training backward's weight gradients), so repeated calls may differ in the last bit. Under
+    ``torch.use_deterministic_algorithms(True)`` they switch to fixed-order forms and results
+    repeat bit for bit.
+
     Example::
 
         >>> import torch, twell
