@@ -148,6 +148,10 @@ DECODE_VARIANTS = [
         128,
     ),
     ("decode:bn32", {"decode_bn_dot": 32}, 128),
+    ("decode:stages4", {"decode_stages": 4}, 128),
+    ("decode:stages5", {"decode_stages": 5}, 128),
+    ("decode:warps8", {"decode_warps": 8}, 128),
+    ("decode:bk128-s6", {"decode_bk": 128, "decode_stages": 6}, 128),
     (
         "decode:compact-bn32",
         {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_bn_dot": 32},
