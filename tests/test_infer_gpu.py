@@ -69,6 +69,18 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
                 assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
+@pytest.mark.parametrize("M", [1, 8, 32, 64, 128])
+def test_decode_fp32_model_shape(M):
+    # fp32 tiles take twice the shared memory: the plan lowers the pipeline stages to fit
+    K, N = SHAPES["paper"]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.float32, seed=M + 9)
+    y, _ = ffn_infer(x, wg, wu, wd, path="decode")
+    with torch.no_grad():
+        y64, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
+        y_t, _ = sparse_ffn_ref(x, wg, wu, wd)
+    assert_close(y.double(), y64, name=f"y[fp32 decode, M={M}]", dtype=torch.float32, baseline=y_t.double())
+
+
 @pytest.mark.parametrize("M", [1, 8, 32])
 def test_decode_deterministic_mode_repeats_bitwise(M):
     # torch.use_deterministic_algorithms(True): the split down kernel (fixed summation order)

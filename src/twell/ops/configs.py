@@ -126,7 +126,10 @@ class InferConfig:
     #: ec5a81d: M = 32 18.4 vs 22.4 us, M = 64 38.7 vs 51.2; the same within 1 us at M <= 16
     decode_h_t: bool = True
     decode_warps: int = 4
-    decode_stages: int = 3
+    #: pipeline stages of the tl.dot loops (fewer where the tiles would not fit in shared memory).
+    #: 4 against 3 at 5d47190 (paper shape): M = 8 24.8 / 25.5 us, M = 16 25.6 / 26.4, Llama-3-8B
+    #: M = 8 70.3 / 73.6; M = 2, 4 and 32 within 0.1 us; 5 out of shared memory at M = 32
+    decode_stages: int = 4
     #: decode stage 2 (down, W_down^T rows of the batch's active units): at M = 1 the K columns
     #: are split into this many blocks (a power of two >= K / kc columns each), above M = 1 into
     #: blocks of decode_down_bk columns; units compacted per step of the walk, rows gathered per

@@ -864,8 +864,9 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l0, l1, over, ucounts
 
 
-def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
-    """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`)."""
+def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: int = 2) -> dict:
+    """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`); ``elsize``:
+    bytes per element of x and the weights."""
     # gate + up: tensor cores (tl.dot, M padded to 16) above decode_gemv_max_m, CUDA cores at or
     # below it; down: CUDA cores at M = 1 only
     use_dot = M > cfg.decode_gemv_max_m
@@ -899,6 +900,10 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False) -> dict:
     return {
         "use_dot": use_dot,
         "warps": cfg.decode_warps if use_dot else cfg.decode_gemv_warps or (2 if K <= 1024 else 4),
+        # pipeline stages of the tl.dot loops: as many as decode_stages that keep the [BN + BM, K
+        # step] tiles within 192 KiB of shared memory (4 at M <= 32 in bf16, fewer for larger M
+        # or fp32)
+        "stages": max(1, min(cfg.decode_stages, (192 << 10) // ((bn + bm) * max(bk, bk_up) * elsize))),
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
@@ -987,9 +992,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    p = _decode_plan(
-        M, K, N, cfg, capturing=not reuse and x.is_cuda and torch.cuda.is_current_stream_capturing()
-    )
+    capturing = not reuse and x.is_cuda and torch.cuda.is_current_stream_capturing()
+    p = _decode_plan(M, K, N, cfg, capturing=capturing, elsize=x.element_size())
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
@@ -1036,7 +1040,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
         CHU=cfg.decode_atomic_chunk,
         BKC=p["bkc"],
         num_warps=p["warps"],
-        num_stages=cfg.decode_stages,
+        num_stages=p["stages"],
     )
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l0, l1, over = _stats_bufs(dev)
