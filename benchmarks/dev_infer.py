@@ -124,39 +124,15 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 #: against 21.3 us, out of shared memory at M = 4..32), 64-column steps of the atomic form's down
 #: loop and the CUDA-core atomic form at M = 4 (31.2 against 24.2 us); the 7c51821 sweep retired a
 #: one-launch atomic form (the last program to finish takes a ticket and writes y: M = 1 17.9
-#: against 17.4 us, M = 2 22.7 against 21.4, Llama-3-8B M = 1 53.7 against 50.1)
+#: against 17.4 us, M = 2 22.7 against 21.4, Llama-3-8B M = 1 53.7 against 50.1); the 3411176 and
+#: 5d47190 sweeps compared 32-unit tl.dot programs, 128-column down blocks, 64/128-column steps of
+#: the atomic W_down^T loop, compact chunks of 32 units and 512/1024-column W_up steps, 5 stages,
+#: 8 warps and 128-column gate steps with 6 stages (BENCHMARKS.md section 1e)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
-    ("decode:down-bk128", {"decode_down_bk": 128}, 128),
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
-    ("decode:atomic-dot", {"decode_atomic_dot_min_m": 3}, 128),
-    ("decode:atomic-dot-bk128", {"decode_atomic_dot_min_m": 3, "decode_atomic_bk": 128}, 128),
-    ("decode:compact", {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True}, 128),
-    (
-        "decode:compact-bkc256",
-        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_bkc": 256},
-        128,
-    ),
-    (
-        "decode:compact-bkc1024",
-        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_bkc": 1024},
-        128,
-    ),
-    (
-        "decode:compact-ch32",
-        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_atomic_chunk": 32},
-        128,
-    ),
-    ("decode:bn32", {"decode_bn_dot": 32}, 128),
-    ("decode:stages4", {"decode_stages": 4}, 128),
-    ("decode:stages5", {"decode_stages": 5}, 128),
-    ("decode:warps8", {"decode_warps": 8}, 128),
-    ("decode:bk128-s6", {"decode_bk": 128, "decode_stages": 6}, 128),
-    (
-        "decode:compact-bn32",
-        {"decode_atomic_dot_min_m": 3, "decode_atomic_compact": True, "decode_bn_dot": 32},
-        128,
-    ),
+    ("decode:stages3", {"decode_stages": 3}, 128),
+    ("decode:no-compact", {"decode_atomic_compact": False}, 128),
 ]
 
 
