@@ -78,7 +78,11 @@ def test_decode_fp32_model_shape(M):
     with torch.no_grad():
         y64, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
         y_t, _ = sparse_ffn_ref(x, wg, wu, wd)
-    assert_close(y.double(), y64, name=f"y[fp32 decode, M={M}]", dtype=torch.float32, baseline=y_t.double())
+    # reduce=K: each gate and up value is a K-term fp32 sum (the kernels' sums run in another order
+    # than cuBLAS's; measured ~4e-6 relative at M = 8 and 16 for every decode form, torch 7e-7)
+    assert_close(
+        y.double(), y64, name=f"y[fp32 decode, M={M}]", dtype=torch.float32, baseline=y_t.double(), reduce=K
+    )
 
 
 @pytest.mark.parametrize("M", [1, 8, 32])
