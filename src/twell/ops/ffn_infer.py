@@ -30,9 +30,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs): decode (dev sweeps, 6360074 and 3411176) M = 1 2.66x, M = 2 2.16x, M = 4 1.79x, M = 8
-1.69x, M = 16 1.71x, M = 32 1.38x (0.93-0.98x at M = 64 in the atomic form, so the dense path runs
-from M = 33 to 1023); twell bench (e8829c8): M = 1 2.54-2.57x, M = 8 1.72-1.78x, M = 2048 1.33x,
+GEMMs): decode (dev sweep, 530731a) M = 1 2.68x, M = 2 2.18x, M = 4 1.77x, M = 8 1.75x,
+M = 16 1.77x, M = 32 1.41x (0.93-0.98x at M = 64 in the atomic form, so the dense path runs from
+M = 33 to 1023); twell bench (e8829c8): M = 1 2.54-2.57x, M = 8 1.72-1.78x, M = 2048 1.33x,
 M = 16384 1.55x, M = 131072 1.54x; Llama-3-8B shape 2.78x at M = 1 and 1.58x at M = 16384.
 Numbers and what bounds them: docs/kernels.md.
 
