@@ -297,6 +297,37 @@ def _tokens_dot_rows(
 
 
 @triton.jit
+def _atomic_down(
+    acc_ptr,
+    wdt_ptr,
+    rows,
+    m_rows,
+    b_h,
+    i_m,
+    m_x,
+    K,
+    BKD: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # acc[M, K] (fp32) += b_h [BM, R] @ W_down^T[rows] (rows with m_rows False are not read), in
+    # BKD-column steps, by relaxed atomic adds into the token rows m_x [BM, 1]
+    o_kd = tl.arange(0, BKD)
+    for k in range(0, K, BKD):
+        m_k = (k + o_kd) < K
+        b_d = tl.load(
+            wdt_ptr + rows[:, None] * K + (k + o_kd)[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0
+        )
+        if USE_DOT:
+            c = tl.dot(b_h, b_d, input_precision=DOT_PREC)
+        else:
+            c = tl.sum(b_h.to(tl.float32)[:, :, None] * b_d.to(tl.float32)[None, :, :], axis=1)
+        tl.atomic_add(
+            acc_ptr + i_m[:, None] * K + (k + o_kd)[None, :], c, mask=m_x & m_k[None, :], sem="relaxed"
+        )
+
+
+@triton.jit
 def _up_down_atomic(
     x_ptr,
     wu_ptr,
@@ -350,21 +381,7 @@ def _up_down_atomic(
             BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
         )  # fmt: skip
         b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
-        o_kd = tl.arange(0, BKD)
-        for k in range(0, K, BKD):
-            m_k = (k + o_kd) < K
-            b_d = tl.load(
-                wdt_ptr + o_n[:, None].to(tl.int64) * K + (k + o_kd)[None, :],
-                mask=m_rows[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            if USE_DOT:
-                c = tl.dot(b_h, b_d, input_precision=DOT_PREC)
-            else:
-                c = tl.sum(b_h.to(tl.float32)[:, :, None] * b_d.to(tl.float32)[None, :, :], axis=1)
-            tl.atomic_add(
-                acc_ptr + i_m[:, None] * K + (k + o_kd)[None, :], c, mask=m_x & m_k[None, :], sem="relaxed"
-            )
+        _atomic_down(acc_ptr, wdt_ptr, o_n.to(tl.int64), m_rows, b_h, i_m, m_x, K, BKD, USE_DOT, DOT_PREC)
     return b_h
 
 
@@ -407,7 +424,6 @@ def _up_down_atomic_compact(
     n_units = tl.sum(f_u.to(tl.int32), axis=0)
     o_c = tl.arange(0, CHU)
     o_kc = tl.arange(0, BKC)
-    o_kd = tl.arange(0, BKD)
     m_x = (m_m & (tl.sum(b_act.to(tl.int32), axis=1) > 0))[:, None]
     s_l1 = tl.zeros((BM,), dtype=tl.float32)
     for c in range(0, n_units, CHU):
@@ -434,15 +450,7 @@ def _up_down_atomic_compact(
         ).to(tl.float32)
         h_c = (g_c * acc_u).to(OUT_DTYPE)
         s_l1 += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
-        for k in range(0, K, BKD):
-            m_k = (k + o_kd) < K
-            b_d = tl.load(
-                wdt_ptr + idx[:, None] * K + (k + o_kd)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
-            )
-            y_c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
-            tl.atomic_add(
-                acc_ptr + i_m[:, None] * K + (k + o_kd)[None, :], y_c, mask=m_x & m_k[None, :], sem="relaxed"
-            )
+        _atomic_down(acc_ptr, wdt_ptr, idx, v_c, h_c, i_m, m_x, K, BKD, True, DOT_PREC)
     return s_l1
 
 
