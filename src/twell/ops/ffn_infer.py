@@ -337,6 +337,7 @@ def _up_down_atomic(
     b_act,
     i_m,
     m_m,
+    m_x,
     o_n,
     m_rows,
     M,
@@ -354,12 +355,11 @@ def _up_down_atomic(
     SWAP: tl.constexpr,
 ):
     # u of the rows m_rows (units some token activates), h = g u rounded to the activation dtype,
-    # then acc[M, K] (fp32) += h @ W_down^T[o_n] by atomic adds, only into the rows of tokens that
-    # activate one of these units; returns h [BM, BN]. CUDA-core form (BM <= 2) with ONE_STEP
+    # then acc[M, K] (fp32) += h @ W_down^T[o_n] by atomic adds, only into the rows m_x [BM, 1] of
+    # tokens that activate one of these units; returns h [BM, BN]. CUDA-core form (BM <= 2) with ONE_STEP
     # (K <= BK): the W_up and W_down^T rows are loaded together, so the down projection costs this
     # program no extra memory round trip. tl.dot form: [BM, BN] @ [BN, BKD] per K step of W_down^T.
     o_k = tl.arange(0, BK)
-    m_x = (m_m & (tl.sum(b_act.to(tl.int32), axis=1) > 0))[:, None]
     if ONE_STEP:
         m_k = o_k < K
         p_w = o_n[:, None].to(tl.int64) * K + o_k[None, :]
@@ -397,6 +397,7 @@ def _up_down_atomic_compact(
     n_act,
     i_m,
     m_m,
+    m_x,
     o_n,
     m_n,
     M,
@@ -424,7 +425,6 @@ def _up_down_atomic_compact(
     n_units = tl.sum(f_u.to(tl.int32), axis=0)
     o_c = tl.arange(0, CHU)
     o_kc = tl.arange(0, BKC)
-    m_x = (m_m & (tl.sum(b_act.to(tl.int32), axis=1) > 0))[:, None]
     s_l1 = tl.zeros((BM,), dtype=tl.float32)
     for c in range(0, n_units, CHU):
         sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
@@ -517,11 +517,14 @@ def _decode_gate_up_kernel(
     b_g = acc_g.to(OUT_DTYPE).to(tl.float32)
     b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
     n_act = tl.sum(b_act.to(tl.int32), axis=0)
+    # active units of each token in this block; tokens with none get no atomic adds
+    c_tok = tl.sum(b_act.to(tl.int32), axis=1)
+    m_x = (m_m & (c_tok > 0))[:, None]
     if ATOMIC and COMPACT:
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
         if tl.sum(n_act) > 0:
             l1_tok = _up_down_atomic_compact(
-                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, b_g, b_act, n_act, i_m, m_m, o_n, m_n, M, K,
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, b_g, b_act, n_act, i_m, m_m, m_x, o_n, m_n, M, K,
                 stride_xm, stride_xk, OUT_DTYPE, BM, BN, CHU, BKC, BKD_ATOMIC, DOT_PREC,
             )  # fmt: skip
     elif ATOMIC:
@@ -530,7 +533,7 @@ def _decode_gate_up_kernel(
         b_h = tl.zeros((BM, BN), dtype=OUT_DTYPE)
         if tl.sum(n_act) > 0:
             b_h = _up_down_atomic(
-                x_ptr, wu_ptr, wdt_ptr, acc_ptr, b_g, b_act, i_m, m_m, o_n, m_n & (n_act > 0), M, K,
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, b_g, b_act, i_m, m_m, m_x, o_n, m_n & (n_act > 0), M, K,
                 stride_xm, stride_xk, OUT_DTYPE, BM, BN, BK_UP, BKD_ATOMIC, ONE_STEP, USE_DOT, DOT_PREC, SWAP,
             )  # fmt: skip
         l1_tok = tl.sum(tl.abs(b_h.to(tl.float32)), axis=1)
@@ -548,7 +551,7 @@ def _decode_gate_up_kernel(
         p_h = o_n[None, :] * M + i_m[:, None] if H_T else i_m[:, None] * N + o_n[None, :]
         tl.store(h_ptr + p_h, b_h, mask=m_m[:, None] & m_n[None, :])
         l1_tok = tl.sum(tl.abs(b_h.to(tl.float32)), axis=1)
-    tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
+    tl.store(bcnt_ptr + i_m * NB + pid, c_tok, mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
 
@@ -992,7 +995,7 @@ def _stats_tch(NT: int, bpt: int, M: int) -> int:
     return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
 
 
-def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
+def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
     cfg = get_config("infer")
     M, K = x.shape
     N = w_gate.shape[0]
@@ -1000,13 +1003,14 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=False):
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    capturing = not reuse and x.is_cuda and torch.cuda.is_current_stream_capturing()
     p = _decode_plan(M, K, N, cfg, capturing=capturing, elsize=x.element_size())
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
     atomic = p["atomic"]
-    h, bcnt, bl1, nact, sem, part = _decode_scratch(M, N, NB, KC, nsplit, K, x.dtype, dev, reuse, atomic)
+    h, bcnt, bl1, nact, sem, part = _decode_scratch(
+        M, N, NB, KC, nsplit, K, x.dtype, dev, not capturing, atomic
+    )
     pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev)
     wdt = down_t(w_down)
     _decode_gate_up_kernel[(NB,)](
@@ -1267,7 +1271,7 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     elif path == "decode":
         try:
             # scratch reused between calls, except into a graph being captured
-            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, reuse=not capturing)
+            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=capturing)
         except CompilationError as e:
             # the decode kernels do not compile on this install: say so once, run dense from now on
             _BROKEN["decode"] = repr(e)[:500]
