@@ -145,8 +145,11 @@ M1_VARIANTS = [
 ]
 
 
-def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
-    """Decode path against dense for M in Ms under each of DECODE_VARIANTS (device time)."""
+def decode_sweep(shape, Ms, a, dtype, reps, env, rows, variants=None, m1_variants=None):
+    """Decode path against dense for M in Ms under each of ``variants`` (default DECODE_VARIANTS;
+    ``m1_variants``, default M1_VARIANTS, at M = 1) (device time)."""
+    variants_all = DECODE_VARIANTS if variants is None else variants
+    m1 = M1_VARIANTS if m1_variants is None else m1_variants
     K, N = SHAPES[shape]
     W = _weights(K, N, a, "iid", dtype)
     for M in Ms:
@@ -155,9 +158,7 @@ def decode_sweep(shape, Ms, a, dtype, reps, env, rows):
             d_ms = _time([(lambda w=w, x=x: _dense_ffn(x, *w)) for w in W], reps)[0]
             ref = _ref32(x, W[0])
             variants = (
-                [(n, o) for n, o, top in DECODE_VARIANTS if M <= top]
-                if M > 1
-                else [DECODE_VARIANTS[0][:2]] + M1_VARIANTS
+                [(n, o) for n, o, top in variants_all if M <= top] if M > 1 else [variants_all[0][:2]] + m1
             )
             for name, ov in variants:
                 with override("infer", **ov), warnings.catch_warnings():
@@ -404,16 +405,14 @@ def main() -> int:
         return 0
     if args.gemv_sweep:
         # GEMV form (M <= 2): units per program x warps per program, on the three shapes
-        global DECODE_VARIANTS, M1_VARIANTS
         grid = [
             (f"decode:bn{b}-w{w}", {"decode_bn_gemv": b, "decode_gemv_warps": w})
             for b in (2, 4, 8)
             for w in (2, 4, 8)
         ]
-        M1_VARIANTS = grid
-        DECODE_VARIANTS = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
+        at_2 = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
         for shape in SHAPES:
-            decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows)
+            decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows, variants=at_2, m1_variants=grid)
         _write_rows(args.out, rows)
         return 0
     if args.decode_sweep:
