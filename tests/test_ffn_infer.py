@@ -232,8 +232,8 @@ def test_decode_scratch_reused_between_calls(kdevice):
         (2, 48, 2, 0, False),
         (1, 40, 2, 16, False),
         (2, 40, 2, 16, False),
-        (3, 48, 0, 0, False),
-        (7, 40, 0, 0, False),
+        (20, 48, 0, 0, False),
+        (33, 40, 0, 0, False),
         (3, 48, 0, 0, True),
         (7, 40, 0, 0, True),
     ],
@@ -242,16 +242,16 @@ def test_decode_scratch_reused_between_calls(kdevice):
         "gemv-one-step-2",
         "gemv-k-loop-1",
         "gemv-k-loop-2",
-        "dot-3",
-        "dot-7",
+        "dot-20",
+        "dot-33",
         "dot-compact-3",
         "dot-compact-7",
     ],
 )
 def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
     # the gate + up programs add h W_down^T into an fp32 accumulator by atomics (CUDA-core form
-    # at M <= gemv, tl.dot form above, optionally over the program's active units compacted 16 at
-    # a time); a second kernel rounds it into y and zeroes it. Sparse, none active, every unit
+    # at M <= gemv, tl.dot form above: compacting the program's active units 16 at a time, always
+    # up to 16 tokens, or with 32 / 64 token rows); a second kernel rounds it into y and zeroes it. Sparse, none active, every unit
     # active (all tiles overflow), a NaN token, and repeated calls (the reused accumulator must
     # start at zero)
     from twell.ops import ffn_infer as fi
@@ -278,6 +278,20 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
         x[M - 1, 5] = 0.0
         _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
+
+
+def test_decode_plan_compact_at_16_rows_and_warps():
+    # up to 16 tokens the atomic tl.dot form always compacts (the masked-row form raced on the
+    # H100); 64 token rows take decode_warps_m64 warps
+    from twell.ops import ffn_infer as fi
+
+    with override("infer", decode_atomic_compact=False):
+        cfg = fi.get_config("infer")
+        assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
+        assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
+        assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
+        assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
+        assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
 
 
 @pytest.mark.parametrize("bn,warps", [(2, 4), (4, 2), (8, 8)])

@@ -248,3 +248,57 @@ def test_small_call_rule_is_cuda_only(kdevice, monkeypatch):
     sparse = _ran_sparse_op(lambda: ft.ffn_train(x, wg, wu, wd))
     assert sparse == (kdevice == "cpu")  # on CUDA the small call runs the dense path
     assert _ran_sparse_op(lambda: ft.ffn_train(x, wg, wu, wd, dispatch=False))
+
+
+def _pack_expected(g, W, tile, slots):
+    # torch reference of the forward's packed pattern: first W active units per row, counts,
+    # bitmask words, active units before each word, tile-overflow flag, per-unit counts
+    M, N = g.shape
+    NW = (N + 31) // 32
+    a = (g > 0) | torch.isnan(g)
+    cnt = a.sum(1).to(torch.int32)
+    a_pad = torch.zeros((M, NW * 32), dtype=torch.bool)
+    a_pad[:, :N] = a
+    words = a_pad.view(M, NW, 32).to(torch.int64) << torch.arange(32)
+    bits = words.sum(2)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    per_word = a_pad.view(M, NW, 32).sum(2)
+    wpre = (per_word.cumsum(1) - per_word).to(torch.int32)
+    nt = (N + tile - 1) // tile
+    a_t = torch.zeros((M, nt * tile), dtype=torch.int32)
+    a_t[:, :N] = a
+    ovf = (a_t.view(M, nt, tile).sum(2) > slots).any(1).to(torch.int32)
+    cols = [torch.nonzero(r).flatten()[:W].to(torch.int32) for r in a]
+    return cnt, bits, wpre, ovf, a.sum(0).to(torch.int32), cols
+
+
+@pytest.mark.parametrize(
+    "N, tile, block",
+    [(100, 16, 256), (300, 64, 256), (1000, 256, 256), (1000, 512, 256), (1000, 256, 1024), (33, 16, 64)],
+)
+def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block):
+    # tiles of up to 32 columns (within a word), within a step of `block` columns, and spanning
+    # several steps; bit 31 of the words, NaN, an empty and a fully active row (past W = 40)
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(pack_block=block, row_capacity=40))
+    M, W, slots = 7, 40, 5
+    gen = torch.Generator().manual_seed(N + tile)
+    g = torch.randn((M, N), generator=gen) - 2.0  # ~2% active
+    g[2] = torch.randn(N, generator=gen).abs() + 0.1  # a fully active row (past W)
+    g[3] = -1.0  # an empty row
+    g[4, 5::7] = float("nan")  # NaN counts as active
+    g[5, 31::32] = 1.0  # bit 31 of every word
+    cols = torch.full((M, W), -1, dtype=torch.int32, device=kdevice)
+    counts = torch.zeros((M + N,), dtype=torch.int32, device=kdevice)
+    NW = (N + 31) // 32
+    pat = torch.full((2, M, NW), -7, dtype=torch.int32, device=kdevice)
+    ovf = torch.full((M,), -7, dtype=torch.int32, device=kdevice)
+    ft._launch_pack(g.to(kdevice), cols, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
+    cnt, bits, wpre, ovf_r, ucnt, cols_r = _pack_expected(g, W, tile, slots)
+    assert torch.equal(counts[:M].cpu(), cnt)
+    assert torch.equal(counts[M:].cpu(), ucnt)
+    assert torch.equal(pat[0].cpu(), bits)
+    assert torch.equal(pat[1].cpu(), wpre)
+    assert torch.equal(ovf.cpu(), ovf_r)
+    for m in range(M):
+        c = cols_r[m]
+        assert torch.equal(cols[m, : len(c)].cpu(), c), f"row {m}"

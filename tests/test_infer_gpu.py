@@ -69,6 +69,20 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
                 assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
+@pytest.mark.parametrize("M", [8, 16, 32, 64])
+def test_decode_atomic_fully_active_token_repeats(M):
+    # a token with all 14,336 units active gets atomic adds from every one of the 224 programs;
+    # the [64-unit, 16-token] non-compact form returned wrong sums for it in ~5-10 % of calls at
+    # M = 8 (now compact there): every one of 40 calls must match
+    K, N = SHAPES["llama3-8b"]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 11)
+    x[M - 1, 0] = -40.0
+    y32, _, y_t = _ref(x, wg, wu, wd)
+    for i in range(40):
+        y, _ = ffn_infer(x, wg, wu, wd, path="decode")
+        assert_close(y.float(), y32, name=f"y[M={M}, call {i}]", dtype=torch.bfloat16, baseline=y_t.float())
+
+
 @pytest.mark.parametrize("M", [1, 8, 32, 64, 128])
 def test_decode_fp32_model_shape(M):
     # fp32 tiles take twice the shared memory: the plan lowers the pipeline stages to fit

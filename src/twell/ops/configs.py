@@ -48,9 +48,11 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    #: (H100, paper shape, ~30 active units per token, device time vs dense, 9355b88 with the
-    #: defaults below: M = 1 2.44x, 2 1.88x, 4 1.77x, 8 1.69x, 16 1.52x, 32 1.21x, 64 0.71x)
-    decode_max_m: int = 32
+    #: (H100, paper shape, ~30 active units per token, device time vs dense, 530731a: M = 1 2.68x,
+    #: 2 2.18x, 4 1.77x, 8 1.75x, 16 1.77x, 32 1.41x; with 8 warps at M > 32 (decode_warps_m64),
+    #: e41cef6 sweep: M = 48 1.05x, 64 1.04x, Llama-3-8B shape M = 64 1.06x; M = 96 and 128
+    #: 0.81x, out of shared memory with 256-column steps)
+    decode_max_m: int = 64
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
@@ -126,6 +128,10 @@ class InferConfig:
     #: ec5a81d: M = 32 18.4 vs 22.4 us, M = 64 38.7 vs 51.2; the same within 1 us at M <= 16
     decode_h_t: bool = True
     decode_warps: int = 4
+    #: warps of the tl.dot form when the tokens take 64 rows or more (M > 32): e41cef6 sweep
+    #: (H100, paper shape) M = 48 44.3 us against 48.6 with 4 warps, M = 64 44.8 against 49.6,
+    #: Llama-3-8B M = 64 139.6 against 154.7; 3 stages the same, 128-column down steps slower
+    decode_warps_m64: int = 8
     #: pipeline stages of the tl.dot loops (fewer where the tiles would not fit in shared memory).
     #: 4 against 3 at 5d47190 (paper shape): M = 8 24.8 / 25.5 us, M = 16 25.6 / 26.4, Llama-3-8B
     #: M = 8 70.3 / 73.6; M = 2, 4 and 32 within 0.1 us; 5 out of shared memory at M = 32
@@ -153,8 +159,10 @@ class InferConfig:
     #: decode: fraction of units active in at least one token of the batch above which dense is
     #: faster. Sparse reads (1 + 2 union) / 3 of dense's bytes, but its down walk slows with the
     #: union: measured at 9355b88 1.52x dense at a union of 8 % (M = 16), 1.21x at 16 % (M = 32)
-    #: and 0.71x at 29 % (M = 64)
-    decode_dense_union: float = 0.18
+    #: and 0.71x at 29 % (M = 64); at e41cef6 (atomic forms, 8 warps at M > 32) 1.41x at 16 %,
+    #: 1.05x at 23 % (M = 48) and 1.04x at 29 % (M = 64), so M = 64 runs sparse up to ~30 active
+    #: units per token at the paper shape
+    decode_dense_union: float = 0.30
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
     #: once a weight has an estimate, one call in this many measures its density for the dispatcher

@@ -910,7 +910,9 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
         "use_dot": use_dot,
-        "warps": cfg.decode_warps if use_dot else cfg.decode_gemv_warps or (2 if K <= 1024 else 4),
+        "warps": (cfg.decode_warps_m64 if bm >= 64 else cfg.decode_warps)
+        if use_dot
+        else cfg.decode_gemv_warps or (2 if K <= 1024 else 4),
         # pipeline stages of the tl.dot loops: as many as decode_stages that keep the [BN + BM, K
         # step] tiles within 192 KiB of shared memory (4 at M <= 32 in bf16, fewer for larger M
         # or fp32)
@@ -918,7 +920,13 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
-        "compact": atomic and use_dot and cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m,
+        # compact whenever the tokens fit 16 rows: the [64-unit, 16-token] form with masked token
+        # rows returned wrong sums in ~5-10 % of calls for a fully active token at the
+        # Llama-3-8B shape (H100, M = 8, 224 programs; not seen at M = 16..32 or the paper
+        # shape in 120 calls each, with or without programmatic dependent launch)
+        "compact": atomic
+        and use_dot
+        and (bm == 16 or (cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m)),
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
