@@ -50,8 +50,9 @@ class InferConfig:
     #: TwELL epilogue, then one program per token over its packed entries)
     #: (H100, paper shape, ~30 active units per token, device time vs dense, 530731a: M = 1 2.68x,
     #: 2 2.18x, 4 1.77x, 8 1.75x, 16 1.77x, 32 1.41x; with 8 warps at M > 32 (decode_warps_m64),
-    #: e41cef6 sweep: M = 48 1.05x, 64 1.04x, Llama-3-8B shape M = 64 1.06x; M = 96 and 128
-    #: 0.81x, out of shared memory with 256-column steps)
+    #: e41cef6 sweep: M = 48 1.05x, 64 1.04x, Llama-3-8B shape M = 64 1.06x; with the
+    #: statistics split over programs (decode_stats_rows) M = 48 1.23x, 64 1.22x, Llama-3-8B
+    #: M = 64 1.14x; M = 96 and 128 0.81x at e41cef6, out of shared memory with 256-column steps)
     decode_max_m: int = 64
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
@@ -105,6 +106,12 @@ class InferConfig:
     decode_atomic_bkc: int = 256
     #: columns per program of the atomic form's second kernel
     decode_finish_bk: int = 512
+    #: tokens per statistics program of that kernel (a power of two; the programs' sums are added
+    #: by the last one to finish). 71ba347 sweep (H100, paper shape, against one program for all
+    #: tokens): M = 48 39.4 us against 44.5, M = 64 39.7 against 44.9 (the kernel 3.1 against
+    #: 8.8 us), Llama-3-8B M = 64 132.3 against 139.3; M = 32 32.8 against 32.1; 4 and 16 rows
+    #: within 1 us of 8
+    decode_stats_rows: int = 8
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,
