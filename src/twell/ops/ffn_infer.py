@@ -823,9 +823,7 @@ def _decode_finish_kernel(
                 c_s = tl.load(sp_ptr + o_s, cache_modifier=".cg")
                 l_s = tl.load(sp_ptr + NS + o_s, cache_modifier=".cg").to(tl.float32, bitcast=True)
                 v_s = tl.load(sp_ptr + 2 * NS + o_s, cache_modifier=".cg")
-                _store_stats(
-                    l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M
-                )
+                _store_stats(l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M)
     else:
         i_m = tl.arange(0, BM)
         o_k = pid * BKF + tl.arange(0, BKF)
