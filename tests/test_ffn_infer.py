@@ -281,11 +281,11 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
 
 
 def test_decode_plan_compact_at_16_rows_and_warps():
-    # up to 16 tokens the atomic tl.dot form always compacts (the masked-row form raced on the
-    # H100); 64 token rows take decode_warps_m64 warps
+    # when the atomic tl.dot form is on (off by default), up to 16 tokens it always compacts (the
+    # masked-row form went wrong most often on the H100); 64 token rows take decode_warps_m64 warps
     from twell.ops import ffn_infer as fi
 
-    with override("infer", decode_atomic_compact=False):
+    with override("infer", decode_atomic_compact=False, decode_atomic_dot_min_m=3):
         cfg = fi.get_config("infer")
         assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
         assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
@@ -310,7 +310,9 @@ def test_decode_gemv_blocks(kdevice, poison, bn, warps):
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
-    with override("infer", decode_atomic_max_m=2):
+    # by default only the CUDA-core form (M <= 2) is on
+    assert not fi._decode_plan(8, 64, 300, fi.get_config("infer"))["atomic"]
+    with override("infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=8):
         cfg = fi.get_config("infer")
         assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]

@@ -47,20 +47,20 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2, 8, 32])
+@pytest.mark.parametrize("M", [1, 2])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
-    # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics): CUDA-core
-    # form at M <= 2, tl.dot form above (with and without compacting each program's active units)
+    # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics), CUDA-core
+    # form at M <= 2. The tl.dot form (M >= 3) is off by default: it returned wrong rows in a few
+    # calls in a hundred on the H100 (benchmarks/dev_race.py --atomic-dot); the CPU tests cover
+    # its arithmetic
     from twell.ops.configs import override
 
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     x[M - 1, 0] = -40.0  # one token with every unit active
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    for compact in (False, True) if M > 2 else (False,):
-        with override(
-            "infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=3, decode_atomic_compact=compact
-        ):
+    for compact in (False,):
+        with override("infer", decode_atomic_max_m=2, decode_atomic_compact=compact):
             for _ in range(2):  # the second call reuses the accumulator the first one zeroed
                 y, st = ffn_infer(x, wg, wu, wd, path="decode")
                 name = f"y[{shape}, M={M}, compact={compact}]"
@@ -69,11 +69,11 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
                 assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
-@pytest.mark.parametrize("M", [8, 16, 32, 64])
-def test_decode_atomic_fully_active_token_repeats(M):
-    # a token with all 14,336 units active gets atomic adds from every one of the 224 programs;
-    # the [64-unit, 16-token] non-compact form returned wrong sums for it in ~5-10 % of calls at
-    # M = 8 (now compact there): every one of 40 calls must match
+@pytest.mark.parametrize("M", [1, 2, 8, 16, 32, 64])
+def test_decode_fully_active_token_repeats(M):
+    # the default decode forms (atomic at M <= 2, split above) on one input 40 times, with a token
+    # that has all 14,336 units active: every call must match (the tl.dot atomic form, now off,
+    # returned wrong rows in a few calls in a hundred at M = 8)
     K, N = SHAPES["llama3-8b"]
     x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 11)
     x[M - 1, 0] = -40.0
