@@ -48,11 +48,11 @@ class InferConfig:
     #: M at or below which the decode kernels run (unit-parallel: gate GEMV + up on active units,
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
-    #: (H100, paper shape, ~30 active units per token, device time vs dense, 530731a: M = 1 2.68x,
-    #: 2 2.18x, 4 1.77x, 8 1.75x, 16 1.77x, 32 1.41x; with 8 warps at M > 32 (decode_warps_m64),
-    #: e41cef6 / f39b736 sweeps: the tl.dot atomic form, off by default (decode_atomic_dot_min_m),
-    #: reached M = 48 1.23x and 64 1.13-1.22x with 8 warps; the split form runs M = 3..32 and the
-    #: dense path M = 33..1023)
+    #: (H100, paper shape, ~30 active units per token, device time vs dense: twell bench at
+    #: 1e1ab8a M = 1 2.54x, M = 8 1.70x (split form); split form at 3c01553 M = 4 24.2 us, 8 26.2,
+    #: 16 29.8, 32 37.1 against 42.7-45.8 dense. The tl.dot atomic form, off by default
+    #: (decode_atomic_dot_min_m), reached M = 48 1.23x and 64 1.13-1.22x with 8 warps at e41cef6 /
+    #: f39b736; with it off, the dense path runs M = 33..1023)
     decode_max_m: int = 32
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
@@ -91,8 +91,8 @@ class InferConfig:
     #: compaction below, 0-4 of 250 with it; whole 256-column steps of the last token rows wrong,
     #: with and without programmatic dependent launch, 1 to 4 pipeline stages, h through registers
     #: or memory; none seen at M = 12..64 in 120-550 calls each). The cause is not found; the split
-    #: form (fixed-order sums) runs instead. 3c01553 with 256-column steps against the split kernel (with its best column block):
-    #: M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
+    #: form (fixed-order sums) runs instead. 3c01553 with 256-column steps against the split kernel
+    #: (with its best column block): M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
     #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower. From
     #: M = 8 with the compact form below
     decode_atomic_dot_min_m: int = 0
