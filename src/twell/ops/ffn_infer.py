@@ -967,10 +967,10 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
-        # compact whenever the tokens fit 16 rows: the [64-unit, 16-token] form with masked token
-        # rows returned wrong sums in ~5-10 % of calls for a fully active token at the
-        # Llama-3-8B shape (H100, M = 8, 224 programs; not seen at M = 16..32 or the paper
-        # shape in 120 calls each, with or without programmatic dependent launch)
+        # compact whenever the tokens fit 16 rows: at M = 8 (Llama-3-8B shape, H100) the
+        # [64-unit, 16-token] form with masked token rows went wrong in 3-13 of 120-250 calls,
+        # the compacted one in 0-5 of 250; the whole tl.dot atomic form is off by default for it
+        # (decode_atomic_dot_min_m, BENCHMARKS.md section 1g)
         "compact": atomic
         and use_dot
         and (bm == 16 or (cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m)),
@@ -1031,7 +1031,7 @@ def _decode_scratch(
         if nsplit > 1
         else None,
         # per-program statistics sums of the atomic form's second kernel (at most 3 x M)
-        _alloc.empty((3 * max(1, M),), dtype=torch.int32, device=dev),
+        _alloc.empty((3 * max(1, M),), dtype=torch.int32, device=dev) if atomic else None,
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
