@@ -52,7 +52,11 @@ def run_case(shape: str, M: int, dense_row: int | None, calls: int, overrides: d
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=250)
-    ap.add_argument("--atomic-dot", action="store_true", help="also the tl.dot atomic form (off by default)")
+    ap.add_argument(
+        "--atomic-dot",
+        action="store_true",
+        help="also the tl.dot atomic form without compaction and without programmatic dependent launch",
+    )
     args = ap.parse_args()
     cases = [
         ("llama3-8b", 1, 0, {}),
@@ -64,12 +68,12 @@ def main() -> int:
         ("paper", 8, 7, {}),
     ]
     if args.atomic_dot:
-        on = {"decode_atomic_dot_min_m": 3}
         cases += [
-            ("llama3-8b", 8, 7, dict(on, decode_atomic_compact=False)),
-            ("llama3-8b", 8, None, dict(on, decode_atomic_compact=False)),
-            ("llama3-8b", 8, 7, on),
-            ("llama3-8b", 64, 63, on),
+            ("llama3-8b", 8, 7, dict(decode_atomic_compact=False)),
+            ("llama3-8b", 8, None, dict(decode_atomic_compact=False)),
+            ("llama3-8b", 8, 7, dict(decode_pdl=False)),
+            ("llama3-8b", 64, 63, {}),
+            ("paper", 64, 63, {}),
         ]
     bad = sum(run_case(*c[:3], args.calls, c[3]) for c in cases)
     return 1 if bad else 0

@@ -280,18 +280,21 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
 
 
-def test_decode_plan_compact_at_16_rows_and_warps():
-    # when the atomic tl.dot form is on (off by default), up to 16 tokens it always compacts (the
-    # masked-row form went wrong most often on the H100); 64 token rows take decode_warps_m64 warps
+def test_decode_plan_compact_and_warps():
+    # the atomic tl.dot form compacts up to decode_atomic_compact_max_m tokens (off with
+    # decode_atomic_compact=False); 64 token rows take decode_warps_m64 warps
     from twell.ops import ffn_infer as fi
 
-    with override("infer", decode_atomic_compact=False, decode_atomic_dot_min_m=3):
+    cfg = fi.get_config("infer")
+    assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
+    assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
+    assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
+    assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
+    assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
+    with override("infer", decode_atomic_compact=False):
         cfg = fi.get_config("infer")
-        assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
-        assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
-        assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
-        assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
-        assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
+        p = fi._decode_plan(8, 4096, 14336, cfg)
+        assert p["atomic"] and not p["compact"]
 
 
 @pytest.mark.parametrize("bn,warps", [(2, 4), (4, 2), (8, 8)])
@@ -310,25 +313,24 @@ def test_decode_gemv_blocks(kdevice, poison, bn, warps):
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
-    # by default only the CUDA-core form (M <= 2) is on
-    assert not fi._decode_plan(8, 64, 300, fi.get_config("infer"))["atomic"]
-    with override("infer", decode_atomic_max_m=2, decode_atomic_dot_min_m=8):
-        cfg = fi.get_config("infer")
-        assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
-        assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
-        assert (
-            fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
-        )
-        assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
-        # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
-        assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]
-        was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
-            assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
-        finally:
-            torch.use_deterministic_algorithms(was)
+    # by default the CUDA-core form at M <= 2 and the tl.dot form from M = 8
+    cfg = fi.get_config("infer")
+    assert cfg.decode_atomic_max_m == 2 and cfg.decode_atomic_dot_min_m == 8
+    assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
+    assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+    assert (
+        fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
+    )
+    assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
+    # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
+    assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
+        assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_decode_compile_failure_falls_back_to_dense(kdevice, monkeypatch):

@@ -47,37 +47,39 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 8, 32])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
-    # the gate + up programs also add their units' W_down^T rows into y (fp32 atomics), CUDA-core
-    # form at M <= 2. The tl.dot form (M >= 3) is off by default: it returned wrong rows in a few
-    # calls in a hundred on the H100 (benchmarks/dev_race.py --atomic-dot); the CPU tests cover
-    # its arithmetic
-    from twell.ops.configs import override
-
+    # the gate + up programs also add their units' W_down^T rows into an fp32 accumulator
+    # (atomics): CUDA-core form at M <= 2, tl.dot form above (compacting the active units up to
+    # 16 tokens); the finishing kernel rounds it into y and zeroes it
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     x[M - 1, 0] = -40.0  # one token with every unit active
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    with override("infer", decode_atomic_max_m=2):
-        for _ in range(2):  # the second call reuses the accumulator the first one zeroed
-            y, st = ffn_infer(x, wg, wu, wd, path="decode")
-            assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())
-            assert int(st.overflow_rows) == int(sr.overflow_rows)
-            assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
+    for _ in range(2):  # the second call reuses the accumulator the first one zeroed
+        y, st = ffn_infer(x, wg, wu, wd, path="decode")
+        assert_close(y.float(), y32, name=f"y[{shape}, M={M}]", dtype=dtype, baseline=y_t.float())
+        assert int(st.overflow_rows) == int(sr.overflow_rows)
+        assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
 
 
-@pytest.mark.parametrize("M", [1, 2, 8, 16, 32, 64])
-def test_decode_fully_active_token_repeats(M):
-    # the default decode forms (atomic at M <= 2, split above) on one input 40 times, with a token
-    # that has all 14,336 units active: every call must match (the tl.dot atomic form, now off,
-    # returned wrong rows in a few calls in a hundred at M = 8)
+@pytest.mark.parametrize(
+    "M,compact", [(1, True), (2, True), (8, True), (8, False), (16, True), (32, True), (64, True)]
+)
+def test_decode_fully_active_token_repeats(M, compact):
+    # every decode form on one input 250 times back to back, with a token that has all 14,336
+    # units active; checked after the last call. Before the barrier in _decode_finish_kernel,
+    # 1-13 of 250 such calls at M = 8 came back with whole 128-column blocks of that token's row
+    # at 0 (the kernel's zeroing of the accumulator raced its reads)
+    from twell.ops.configs import override
+
     K, N = SHAPES["llama3-8b"]
     x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 11)
     x[M - 1, 0] = -40.0
     y32, _, y_t = _ref(x, wg, wu, wd)
-    for i in range(40):
-        y, _ = ffn_infer(x, wg, wu, wd, path="decode")
+    with override("infer", decode_atomic_compact=compact):
+        ys = [ffn_infer(x, wg, wu, wd, path="decode")[0] for _ in range(250)]
+    for i, y in enumerate(ys):
         assert_close(y.float(), y32, name=f"y[M={M}, call {i}]", dtype=torch.bfloat16, baseline=y_t.float())
 
 

@@ -49,11 +49,11 @@ class InferConfig:
     #: then a split-N down projection), above which the prefill kernels run (gate GEMM with the
     #: TwELL epilogue, then one program per token over its packed entries)
     #: (H100, paper shape, ~30 active units per token, device time vs dense: twell bench at
-    #: 1e1ab8a M = 1 2.54x, M = 8 1.70x (split form); split form at 3c01553 M = 4 24.2 us, 8 26.2,
-    #: 16 29.8, 32 37.1 against 42.7-45.8 dense. The tl.dot atomic form, off by default
-    #: (decode_atomic_dot_min_m), reached M = 48 1.23x and 64 1.13-1.22x with 8 warps at e41cef6 /
-    #: f39b736; with it off, the dense path runs M = 33..1023)
-    decode_max_m: int = 32
+    #: 1e1ab8a M = 1 2.54x, M = 8 1.70x (split form), at e8829c8 M = 8 1.78x (compact tl.dot
+    #: atomic form); split form at 3c01553 M = 4 24.2 us, 8 26.2, 16 29.8, 32 37.1 against
+    #: 42.7-45.8 dense; the tl.dot atomic form with 8 warps at M > 32 reached M = 48 1.23x and 64
+    #: 1.13-1.22x at e41cef6 / f39b736; the dense path runs M = 65..1023)
+    decode_max_m: int = 64
     #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
@@ -86,16 +86,13 @@ class InferConfig:
     #: Llama-3-8B shape M = 1 50.1 against 49.9-50.0.
     decode_atomic_max_m: int = 2
     #: the same in the tl.dot form at M >= this (0: never), K step decode_atomic_bk of its W_down^T
-    #: loop. OFF (0): on the H100 this form returned wrong rows in a few calls in a hundred
-    #: (`benchmarks/dev_race.py`, Llama-3-8B shape, M = 8: 3-13 of 120-250 calls without the
-    #: compaction below, 0-4 of 250 with it; whole 256-column steps of the last token rows wrong,
-    #: with and without programmatic dependent launch, 1 to 4 pipeline stages, h through registers
-    #: or memory; none seen at M = 12..64 in 120-550 calls each). The cause is not found; the split
-    #: form (fixed-order sums) runs instead. 3c01553 with 256-column steps against the split kernel
-    #: (with its best column block): M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
+    #: loop. 3c01553 with 256-column steps against the split kernel (with its best column block):
+    #: M = 4 26.8 against 24.2 us, M = 8 26.9 against 26.2, M = 16 28.3 against 29.8, M = 32 32.4
     #: against 37.1, M = 64 49.7 against 58.4 (dense 46.1); 128- and 64-column steps slower. From
-    #: M = 8 with the compact form below
-    decode_atomic_dot_min_m: int = 0
+    #: M = 8 with the compact form below. It was off from 1e1ab8a to the finishing kernel's barrier
+    #: fix: whole 128-column blocks of a token row came out 0 in 1-13 of 120-250 calls (H100,
+    #: Llama-3-8B shape, M = 8), a race inside _decode_finish_kernel (BENCHMARKS.md section 1h)
+    decode_atomic_dot_min_m: int = 8
     decode_atomic_bk: int = 256
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
@@ -171,9 +168,10 @@ class InferConfig:
     #: decode: fraction of units active in at least one token of the batch above which dense is
     #: faster. Sparse reads (1 + 2 union) / 3 of dense's bytes, but its down walk slows with the
     #: union: measured at 9355b88 1.52x dense at a union of 8 % (M = 16), 1.21x at 16 % (M = 32)
-    #: and 0.71x at 29 % (M = 64); with the tl.dot atomic form (off) 1.41x at 16 %, 1.23x at 23 %
-    #: (M = 48) and 1.13-1.22x at 29 % (M = 64)
-    decode_dense_union: float = 0.18
+    #: and 0.71x at 29 % (M = 64); with the tl.dot atomic form 1.41x at 16 %, 1.23x at 23 %
+    #: (M = 48) and 1.13-1.22x at 29 % (M = 64), so M = 64 runs sparse up to ~30 active units
+    #: per token at the paper shape
+    decode_dense_union: float = 0.30
     #: smoothing of the per-weight density estimate used by the dispatcher
     ema: float = 0.5
     #: once a weight has an estimate, one call in this many measures its density for the dispatcher

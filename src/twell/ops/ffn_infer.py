@@ -831,6 +831,13 @@ def _decode_finish_kernel(
         p = i_m[:, None] * K + o_k[None, :]
         v = tl.load(acc_ptr + p, mask=m, other=0.0, cache_modifier=".cg")
         tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m)
+        # Triton gives the load and the zeroing store their own register layouts (8 fp32 per
+        # thread for the load, which feeds a bf16 store, 4 for the fp32 store), so an element
+        # is zeroed by another thread, often of another warp, than the one loading it. Without
+        # this barrier a warp could zero a block before another warp read it: on the H100
+        # (Llama-3-8B shape, M = 8, tl.dot atomic form) whole 128-column blocks of a token row
+        # came out 0 in 1-8 calls of 250, with the accumulator right before this kernel
+        tl.debug_barrier()
         tl.store(acc_ptr + p, tl.zeros((BM, BKF), dtype=tl.float32), mask=m)
 
 
@@ -967,13 +974,7 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
-        # compact whenever the tokens fit 16 rows: at M = 8 (Llama-3-8B shape, H100) the
-        # [64-unit, 16-token] form with masked token rows went wrong in 3-13 of 120-250 calls,
-        # the compacted one in 0-5 of 250; the whole tl.dot atomic form is off by default for it
-        # (decode_atomic_dot_min_m, BENCHMARKS.md section 1g)
-        "compact": atomic
-        and use_dot
-        and (bm == 16 or (cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m)),
+        "compact": atomic and use_dot and cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m,
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
