@@ -318,9 +318,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_atomic_dot_min_m == 8
     assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
     assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
-    assert (
-        fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
-    )
+    assert fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
     assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
     # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
     assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]

@@ -16,12 +16,12 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     (on CUDA cores at M <= ``decode_gemv_max_m``; above it tl.dot with the units on the MMA's M
     side and the tokens, padded to 16, on its N side), then W_up rows only for units active in
     some token (masked loads move no bytes), and the number of tokens activating each unit.
-    Atomic form (M <= ``decode_atomic_max_m``; not in deterministic mode or under CUDA-graph
-    capture): the same program loads its active units' W_down^T rows and adds h W_down^T into an
-    fp32 [M, K] accumulator with atomics; ``_decode_finish_kernel`` rounds it into y and zeroes
-    it. Its tl.dot variant (M >= ``decode_atomic_dot_min_m``) is off by default: on the H100 it
-    returned wrong rows in a few calls in a hundred (``benchmarks/dev_race.py``), cause not found.
-    Split form: h is written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
+    Atomic form (M <= ``decode_atomic_max_m`` on CUDA cores, M >= ``decode_atomic_dot_min_m``
+    with tl.dot, compacting the active units up to 16 tokens; not in deterministic mode or under
+    CUDA-graph capture): the same program loads its active units' W_down^T rows and adds
+    h W_down^T into an fp32 [M, K] accumulator with atomics; ``_decode_finish_kernel`` rounds it
+    into y and zeroes it. Split form (the M between the two, deterministic mode, capture): h is
+    written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
     kernels are launched with programmatic dependent launch on sm_90+, so they are scheduled
     while the first grid drains): programs over (K block, range of units) compact the units some
     token activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
@@ -31,9 +31,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs), twell bench at 1e1ab8a: M = 1 2.52-2.58x, M = 8 1.61-1.70x (split form), M = 64 1.00x
-(dense path), M = 2048 1.33x, M = 16384 1.52x, M = 131072 1.52x; Llama-3-8B shape 2.82x at M = 1
-and 1.64x at M = 16384.
+GEMMs), twell bench at ce99430: M = 1 2.49-2.59x, M = 8 1.75-1.84x, M = 64 1.21x (1.14x
+skewed), M = 2048 1.32x, M = 16384 1.54x, M = 131072 1.55x; Llama-3-8B shape 2.82x at M = 1, 1.12x
+at M = 64 and 1.61x at M = 16384.
 Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
