@@ -130,9 +130,10 @@ def decode_profile(shape, Ms, dtype, variants, rows, env):
 #: 8 warps and 128-column gate steps with 6 stages (BENCHMARKS.md section 1e)
 DECODE_VARIANTS = [
     ("decode", {}, 128),
-    ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}, 128),
-    ("decode:stages3", {"decode_stages": 3}, 128),
-    ("decode:no-compact", {"decode_atomic_compact": False}, 128),
+    ("decode:no-units", {"decode_units_max_m": 0}, 8),
+    ("decode:units-r4", {"decode_units_per_program": 4}, 8),
+    ("decode:units-r16", {"decode_units_per_program": 16}, 8),
+    ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0, "decode_units_max_m": 0}, 128),
 ]
 
 

@@ -259,6 +259,7 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
     plan = dict(
         decode_atomic_max_m=2,
         decode_atomic_dot_min_m=3,
+        decode_units_max_m=0,
         decode_gemv_max_m=gemv,
         decode_bk_up=bk_up,
         decode_atomic_bk=16,
@@ -280,21 +281,48 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
 
 
+@pytest.mark.parametrize("M,K,bk,r", [(3, 96, 0, 8), (8, 40, 16, 4), (5, 200, 64, 16)])
+def test_decode_units_form(kdevice, poison, M, K, bk, r):
+    # 3 <= M <= decode_units_max_m: the gate kernel computes the gate only and a second kernel
+    # runs the up/down of the active units, r units per program (whole K row per load, or
+    # bk-column steps); sparse, none active, every unit active, a NaN token, repeated calls on
+    # the reused accumulator
+    from twell.ops import ffn_infer as fi
+
+    with override("infer", decode_units_max_m=8, decode_units_bk=bk, decode_units_per_program=r):
+        p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
+        assert p["units"] and p["atomic"] and not p["compact"]
+        assert (p["bk_units"] >= K) == (bk == 0)
+        for active in (12, 0, 300, 12):
+            x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
+            y, st = _check(x, wg, wu, wd, 64, 8, "decode")
+            assert bool(y.any()) == (active > 0)
+            assert int(st.overflow_rows) == (M if active == 300 else 0)
+        x[M - 1, 5] = float("nan")
+        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
+        assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
+        x[M - 1, 5] = 0.0
+        _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
+
+
 def test_decode_plan_compact_and_warps():
-    # the atomic tl.dot form compacts up to decode_atomic_compact_max_m tokens (off with
-    # decode_atomic_compact=False); 64 token rows take decode_warps_m64 warps
+    # the unit form up to decode_units_max_m tokens; the atomic tl.dot form compacts up to
+    # decode_atomic_compact_max_m tokens (off with decode_atomic_compact=False); 64 token rows
+    # take decode_warps_m64 warps
     from twell.ops import ffn_infer as fi
 
     cfg = fi.get_config("infer")
+    assert fi._decode_plan(4, 4096, 14336, cfg)["units"]
+    assert not fi._decode_plan(8, 4096, 14336, cfg)["units"]
     assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
     assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
-    with override("infer", decode_atomic_compact=False):
+    with override("infer", decode_atomic_compact=False, decode_units_max_m=0):
         cfg = fi.get_config("infer")
         p = fi._decode_plan(8, 4096, 14336, cfg)
-        assert p["atomic"] and not p["compact"]
+        assert p["atomic"] and not p["compact"] and not p["units"]
 
 
 @pytest.mark.parametrize("bn,warps", [(2, 4), (4, 2), (8, 8)])
@@ -313,11 +341,16 @@ def test_decode_gemv_blocks(kdevice, poison, bn, warps):
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
-    # by default the CUDA-core form at M <= 2 and the tl.dot form from M = 8
+    # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the split form at 5..7,
+    # the tl.dot form from 8
     cfg = fi.get_config("infer")
-    assert cfg.decode_atomic_max_m == 2 and cfg.decode_atomic_dot_min_m == 8
+    assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8
+    assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
     assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
-    assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+    assert fi._decode_plan(4, 64, 300, cfg)["units"] and fi._decode_plan(4, 64, 300, cfg)["atomic"]
+    assert not fi._decode_plan(4, 64, 300, cfg, capturing=True)["units"]
+    with override("infer", decode_units_max_m=0):
+        assert not fi._decode_plan(4, 64, 300, fi.get_config("infer"))["atomic"]
     assert fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
     assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
     # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
@@ -326,6 +359,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     torch.use_deterministic_algorithms(True)
     try:
         assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
+        assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
     finally:
         torch.use_deterministic_algorithms(was)

@@ -47,11 +47,12 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2, 8, 32])
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16, 32])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
-    # the gate + up programs also add their units' W_down^T rows into an fp32 accumulator
-    # (atomics): CUDA-core form at M <= 2, tl.dot form above (compacting the active units up to
-    # 16 tokens); the finishing kernel rounds it into y and zeroes it
+    # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
+    # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
+    # in the gate programs' tl.dot loops above (compacting the active units up to 16 tokens);
+    # the finishing kernel rounds it into y and zeroes it
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     x[M - 1, 0] = -40.0  # one token with every unit active
@@ -64,9 +65,21 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
 
 
 @pytest.mark.parametrize(
-    "M,compact", [(1, True), (2, True), (8, True), (8, False), (16, True), (32, True), (64, True)]
+    "M,plan",
+    [
+        (1, {}),
+        (2, {}),
+        (4, {}),
+        (8, {"decode_units_max_m": 8}),
+        (8, {}),
+        (8, {"decode_units_max_m": 0, "decode_atomic_compact": False}),
+        (16, {}),
+        (32, {}),
+        (64, {}),
+    ],
+    ids=["1", "2", "4-units", "8-units", "8-compact", "8-tiles", "16", "32", "64"],
 )
-def test_decode_fully_active_token_repeats(M, compact):
+def test_decode_fully_active_token_repeats(M, plan):
     # every decode form on one input 250 times back to back, with a token that has all 14,336
     # units active; checked after the last call. Before the barrier in _decode_finish_kernel,
     # 1-13 of 250 such calls at M = 8 came back with whole 128-column blocks of that token's row
@@ -77,7 +90,7 @@ def test_decode_fully_active_token_repeats(M, compact):
     x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 11)
     x[M - 1, 0] = -40.0
     y32, _, y_t = _ref(x, wg, wu, wd)
-    with override("infer", decode_atomic_compact=compact):
+    with override("infer", **plan):
         ys = [ffn_infer(x, wg, wu, wd, path="decode")[0] for _ in range(250)]
     for i, y in enumerate(ys):
         assert_close(y.float(), y32, name=f"y[M={M}, call {i}]", dtype=torch.bfloat16, baseline=y_t.float())

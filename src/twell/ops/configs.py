@@ -93,6 +93,20 @@ class InferConfig:
     #: fix: whole 128-column blocks of a token row came out 0 in 1-13 of 120-250 calls (H100,
     #: Llama-3-8B shape, M = 8), a race inside _decode_finish_kernel (BENCHMARKS.md section 1h)
     decode_atomic_dot_min_m: int = 8
+    #: unit form at 3 <= M <= decode_units_max_m (0: off; atomic, so not in deterministic mode or
+    #: under capture): the gate kernel computes the gate only (g unit-major), and
+    #: _decode_units_kernel runs the up/down of the batch's active units, decode_units_per_program
+    #: units per program over all the SMs, instead of each gate program loading its own active
+    #: units' W_up and W_down^T rows after its W_gate stream. H100, paper shape, 30 active/token
+    #: (dev sweep, BENCHMARKS.md 1k): M = 3 21.0 us against 23.6 (split form), M = 4 21.3 against
+    #: 24.3; M = 6 26.8 against 25.6 and M = 8 28.6 against 24.6 (compact tl.dot form), where the
+    #: programs holding 2-3 active units, each a chain of dependent loads, set the time
+    decode_units_max_m: int = 4
+    decode_units_per_program: int = 8
+    decode_units_warps: int = 8
+    #: K columns per step of that kernel (0: 16384 / M rounded to a power of two, the whole row
+    #: at the paper shape)
+    decode_units_bk: int = 0
     decode_atomic_bk: int = 256
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of

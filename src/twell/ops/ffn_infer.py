@@ -20,8 +20,10 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     with tl.dot, compacting the active units up to 16 tokens; not in deterministic mode or under
     CUDA-graph capture): the same program loads its active units' W_down^T rows and adds
     h W_down^T into an fp32 [M, K] accumulator with atomics; ``_decode_finish_kernel`` rounds it
-    into y and zeroes it. Split form (the M between the two, deterministic mode, capture): h is
-    written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
+    into y and zeroes it. Unit form (3 <= M <= ``decode_units_max_m``, same conditions): the gate
+    kernel only stores g unit-major, and ``_decode_units_kernel`` runs the up/down of the active
+    units over all the SMs into the same accumulator. Split form (the M between the forms,
+    deterministic mode, capture): h is written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
     kernels are launched with programmatic dependent launch on sm_90+, so they are scheduled
     while the first grid drains): programs over (K block, range of units) compact the units some
     token activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
@@ -493,6 +495,7 @@ def _decode_gate_up_kernel(
     COMPACT: tl.constexpr,
     CHU: tl.constexpr,
     BKC: tl.constexpr,
+    GATE_ONLY: tl.constexpr = False,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -520,7 +523,13 @@ def _decode_gate_up_kernel(
     # active units of each token in this block; tokens with none get no atomic adds
     c_tok = tl.sum(b_act.to(tl.int32), axis=1)
     m_x = (m_m & (c_tok > 0))[:, None]
-    if ATOMIC and COMPACT:
+    if GATE_ONLY:
+        # unit form: _decode_units_kernel runs the up/down of the active units over all SMs; g is
+        # stored unit-major [N, M] (0 where inactive) and the l1 sums start at 0 (added there)
+        p_g = o_n[None, :] * M + i_m[:, None]
+        tl.store(h_ptr + p_g, tl.where(b_act, b_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+        l1_tok = tl.zeros((BM,), dtype=tl.float32)
+    elif ATOMIC and COMPACT:
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
         if tl.sum(n_act) > 0:
             l1_tok = _up_down_atomic_compact(
@@ -554,6 +563,91 @@ def _decode_gate_up_kernel(
     tl.store(bcnt_ptr + i_m * NB + pid, c_tok, mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
+
+
+@triton.jit
+def _decode_units_kernel(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    g_ptr,
+    acc_ptr,
+    bl1_ptr,
+    M,
+    N,
+    K,
+    NB,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    R: tl.constexpr,
+    BK: tl.constexpr,
+    BN_G: tl.constexpr,
+    ONE_STEP: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # decode stage 2 of the unit form: program p takes units [p R, (p + 1) R) and, for each one
+    # some token activates (g unit-major [N, M] from the gate kernel, 0 where inactive): u = x
+    # W_up[n]^T over the rows of the tokens that activate it, h = g u rounded to the activation
+    # dtype, acc[M, K] += h W_down^T[n] and bl1[m, n // BN_G] += |h| by relaxed atomics. The
+    # active units are spread over all the SMs instead of waiting behind each gate program's
+    # stream of W_gate; with ONE_STEP (K <= BK) the W_up row, the W_down^T row and the x rows of
+    # a unit are loaded together
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
+        tl.extra.cuda.gdc_wait()  # the gate kernel has completed and g / nact are visible
+    pid = tl.program_id(0)
+    o_u = pid * R + tl.arange(0, R)
+    m_u = o_u < N
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    # g of the program's R units for every token in one load (R x M contiguous values)
+    b_gt = tl.load(
+        g_ptr + o_u[:, None] * M + i_m[None, :],
+        mask=m_u[:, None] & m_m[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    ).to(tl.float32)
+    a_t = ((b_gt != 0.0) | (b_gt != b_gt)) & m_u[:, None] & m_m[None, :]
+    f_u = tl.max(a_t.to(tl.int32), axis=1) > 0
+    pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+    n_units = tl.sum(f_u.to(tl.int32), axis=0)
+    o_k = tl.arange(0, BK)
+    for c in range(0, n_units):
+        sel = f_u & (pos == c)
+        n = tl.sum(tl.where(sel, o_u, 0), axis=0).to(tl.int64)
+        b_g = tl.sum(tl.where(sel[:, None], b_gt, 0.0), axis=0)
+        act = tl.max((a_t & sel[:, None]).to(tl.int32), axis=0) > 0
+        if ONE_STEP:
+            m_k = o_k < K
+            m_t = act[:, None] & m_k[None, :]
+            b_u = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_d = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_x = tl.load(
+                x_ptr + i_m[:, None] * stride_xm + o_k[None, :] * stride_xk, mask=m_t, other=0.0
+            ).to(tl.float32)
+            h = tl.where(act, b_g * tl.sum(b_x * b_u[None, :], axis=1), 0.0).to(OUT_DTYPE).to(tl.float32)
+            p_a = acc_ptr + i_m[:, None] * K + o_k[None, :]
+            tl.atomic_add(p_a, h[:, None] * b_d[None, :], mask=m_t, sem="relaxed")
+        else:
+            u = tl.zeros((BM,), dtype=tl.float32)
+            for k in range(0, K, BK):
+                m_k = (k + o_k) < K
+                b_u = tl.load(wu_ptr + n * K + k + o_k, mask=m_k, other=0.0).to(tl.float32)
+                b_x = tl.load(
+                    x_ptr + i_m[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk,
+                    mask=act[:, None] & m_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                u += tl.sum(b_x * b_u[None, :], axis=1)
+            h = tl.where(act, b_g * u, 0.0).to(OUT_DTYPE).to(tl.float32)
+            for k in range(0, K, BK):
+                m_k = (k + o_k) < K
+                b_d = tl.load(wdt_ptr + n * K + k + o_k, mask=m_k, other=0.0).to(tl.float32)
+                p_a = acc_ptr + i_m[:, None] * K + (k + o_k)[None, :]
+                tl.atomic_add(p_a, h[:, None] * b_d[None, :], mask=act[:, None] & m_k[None, :], sem="relaxed")
+        tl.atomic_add(bl1_ptr + i_m * NB + n // BN_G, tl.abs(h), mask=act, sem="relaxed")
 
 
 @triton.jit
@@ -956,8 +1050,12 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
     # the gate + up programs also run the down projection (fp32 atomics): not in deterministic
     # mode, where the split down kernel sums its partials in a fixed order, and not while a CUDA
     # graph is captured (its fresh accumulator would need a zero fill in the graph on every replay)
+    # unit form (tl.dot gate, small M): the up/down of the active units in a second kernel
+    units_range = use_dot and M <= cfg.decode_units_max_m
     in_range = M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
-    atomic = in_range and not capturing and not torch.are_deterministic_algorithms_enabled()
+    free = not capturing and not torch.are_deterministic_algorithms_enabled()
+    units = units_range and free
+    atomic = (in_range or units_range) and free
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
@@ -974,7 +1072,14 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
-        "compact": atomic and use_dot and cfg.decode_atomic_compact and M <= cfg.decode_atomic_compact_max_m,
+        "compact": atomic
+        and use_dot
+        and not units
+        and cfg.decode_atomic_compact
+        and M <= cfg.decode_atomic_compact_max_m,
+        "units": units,
+        # unit form: x rows [BM, BK] and a W_down^T segment per step; the whole K row at K <= BK
+        "bk_units": max(16, min(_p2(K), cfg.decode_units_bk or 16384 // _p2(M))),
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
         "swap": use_dot and cfg.decode_dot_swap,
         # h unit-major between the stages (both kernels must agree); the same layout at M = 1
@@ -1109,9 +1214,17 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
         COMPACT=p["compact"],
         CHU=cfg.decode_atomic_chunk,
         BKC=p["bkc"],
+        GATE_ONLY=p["units"],
         num_warps=p["warps"],
         num_stages=p["stages"],
     )
+    if p["units"]:
+        r = max(1, cfg.decode_units_per_program)
+        _decode_units_kernel[(_cdiv(N, r),)](
+            x, w_up, wdt, h, part, bl1, M, N, K, NB, x.stride(0), x.stride(1),
+            OUT_DTYPE=out_dt, BM=_p2(M), R=_p2(r), BK=p["bk_units"], BN_G=bn, ONE_STEP=p["bk_units"] >= K,
+            PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
+        )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l0, l1, over = _stats_bufs(dev)
     bpt = tile // bn
