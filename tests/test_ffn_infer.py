@@ -26,11 +26,13 @@ def _ref(x, wg, wu, wd, tile, slots):
     return y64, st, y_torch
 
 
-def _check(x, wg, wu, wd, tile, slots, path, stats=True):
+def _check(x, wg, wu, wd, tile, slots, path, stats=True, reduce=1):
+    # reduce: terms of the longest sum behind an output element whose order the kernel does not
+    # fix (fp32 atomics add in arrival order on a GPU): the bound grows with its square root
     y, st = ffn_infer(x, wg, wu, wd, tile=tile, slots=slots, path=path, unit_counts=True)
     y64, sr, y_torch = _ref(x, wg, wu, wd, tile, slots)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert_close(y, y64, name=f"y[{path}]", dtype=x.dtype, baseline=y_torch)
+    assert_close(y, y64, name=f"y[{path}]", dtype=x.dtype, baseline=y_torch, reduce=reduce)
     if stats:
         assert float(st.l0) == pytest.approx(float(sr.l0), rel=1e-6), "l0"
         assert float(st.l1) == pytest.approx(float(sr.l1), rel=1e-4), "l1"
@@ -217,11 +219,14 @@ def test_decode_scratch_reused_between_calls(kdevice):
     dense_x = x.clone()
     dense_x[1, 0] = -30.0
     fi._SCRATCH.clear()
-    for xi in (x, dense_x, x):
-        _check(xi, wg, wu, wd, 64, 8, "decode")
+    for xi, n in ((x, 48), (dense_x, 300), (x, 48)):
+        # n: the longest sum in another order than torch's, the K = 48-term gate and up dot
+        # products, or the 300 unit terms of the fully active token, which the unit form (M = 3)
+        # adds by atomics in arrival order (H100: 1.27e-6 against an 8-eps bound of 1.13e-6)
+        _check(xi, wg, wu, wd, 64, 8, "decode", reduce=n)
     assert len(fi._SCRATCH) == 1
     with poison_allocations():  # poisoned calls allocate afresh
-        _check(x, wg, wu, wd, 64, 8, "decode")
+        _check(x, wg, wu, wd, 64, 8, "decode", reduce=48)
     assert len(fi._SCRATCH) == 1
 
 
@@ -295,14 +300,16 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
         assert (p["bk_units"] >= K) == (bk == 0)
         for active in (12, 0, 300, 12):
             x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
-            y, st = _check(x, wg, wu, wd, 64, 8, "decode")
+            # K-term dot products summed in another order than torch's, and each unit's terms
+            # reaching the accumulator by atomics in arrival order
+            y, st = _check(x, wg, wu, wd, 64, 8, "decode", reduce=max(K, active))
             assert bool(y.any()) == (active > 0)
             assert int(st.overflow_rows) == (M if active == 300 else 0)
         x[M - 1, 5] = float("nan")
         y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
         assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
         x[M - 1, 5] = 0.0
-        _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
+        _check(x, wg, wu, wd, 64, 8, "decode", reduce=K)  # the NaN sums did not stay in the accumulator
 
 
 def test_decode_plan_compact_and_warps():
