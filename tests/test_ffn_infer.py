@@ -274,16 +274,22 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
         assert p["atomic"] and p["one_step"] == (bk_up == 0 and M <= gemv) and p["compact"] == compact
-        for active in (12, 0, 300, 12):
-            x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
-            y, st = _check(x, wg, wu, wd, 64, 8, "decode")
-            assert bool(y.any()) == (active > 0)
-            assert int(st.overflow_rows) == (M if active == 300 else 0)
-        x[M - 1, 5] = float("nan")
-        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
-        assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
-        x[M - 1, 5] = 0.0
-        _check(x, wg, wu, wd, 64, 8, "decode")  # the NaN sums did not stay in the accumulator
+        _check_atomic_decode(kdevice, M, K, lambda active: 1)
+
+
+def _check_atomic_decode(kdevice, M, K, reduce):
+    # sparse, none active, every unit active (all tiles overflow), a NaN token, and a call after
+    # it (the reused accumulator must start at zero again); reduce(active): the error bound's sum
+    for active in (12, 0, 300, 12):
+        x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
+        y, st = _check(x, wg, wu, wd, 64, 8, "decode", reduce=reduce(active))
+        assert bool(y.any()) == (active > 0)
+        assert int(st.overflow_rows) == (M if active == 300 else 0)
+    x[M - 1, 5] = float("nan")
+    y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
+    assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
+    x[M - 1, 5] = 0.0
+    _check(x, wg, wu, wd, 64, 8, "decode", reduce=reduce(12))  # the NaN sums did not stay in the accumulator
 
 
 @pytest.mark.parametrize("M,K,bk,r", [(3, 96, 0, 8), (8, 40, 16, 4), (5, 200, 64, 16)])
@@ -298,18 +304,9 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
         assert p["units"] and p["atomic"] and not p["compact"]
         assert (p["bk_units"] >= K) == (bk == 0)
-        for active in (12, 0, 300, 12):
-            x, wg, wu, wd = make_sparse_ffn(M, K, 300, active, device=kdevice, seed=M + K + active)
-            # K-term dot products summed in another order than torch's, and each unit's terms
-            # reaching the accumulator by atomics in arrival order
-            y, st = _check(x, wg, wu, wd, 64, 8, "decode", reduce=max(K, active))
-            assert bool(y.any()) == (active > 0)
-            assert int(st.overflow_rows) == (M if active == 300 else 0)
-        x[M - 1, 5] = float("nan")
-        y, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="decode")
-        assert torch.isnan(y[M - 1]).all() and not torch.isnan(y[: M - 1]).any()
-        x[M - 1, 5] = 0.0
-        _check(x, wg, wu, wd, 64, 8, "decode", reduce=K)  # the NaN sums did not stay in the accumulator
+        # K-term dot products summed in another order than torch's, and each unit's terms
+        # reaching the accumulator by atomics in arrival order
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
 
 
 def test_decode_plan_compact_and_warps():
