@@ -23,9 +23,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     into y and zeroes it. Unit form (3 <= M <= ``decode_units_max_m``, same conditions): the gate
     kernel only stores g unit-major, and ``_decode_units_kernel`` runs the up/down of the active
     units over all the SMs into the same accumulator. Split form (the M between the forms,
-    deterministic mode, capture): h is written (unit-major [N, M], tiny), then ``_decode_down_kernel`` (both second
-    kernels are launched with programmatic dependent launch on sm_90+, so they are scheduled
-    while the first grid drains): programs over (K block, range of units) compact the units some
+    deterministic mode, capture): h is written (unit-major [N, M], tiny), then
+    ``_decode_down_kernel`` (the second kernels are launched with programmatic dependent launch
+    on sm_90+, so they are scheduled while the first grid drains): programs over (K block, range of units) compact the units some
     token activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
     M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
     in a fixed order and writes y; one extra program reduces the statistics.
@@ -394,8 +394,6 @@ def _up_down_atomic_compact(
     wdt_ptr,
     acc_ptr,
     g_ptr,
-    b_g,
-    b_act,
     n_act,
     i_m,
     m_m,
@@ -417,10 +415,8 @@ def _up_down_atomic_compact(
     # tl.dot form with the program's active units compacted, CHU at a time: their W_up rows
     # (u = x @ W_up[units]^T over K in BKC steps) and W_down^T rows (acc += h @ W_down^T[units]
     # in BKD steps) are dense [CHU, step] tiles instead of [BN, step] tiles with most rows masked.
-    # The gate values of the selected units come back from g_ptr (unit-major [N, M] scratch,
-    # written here first). Returns sum |h| per token [BM].
-    p_g = o_n[None, :] * M + i_m[:, None]
-    tl.store(g_ptr + p_g, tl.where(b_act, b_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+    # The gate values of the selected units come back from g_ptr (the unit-major [N, M] scratch
+    # the caller wrote). Returns sum |h| per token [BM].
     tl.debug_barrier()  # the program's own gate values are visible to all its threads
     f_u = (n_act > 0) & m_n
     pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
@@ -523,17 +519,20 @@ def _decode_gate_up_kernel(
     # active units of each token in this block; tokens with none get no atomic adds
     c_tok = tl.sum(b_act.to(tl.int32), axis=1)
     m_x = (m_m & (c_tok > 0))[:, None]
-    if GATE_ONLY:
-        # unit form: _decode_units_kernel runs the up/down of the active units over all SMs; g is
-        # stored unit-major [N, M] (0 where inactive) and the l1 sums start at 0 (added there)
+    if GATE_ONLY or (ATOMIC and COMPACT):
+        # g unit-major [N, M] in the h scratch, 0 where inactive: read back by _decode_units_kernel
+        # (unit form) or by this program's compaction below
         p_g = o_n[None, :] * M + i_m[:, None]
         tl.store(h_ptr + p_g, tl.where(b_act, b_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+    if GATE_ONLY:
+        # unit form: _decode_units_kernel runs the up/down of the active units over all SMs and
+        # adds their l1 sums, which start at 0 here
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
     elif ATOMIC and COMPACT:
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
         if tl.sum(n_act) > 0:
             l1_tok = _up_down_atomic_compact(
-                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, b_g, b_act, n_act, i_m, m_m, m_x, o_n, m_n, M, K,
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, n_act, i_m, m_m, m_x, o_n, m_n, M, K,
                 stride_xm, stride_xk, OUT_DTYPE, BM, BN, CHU, BKC, BKD_ATOMIC, DOT_PREC,
             )  # fmt: skip
     elif ATOMIC:
@@ -596,7 +595,7 @@ def _decode_units_kernel(
     # a unit are loaded together
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
-        tl.extra.cuda.gdc_wait()  # the gate kernel has completed and g / nact are visible
+        tl.extra.cuda.gdc_wait()  # the gate kernel has completed and g is visible
     pid = tl.program_id(0)
     o_u = pid * R + tl.arange(0, R)
     m_u = o_u < N
@@ -1219,10 +1218,10 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
         num_stages=p["stages"],
     )
     if p["units"]:
-        r = max(1, cfg.decode_units_per_program)
+        r = _p2(max(1, cfg.decode_units_per_program))
         _decode_units_kernel[(_cdiv(N, r),)](
             x, w_up, wdt, h, part, bl1, M, N, K, NB, x.stride(0), x.stride(1),
-            OUT_DTYPE=out_dt, BM=_p2(M), R=_p2(r), BK=p["bk_units"], BN_G=bn, ONE_STEP=p["bk_units"] >= K,
+            OUT_DTYPE=out_dt, BM=_p2(M), R=r, BK=p["bk_units"], BN_G=bn, ONE_STEP=p["bk_units"] >= K,
             PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)

@@ -204,7 +204,6 @@ def _pack_words_kernel(
     S,
     T: tl.constexpr,
     BW: tl.constexpr,
-    UNIT_COUNTS: tl.constexpr,
 ):
     # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
     # load: active set (g > 0 or NaN), the first W active units in order (cols), the row count,
@@ -231,8 +230,7 @@ def _pack_words_kernel(
         pre = n_act + tl.cumsum(c_w, axis=0) - c_w
         rank = pre[:, None] + tl.cumsum(a_i, axis=1) - a_i
         tl.store(cols_ptr + i_m * W + rank, o_n, mask=b_a & (rank < W))
-        if UNIT_COUNTS:
-            tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a)
+        tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a)
         m_w = o_w < NW
         tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
         tl.store(wpre_ptr + i_m * NW + o_w, pre, mask=m_w)
@@ -660,7 +658,7 @@ def _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
     _k("pack")[(M,)](
         g, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
-        T=tile, BW=bw, UNIT_COUNTS=True, num_warps=CONFIG.pack_warps,
+        T=tile, BW=bw, num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
 
