@@ -137,6 +137,20 @@ DECODE_VARIANTS = [
 ]
 
 
+def _chunk(name, **ov):
+    return (f"decode:chunk{name}", {"decode_chunk_min_m": 1, "decode_chunk_max_m": 64, **ov}, 64)
+
+
+#: the chunk form (compacted active units of the whole batch in tl.dot tiles) against the default
+CHUNK_VARIANTS = [
+    ("decode", {}, 128),
+    _chunk("-s8", decode_chunk_split=8),
+    _chunk("-s8-bk512-st5", decode_chunk_split=8, decode_chunk_bk=512, decode_chunk_stages=5),
+    _chunk("-s8-bk1024-st3", decode_chunk_split=8, decode_chunk_bk=1024, decode_chunk_stages=3),
+    _chunk("-s4-bk512-st5", decode_chunk_split=4, decode_chunk_bk=512, decode_chunk_stages=5),
+    _chunk("-s16-bk512-st5", decode_chunk_split=16, decode_chunk_bk=512, decode_chunk_stages=5),
+]
+
 #: M = 1 only
 M1_VARIANTS = [
     ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0}),
@@ -375,6 +389,7 @@ def main() -> int:
     ap.add_argument("--decode-sweep", action="store_true", help="decode configurations for M = 1..128")
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
+    ap.add_argument("--chunk-sweep", action="store_true", help="chunk-form decode variants, M = 1..64")
     ap.add_argument("--gemv-sweep", action="store_true", help="GEMV-form decode blocks at M = 1, 2")
     ap.add_argument("--gate-ms", type=int, nargs="+", default=[2048, 16384, 131072])
     ap.add_argument("--gate-sweep", action="store_true", help="gate_pack epilogue variants, M = 2048..131072")
@@ -395,6 +410,7 @@ def main() -> int:
             ("decode", {}),
             ("decode:row-major-h", {"decode_h_t": False}),
             ("decode:unswapped16", {"decode_dot_swap": False, "decode_bn_dot": 16}),
+            ("decode:chunk", {"decode_chunk_min_m": 1, "decode_chunk_max_m": 64}),
         ]
         decode_profile(P, (1, 2, 8, 16, 32, 64), dtype, V, rows, env)
         _write_rows(args.out, rows)
@@ -414,6 +430,15 @@ def main() -> int:
         at_2 = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
         for shape in SHAPES:
             decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows, variants=at_2, m1_variants=grid)
+        _write_rows(args.out, rows)
+        return 0
+    if args.chunk_sweep:
+        m1 = [(n, o) for n, o, _ in CHUNK_VARIANTS[1:4]]
+        decode_sweep(P, tuple(args.decode_ms), 30, dtype, args.reps, env, rows, CHUNK_VARIANTS, m1)
+        llama_ms = tuple(m for m in args.decode_ms if m <= 16)
+        decode_sweep(
+            "llama3-8b-4096x14336", llama_ms, 30, dtype, args.reps, env, rows, CHUNK_VARIANTS[:6], m1
+        )
         _write_rows(args.out, rows)
         return 0
     if args.decode_sweep:

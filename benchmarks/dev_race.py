@@ -57,6 +57,7 @@ def main() -> int:
         action="store_true",
         help="also the tl.dot atomic form without compaction and without programmatic dependent launch",
     )
+    ap.add_argument("--chunk", action="store_true", help="also the chunk form (M = 4..16)")
     args = ap.parse_args()
     cases = [
         ("llama3-8b", 1, 0, {}),
@@ -67,6 +68,14 @@ def main() -> int:
         ("llama3-8b", 32, 31, {}),
         ("paper", 8, 7, {}),
     ]
+    if args.chunk:
+        ch = dict(decode_chunk_min_m=3, decode_chunk_max_m=16, decode_chunk_split=8, decode_chunk_bk=512)
+        cases += [
+            ("llama3-8b", 8, 7, ch),
+            ("llama3-8b", 8, None, ch),
+            ("llama3-8b", 16, 15, ch),
+            ("paper", 4, 3, ch),
+        ]
     if args.atomic_dot:
         cases += [
             ("llama3-8b", 8, 7, dict(decode_atomic_compact=False)),

@@ -265,6 +265,8 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         decode_atomic_max_m=2,
         decode_atomic_dot_min_m=3,
         decode_units_max_m=0,
+        decode_chunk_max_m=0,
+        decode_chunk_long_max_m=0,
         decode_gemv_max_m=gemv,
         decode_bk_up=bk_up,
         decode_atomic_bk=16,
@@ -300,7 +302,9 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
     # the reused accumulator
     from twell.ops import ffn_infer as fi
 
-    with override("infer", decode_units_max_m=8, decode_units_bk=bk, decode_units_per_program=r):
+    with override(
+        "infer", decode_units_max_m=8, decode_units_bk=bk, decode_units_per_program=r, decode_chunk_min_m=9
+    ):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
         assert p["units"] and p["atomic"] and not p["compact"]
         assert (p["bk_units"] >= K) == (bk == 0)
@@ -309,8 +313,45 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
         _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
 
 
+@pytest.mark.parametrize(
+    "M,K,chunk,split,progs",
+    [(5, 48, 16, 1, 0), (3, 96, 16, 1, 0), (8, 40, 16, 3, 2), (20, 48, 32, 2, 0), (33, 40, 16, 1, 3)],
+)
+def test_decode_chunk_form(kdevice, poison, M, K, chunk, split, progs):
+    # decode_chunk_min_m <= M <= decode_chunk_max_m: the gate kernel computes the gate only and
+    # lists each block's active units; a second kernel compacts the batch's active units into
+    # chunks and runs each chunk's up and down as tl.dot tiles (the down columns split in
+    # `split` ranges, over `progs` programs, 0: one per SM). Sparse, none active, every unit
+    # active, a NaN token, repeated calls on the reused accumulator
+    from twell.ops import ffn_infer as fi
+
+    plan = dict(
+        decode_chunk_min_m=1,
+        decode_chunk_max_m=64,
+        decode_chunk_units=chunk,
+        decode_chunk_split=split,
+        decode_chunk_programs=progs,
+        decode_chunk_bk=16,
+        decode_atomic_bk=16,
+    )
+    with override("infer", **plan):
+        p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
+        assert p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
+        assert not fi._decode_plan(M, K, 300, fi.get_config("infer"), capturing=True)["chunk"]
+        assert not fi._decode_plan(2, K, 300, fi.get_config("infer"))["chunk"]  # CUDA-core gate at M <= 2
+        with override("infer", decode_chunk_max_m=M - 1, decode_chunk_long_k=K + 1):
+            assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["chunk"]
+        with override("infer", decode_chunk_max_m=M - 1, decode_chunk_long_k=K, decode_chunk_long_max_m=M):
+            assert fi._decode_plan(M, K, 300, fi.get_config("infer"))["chunk"]
+        # K-term dot products summed in another order than torch's, and each chunk's sums
+        # reaching the accumulator by atomics in arrival order
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+
+
 def test_decode_plan_compact_and_warps():
-    # the unit form up to decode_units_max_m tokens; the atomic tl.dot form compacts up to
+    # the unit form up to decode_units_max_m tokens; the chunk form from decode_chunk_min_m to
+    # decode_chunk_max_m (decode_chunk_long_max_m at K >= decode_chunk_long_k), its down split in
+    # 64 / M column ranges and its W_up loop in K / 8 steps; the atomic tl.dot form compacts up to
     # decode_atomic_compact_max_m tokens (off with decode_atomic_compact=False); 64 token rows
     # take decode_warps_m64 warps
     from twell.ops import ffn_infer as fi
@@ -318,8 +359,18 @@ def test_decode_plan_compact_and_warps():
     cfg = fi.get_config("infer")
     assert fi._decode_plan(4, 4096, 14336, cfg)["units"]
     assert not fi._decode_plan(8, 4096, 14336, cfg)["units"]
-    assert fi._decode_plan(8, 4096, 14336, cfg)["compact"]
-    assert fi._decode_plan(16, 4096, 14336, cfg)["compact"]
+    for M, K, chunk in (
+        (5, 2048, True),
+        (8, 2048, True),
+        (9, 2048, False),
+        (16, 4096, True),
+        (17, 4096, False),
+    ):
+        p = fi._decode_plan(M, K, 14336, cfg)
+        assert p["chunk"] == chunk and p["compact"] == (not chunk and M <= 16), (M, K)
+    p = fi._decode_plan(6, 4096, 14336, cfg)
+    assert (p["split_chunk"], p["bk_chunk"]) == (8, 512)
+    assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
     assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
@@ -345,11 +396,14 @@ def test_decode_gemv_blocks(kdevice, poison, bn, warps):
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
-    # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the split form at 5..7,
-    # the tl.dot form from 8
+    # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the chunk form at 5..8,
+    # the tl.dot form from 9; the split form without the chunk form at 5..7
     cfg = fi.get_config("infer")
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8
-    assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
+    assert fi._decode_plan(6, 64, 300, cfg)["chunk"] and fi._decode_plan(6, 64, 300, cfg)["atomic"]
+    assert not fi._decode_plan(6, 64, 300, cfg, capturing=True)["atomic"]
+    with override("infer", decode_chunk_max_m=0):
+        assert not fi._decode_plan(6, 64, 300, fi.get_config("infer"))["atomic"]
     assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
     assert fi._decode_plan(4, 64, 300, cfg)["units"] and fi._decode_plan(4, 64, 300, cfg)["atomic"]
     assert not fi._decode_plan(4, 64, 300, cfg, capturing=True)["units"]
@@ -364,6 +418,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     try:
         assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
+        assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
     finally:
         torch.use_deterministic_algorithms(was)

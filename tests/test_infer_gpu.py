@@ -47,12 +47,13 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2, 4, 8, 16, 32])
+@pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32])
 def test_decode_atomic_down_model_shapes(dtype, shape, M):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
-    # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
-    # in the gate programs' tl.dot loops above (compacting the active units up to 16 tokens);
-    # the finishing kernel rounds it into y and zeroes it
+    # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form)
+    # and 5..8 (chunk form; to 16 at K >= 4096), in the gate programs' tl.dot loops above
+    # (compacting the active units up to 16 tokens); the finishing kernel rounds it into y and
+    # zeroes it
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     x[M - 1, 0] = -40.0  # one token with every unit active
@@ -70,14 +71,28 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
         (1, {}),
         (2, {}),
         (4, {}),
-        (8, {"decode_units_max_m": 8}),
+        (8, {"decode_units_max_m": 8, "decode_chunk_long_max_m": 0}),
         (8, {}),
-        (8, {"decode_units_max_m": 0, "decode_atomic_compact": False}),
+        (8, {"decode_chunk_max_m": 0, "decode_chunk_long_max_m": 0}),
+        (8, {"decode_units_max_m": 0, "decode_chunk_long_max_m": 0, "decode_atomic_compact": False}),
         (16, {}),
+        (16, {"decode_chunk_split": 1}),
         (32, {}),
         (64, {}),
     ],
-    ids=["1", "2", "4-units", "8-units", "8-compact", "8-tiles", "16", "32", "64"],
+    ids=[
+        "1",
+        "2",
+        "4-units",
+        "8-units",
+        "8-chunk",
+        "8-compact",
+        "8-tiles",
+        "16-chunk",
+        "16-chunk-s1",
+        "32",
+        "64",
+    ],
 )
 def test_decode_fully_active_token_repeats(M, plan):
     # every decode form on one input 250 times back to back, with a token that has all 14,336

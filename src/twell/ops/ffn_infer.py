@@ -308,15 +308,18 @@ def _atomic_down(
     i_m,
     m_x,
     K,
+    k_lo,
+    k_hi,
     BKD: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # acc[M, K] (fp32) += b_h [BM, R] @ W_down^T[rows] (rows with m_rows False are not read), in
-    # BKD-column steps, by relaxed atomic adds into the token rows m_x [BM, 1]
+    # acc[M, K] (fp32) += b_h [BM, R] @ W_down^T[rows] over columns [k_lo, k_hi) (rows with m_rows
+    # False are not read), in BKD-column steps, by relaxed atomic adds into the token rows m_x
+    # [BM, 1]
     o_kd = tl.arange(0, BKD)
-    for k in range(0, K, BKD):
-        m_k = (k + o_kd) < K
+    for k in range(k_lo, k_hi, BKD):
+        m_k = (k + o_kd) < k_hi
         b_d = tl.load(
             wdt_ptr + rows[:, None] * K + (k + o_kd)[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0
         )
@@ -383,8 +386,77 @@ def _up_down_atomic(
             BM, BN, BK, USE_DOT, DOT_PREC, SWAP,
         )  # fmt: skip
         b_h = tl.where(b_act, b_g * acc_u, 0.0).to(OUT_DTYPE)
-        _atomic_down(acc_ptr, wdt_ptr, o_n.to(tl.int64), m_rows, b_h, i_m, m_x, K, BKD, USE_DOT, DOT_PREC)
+        _atomic_down(
+            acc_ptr, wdt_ptr, o_n.to(tl.int64), m_rows, b_h, i_m, m_x, K, 0, K, BKD, USE_DOT, DOT_PREC
+        )
     return b_h
+
+
+@triton.jit
+def _chunk_up_down(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    acc_ptr,
+    g_ptr,
+    idx,
+    v_c,
+    i_m,
+    m_m,
+    M,
+    K,
+    k_lo,
+    k_hi,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    CHU: tl.constexpr,
+    BKC: tl.constexpr,
+    BKD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ONE_DOWN: tl.constexpr = False,
+):
+    # up and down of CHU units idx (valid where v_c) for the BM token rows, as dense tl.dot tiles:
+    # g [BM, CHU] from g_ptr (unit-major [N, M], 0 where inactive), u = x @ W_up[idx]^T over K in
+    # BKC steps, h = g u rounded to the activation dtype (0 where inactive, whatever u is), then
+    # acc[:, k_lo:k_hi] += h @ W_down^T[idx, k_lo:k_hi] by atomic adds into the rows of the tokens
+    # that activate one of the units. Returns h [BM, CHU]. ONE_DOWN (k_hi - k_lo <= BKD): the one
+    # W_down^T tile is loaded before the up loop, so its round trip overlaps the loop's.
+    if ONE_DOWN:
+        o_kd = k_lo + tl.arange(0, BKD)
+        m_kd = o_kd < k_hi
+        b_d = tl.load(
+            wdt_ptr + idx[:, None] * K + o_kd[None, :], mask=v_c[:, None] & m_kd[None, :], other=0.0
+        )
+    g_c = tl.load(
+        g_ptr + idx[None, :] * M + i_m[:, None],
+        mask=m_m[:, None] & v_c[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    ).to(tl.float32)
+    a_c = (g_c != 0.0) | (g_c != g_c)
+    m_x = (tl.max(a_c.to(tl.int32), axis=1) > 0)[:, None]
+    o_kc = tl.arange(0, BKC)
+    acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
+    for k in range(0, K, BKC):
+        m_k = (k + o_kc) < K
+        b_x = tl.load(
+            x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_w = tl.load(
+            wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
+        )
+        acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+    h_c = tl.where(a_c, g_c * acc_u, 0.0).to(OUT_DTYPE)
+    if ONE_DOWN:
+        c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
+        tl.atomic_add(acc_ptr + i_m[:, None] * K + o_kd[None, :], c, mask=m_x & m_kd[None, :], sem="relaxed")
+    else:
+        _atomic_down(acc_ptr, wdt_ptr, idx, v_c, h_c, i_m, m_x, K, k_lo, k_hi, BKD, True, DOT_PREC)
+    return h_c
 
 
 @triton.jit
@@ -397,7 +469,6 @@ def _up_down_atomic_compact(
     n_act,
     i_m,
     m_m,
-    m_x,
     o_n,
     m_n,
     M,
@@ -412,43 +483,24 @@ def _up_down_atomic_compact(
     BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # tl.dot form with the program's active units compacted, CHU at a time: their W_up rows
-    # (u = x @ W_up[units]^T over K in BKC steps) and W_down^T rows (acc += h @ W_down^T[units]
-    # in BKD steps) are dense [CHU, step] tiles instead of [BN, step] tiles with most rows masked.
-    # The gate values of the selected units come back from g_ptr (the unit-major [N, M] scratch
-    # the caller wrote). Returns sum |h| per token [BM].
+    # tl.dot form with the program's active units compacted, CHU at a time, into dense [CHU, step]
+    # tiles of W_up and W_down^T instead of [BN, step] tiles with most rows masked (the gate
+    # values come back from g_ptr, the unit-major [N, M] scratch the caller wrote). Returns sum
+    # |h| per token [BM].
     tl.debug_barrier()  # the program's own gate values are visible to all its threads
     f_u = (n_act > 0) & m_n
     pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
     n_units = tl.sum(f_u.to(tl.int32), axis=0)
     o_c = tl.arange(0, CHU)
-    o_kc = tl.arange(0, BKC)
     s_l1 = tl.zeros((BM,), dtype=tl.float32)
     for c in range(0, n_units, CHU):
         sel = f_u[None, :] & (pos[None, :] == (c + o_c)[:, None])
         idx = tl.sum(tl.where(sel, o_n[None, :], 0), axis=1).to(tl.int64)
-        v_c = (c + o_c) < n_units
-        acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
-        for k in range(0, K, BKC):
-            m_k = (k + o_kc) < K
-            b_x = tl.load(
-                x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
-                mask=m_m[:, None] & m_k[None, :],
-                other=0.0,
-            )
-            b_w = tl.load(
-                wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
-            )
-            acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
-        g_c = tl.load(
-            g_ptr + idx[None, :] * M + i_m[:, None],
-            mask=m_m[:, None] & v_c[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        ).to(tl.float32)
-        h_c = (g_c * acc_u).to(OUT_DTYPE)
+        h_c = _chunk_up_down(
+            x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, (c + o_c) < n_units, i_m, m_m, M, K, 0, K,
+            stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC,
+        )  # fmt: skip
         s_l1 += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
-        _atomic_down(acc_ptr, wdt_ptr, idx, v_c, h_c, i_m, m_x, K, BKD, True, DOT_PREC)
     return s_l1
 
 
@@ -464,6 +516,7 @@ def _decode_gate_up_kernel(
     sem_ptr,
     wdt_ptr,
     acc_ptr,
+    lst_ptr,
     M,
     N,
     K,
@@ -492,6 +545,7 @@ def _decode_gate_up_kernel(
     CHU: tl.constexpr,
     BKC: tl.constexpr,
     GATE_ONLY: tl.constexpr = False,
+    UNIT_LIST: tl.constexpr = False,
 ):
     if PDL:
         # the down kernel, launched with programmatic dependent launch, may be scheduled from now
@@ -524,15 +578,22 @@ def _decode_gate_up_kernel(
         # (unit form) or by this program's compaction below
         p_g = o_n[None, :] * M + i_m[:, None]
         tl.store(h_ptr + p_g, tl.where(b_act, b_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+    if UNIT_LIST:
+        # chunk form: this block's active units in order at lst[pid BN ...] and their number at
+        # lst[NB BN + pid], from which _decode_chunk_kernel compacts the whole batch's units
+        f_u = (n_act > 0) & m_n
+        pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+        tl.store(lst_ptr + pid * BN + pos, o_n, mask=f_u)
+        tl.store(lst_ptr + NB * BN + pid, tl.sum(f_u.to(tl.int32), axis=0))
     if GATE_ONLY:
-        # unit form: _decode_units_kernel runs the up/down of the active units over all SMs and
-        # adds their l1 sums, which start at 0 here
+        # unit and chunk forms: a second kernel runs the up/down of the active units over all SMs
+        # and adds their l1 sums, which start at 0 here
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
     elif ATOMIC and COMPACT:
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
         if tl.sum(n_act) > 0:
             l1_tok = _up_down_atomic_compact(
-                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, n_act, i_m, m_m, m_x, o_n, m_n, M, K,
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, h_ptr, n_act, i_m, m_m, o_n, m_n, M, K,
                 stride_xm, stride_xk, OUT_DTYPE, BM, BN, CHU, BKC, BKD_ATOMIC, DOT_PREC,
             )  # fmt: skip
     elif ATOMIC:
@@ -647,6 +708,70 @@ def _decode_units_kernel(
                 p_a = acc_ptr + i_m[:, None] * K + (k + o_k)[None, :]
                 tl.atomic_add(p_a, h[:, None] * b_d[None, :], mask=act[:, None] & m_k[None, :], sem="relaxed")
         tl.atomic_add(bl1_ptr + i_m * NB + n // BN_G, tl.abs(h), mask=act, sem="relaxed")
+
+
+@triton.jit
+def _decode_chunk_kernel(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    g_ptr,
+    lst_ptr,
+    acc_ptr,
+    bl1_ptr,
+    M,
+    K,
+    NB,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    CHU: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BN_G: tl.constexpr,
+    NB_P2: tl.constexpr,
+    BKC: tl.constexpr,
+    BKD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    ONE_DOWN: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # decode stage 2 of the chunk form: the batch's active units, compacted in unit order from
+    # the gate kernel's per-block lists, are cut into chunks of CHU; work item w takes chunk
+    # w // SPLIT and the (w % SPLIT)-th of SPLIT column ranges of its down projection (the up
+    # projection is recomputed per range). Each item is dense tl.dot tiles (_chunk_up_down): the
+    # active units of the whole batch fill them, not only those of one gate program, and the
+    # items are spread over the grid's programs (a loop: the number of items is known only here)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
+        tl.extra.cuda.gdc_wait()  # the gate kernel has completed: g and the lists are visible
+    pid = tl.program_id(0)
+    o_b = tl.arange(0, NB_P2)
+    c_b = tl.load(lst_ptr + NB * BN_G + o_b, mask=o_b < NB, other=0, cache_modifier=".cg")
+    ends = tl.cumsum(c_b, axis=0)
+    total = tl.sum(c_b, axis=0)
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    o_c = tl.arange(0, CHU)
+    k_step = tl.cdiv(tl.cdiv(K, SPLIT), BKD) * BKD
+    for w in tl.range(pid, tl.cdiv(total, CHU) * SPLIT, tl.num_programs(0), num_stages=1):
+        r = (w // SPLIT) * CHU + o_c
+        v_c = r < total
+        # block of each rank r, and the rank of that block's first unit
+        blk = tl.sum((ends[None, :] <= r[:, None]).to(tl.int32), axis=1)
+        start = tl.sum(tl.where(o_b[None, :] < blk[:, None], c_b[None, :], 0), axis=1)
+        idx = tl.load(lst_ptr + blk * BN_G + r - start, mask=v_c, other=0, cache_modifier=".cg").to(tl.int64)
+        s = w % SPLIT
+        h_c = _chunk_up_down(
+            x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, s * k_step,
+            tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC, ONE_DOWN,
+        )  # fmt: skip
+        if s == 0:
+            a_h = tl.abs(h_c.to(tl.float32))
+            tl.atomic_add(
+                bl1_ptr + i_m[:, None] * NB + (idx // BN_G)[None, :], a_h,
+                mask=m_m[:, None] & v_c[None, :] & (a_h != 0.0), sem="relaxed",
+            )  # fmt: skip
 
 
 @triton.jit
@@ -1053,8 +1178,13 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
     units_range = use_dot and M <= cfg.decode_units_max_m
     in_range = M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
     free = not capturing and not torch.are_deterministic_algorithms_enabled()
-    units = units_range and free
-    atomic = (in_range or units_range) and free
+    # chunk form: the batch's active units compacted into dense tl.dot tiles in a second kernel
+    chunk_top = cfg.decode_chunk_long_max_m if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_max_m
+    chunk_range = use_dot and cfg.decode_chunk_min_m <= M <= chunk_top
+    chunk = chunk_range and free
+    units = units_range and free and not chunk
+    atomic = (in_range or units_range or chunk_range) and free
+    bk_chunk = max(16, min(_p2(K), cfg.decode_chunk_bk or _p2(K) // 8))
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
@@ -1074,9 +1204,26 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "compact": atomic
         and use_dot
         and not units
+        and not chunk
         and cfg.decode_atomic_compact
         and M <= cfg.decode_atomic_compact_max_m,
         "units": units,
+        "chunk": chunk,
+        "bm_chunk": max(16, _p2(M)),
+        "bk_chunk": bk_chunk,
+        "split_chunk": cfg.decode_chunk_split or max(1, 64 // _p2(M)),
+        "bkd_chunk": max(16, min(_p2(K), cfg.decode_atomic_bk)),
+        # as many stages as keep the [BM + chunk, K step] tiles within 192 KiB of shared memory
+        "stages_chunk": max(
+            1,
+            min(
+                cfg.decode_chunk_stages,
+                (192 << 10) // ((max(16, _p2(M)) + max(16, cfg.decode_chunk_units)) * bk_chunk * elsize),
+            ),
+        ),
+        # Triton 3.6 fails to compile the chunk kernel for 64 token rows with 4 warps (sm_90:
+        # "operand does not dominate this use" in TritonGPURemoveLayoutConversions); 8 compile
+        "warps_chunk": cfg.decode_chunk_warps if M <= 32 else max(8, cfg.decode_chunk_warps),
         # unit form: x rows [BM, BK] and a W_down^T segment per step; the whole K row at K <= BK
         "bk_units": max(16, min(_p2(K), cfg.decode_units_bk or 16384 // _p2(M))),
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
@@ -1102,13 +1249,14 @@ _SCRATCH: dict[tuple, tuple] = {}
 
 
 def _decode_scratch(
-    M: int, N: int, NB: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool, atomic: bool
+    M: int, N: int, NB: int, BN: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool, atomic: bool
 ):
     """Scratch of the two decode kernels: h (M x N values, in the layout the plan picks),
     per-(token, unit block) counts and l1, per-unit counts, the K-block tickets and the fp32
     partials of the split down projection (or None); with ``atomic``, the partials' place holds
     the fp32 [M, K] accumulator of the atomic form, zero between calls (the finishing kernel
-    zeroes it after reading); the statistics sums of the finishing kernel's programs.
+    zeroes it after reading); the statistics sums of the finishing kernel's programs; the lists of
+    active units per block of BN units and their lengths (chunk form).
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -1120,7 +1268,7 @@ def _decode_scratch(
     key = None
     if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, KC, nsplit, K, atomic)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, BN, KC, nsplit, K, atomic)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -1137,12 +1285,19 @@ def _decode_scratch(
         else None,
         # per-program statistics sums of the atomic form's second kernel (at most 3 x M)
         _alloc.empty((3 * max(1, M),), dtype=torch.int32, device=dev) if atomic else None,
+        _alloc.empty((NB * (BN + 1),), dtype=torch.int32, device=dev),
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
             _SCRATCH.pop(next(iter(_SCRATCH)), None)
         _SCRATCH[key] = bufs
     return bufs
+
+
+@functools.cache
+def _num_sms(dev: torch.device) -> int:
+    """Streaming multiprocessors of ``dev`` (4 off CUDA: the interpreter runs programs in turn)."""
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
 
 
 @functools.cache
@@ -1170,8 +1325,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
     atomic = p["atomic"]
-    h, bcnt, bl1, nact, sem, part, spart = _decode_scratch(
-        M, N, NB, KC, nsplit, K, x.dtype, dev, not capturing, atomic
+    h, bcnt, bl1, nact, sem, part, spart, lst = _decode_scratch(
+        M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic
     )
     pdl = cfg.decode_pdl and x.is_cuda and _pdl_ok(dev)
     wdt = down_t(w_down)
@@ -1186,6 +1341,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
         sem,
         wdt,
         part if atomic else h,
+        lst,
         M,
         N,
         K,
@@ -1213,7 +1369,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
         COMPACT=p["compact"],
         CHU=cfg.decode_atomic_chunk,
         BKC=p["bkc"],
-        GATE_ONLY=p["units"],
+        GATE_ONLY=p["units"] or p["chunk"],
+        UNIT_LIST=p["chunk"],
         num_warps=p["warps"],
         num_stages=p["stages"],
     )
@@ -1223,6 +1380,15 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
             x, w_up, wdt, h, part, bl1, M, N, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=_p2(M), R=r, BK=p["bk_units"], BN_G=bn, ONE_STEP=p["bk_units"] >= K,
             PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
+        )  # fmt: skip
+    if p["chunk"]:
+        chu, split = _p2(max(16, cfg.decode_chunk_units)), p["split_chunk"]
+        progs = cfg.decode_chunk_programs or _num_sms(dev)
+        _decode_chunk_kernel[(min(_cdiv(N, chu) * split, progs),)](
+            x, w_up, wdt, h, lst, part, bl1, M, K, NB, x.stride(0), x.stride(1),
+            OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
+            BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, ONE_DOWN=_cdiv(K, split) <= p["bkd_chunk"], PDL=pdl, num_warps=p["warps_chunk"],
+            num_stages=p["stages_chunk"], **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l0, l1, over = _stats_bufs(dev)
