@@ -443,7 +443,7 @@ def main() -> int:
         return 0
     if args.decode_sweep:
         decode_sweep(P, tuple(args.decode_ms), 30, dtype, args.reps, env, rows)
-        llama_ms = tuple(m for m in args.decode_ms if m in (1, 8)) or (1,)
+        llama_ms = tuple(m for m in args.decode_ms if m in (1, 6, 8, 12, 16)) or (1,)
         decode_sweep("llama3-8b-4096x14336", llama_ms, 30, dtype, args.reps, env, rows)
         _write_rows(args.out, rows)
         return 0
