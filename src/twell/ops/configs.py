@@ -112,7 +112,7 @@ class InferConfig:
     #: or under capture): the gate kernel computes the gate only (g unit-major) and lists each
     #: block's active units; _decode_chunk_kernel compacts the batch's active units into chunks of
     #: decode_chunk_units and runs each chunk's up and down as dense tl.dot tiles, the W_up loop in
-    #: K steps of decode_chunk_bk (0: K / 8) with decode_chunk_stages stages, the down columns
+    #: K steps of decode_chunk_bk (0: K / 8), the down columns
     #: split in decode_chunk_split ranges (0: 64 / M; the up is recomputed per range, and with one
     #: W_down^T step per range that tile is loaded before the up loop), over
     #: decode_chunk_programs programs (0: one per SM). H100, 30 active/token, device time
@@ -131,7 +131,13 @@ class InferConfig:
     decode_chunk_bk: int = 0
     decode_chunk_programs: int = 0
     decode_chunk_warps: int = 4
-    decode_chunk_stages: int = 5
+    #: 4 stages at K < decode_chunk_long_k (H100, paper shape: M = 8 23.9 us against 26.2 with 5
+    #: stages; likely because 4 stages of 256 columns, 64 KiB, fit beside the gate kernel's 160 KiB
+    #: of shared memory on one SM, so the chunk kernel's programs can be resident before the gate
+    #: kernel ends, and 80 KiB do not: not profiled); 5 at K >= decode_chunk_long_k with
+    #: 512-column steps (Llama-3-8B M = 8 64.2 against 67.6 with 4 stages of 256 columns)
+    decode_chunk_stages: int = 4
+    decode_chunk_long_stages: int = 5
     decode_atomic_bk: int = 256
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of

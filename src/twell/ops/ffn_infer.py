@@ -1217,7 +1217,7 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
         "stages_chunk": max(
             1,
             min(
-                cfg.decode_chunk_stages,
+                cfg.decode_chunk_long_stages if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_stages,
                 (192 << 10) // ((max(16, _p2(M)) + max(16, cfg.decode_chunk_units)) * bk_chunk * elsize),
             ),
         ),
