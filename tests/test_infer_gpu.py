@@ -48,12 +48,22 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
 @pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32])
-def test_decode_atomic_down_model_shapes(dtype, shape, M):
+@pytest.mark.parametrize("chunk", [False, True], ids=["default", "chunk"])
+def test_decode_atomic_down_model_shapes(dtype, shape, M, chunk):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
-    # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form)
-    # and 5..8 (chunk form; to 16 at K >= 4096), in the gate programs' tl.dot loops above
-    # (compacting the active units up to 16 tokens); the finishing kernel rounds it into y and
-    # zeroes it
+    # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
+    # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
+    # or with `chunk` in a second kernel at M = 5..16 (chunk form, off by default); the finishing
+    # kernel rounds it into y and zeroes it
+    from twell.ops.configs import override
+
+    if chunk and not 5 <= M <= 16:
+        pytest.skip("the chunk form is switched on at M = 5..16 here")
+    with override("infer", **({"decode_chunk_max_m": 16, "decode_chunk_long_max_m": 16} if chunk else {})):
+        _check_atomic_model_shape(dtype, shape, M)
+
+
+def _check_atomic_model_shape(dtype, shape, M):
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M + 11)
     x[M - 1, 0] = -40.0  # one token with every unit active
@@ -71,12 +81,13 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
         (1, {}),
         (2, {}),
         (4, {}),
-        (8, {"decode_units_max_m": 8, "decode_chunk_long_max_m": 0}),
+        (8, {"decode_units_max_m": 8}),
+        (8, {"decode_chunk_max_m": 8, "decode_chunk_long_max_m": 16}),
         (8, {}),
-        (8, {"decode_chunk_max_m": 0, "decode_chunk_long_max_m": 0}),
-        (8, {"decode_units_max_m": 0, "decode_chunk_long_max_m": 0, "decode_atomic_compact": False}),
+        (8, {"decode_units_max_m": 0, "decode_atomic_compact": False}),
         (16, {}),
-        (16, {"decode_chunk_split": 1}),
+        (16, {"decode_chunk_long_max_m": 16}),
+        (16, {"decode_chunk_long_max_m": 16, "decode_chunk_split": 1}),
         (32, {}),
         (64, {}),
     ],
@@ -88,6 +99,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M):
         "8-chunk",
         "8-compact",
         "8-tiles",
+        "16",
         "16-chunk",
         "16-chunk-s1",
         "32",

@@ -108,24 +108,26 @@ class InferConfig:
     #: at the paper shape)
     decode_units_bk: int = 0
     #: chunk form at decode_chunk_min_m <= M <= decode_chunk_max_m, and up to
-    #: decode_chunk_long_max_m at K >= decode_chunk_long_k (atomic, so not in deterministic mode
-    #: or under capture): the gate kernel computes the gate only (g unit-major) and lists each
-    #: block's active units; _decode_chunk_kernel compacts the batch's active units into chunks of
-    #: decode_chunk_units and runs each chunk's up and down as dense tl.dot tiles, the W_up loop in
-    #: K steps of decode_chunk_bk (0: K / 8), the down columns
-    #: split in decode_chunk_split ranges (0: 64 / M; the up is recomputed per range, and with one
+    #: decode_chunk_long_max_m at K >= decode_chunk_long_k (off by default; atomic, so not in
+    #: deterministic mode or under capture): the gate kernel computes the gate only (g
+    #: unit-major) and lists each block's active units; _decode_chunk_kernel compacts the batch's
+    #: active units into chunks of decode_chunk_units and runs each chunk's up and down as dense
+    #: tl.dot tiles, the W_up loop in K steps of decode_chunk_bk (0: K / 8), the down columns split
+    #: in decode_chunk_split ranges (0: 64 / M; the up is recomputed per range, and with one
     #: W_down^T step per range that tile is loaded before the up loop), over
-    #: decode_chunk_programs programs (0: one per SM). H100, 30 active/token, device time
-    #: (BENCHMARKS.md 1l): paper shape M = 6 23.7 us against 25.7 (split form), M = 8 23.9
-    #: against 24.4 (compact); Llama-3-8B M = 6 63.7 against 76.6, M = 8 64.0 against 69.8, M = 12
-    #: 67.6 against 74.3, M = 16 69.9 against 79.6 (compact). Slower at M = 3..4 (the unit form)
-    #: and on the paper shape at M = 12..16 (26.5 / 27.4 against 25.4 / 26.0 compact: there the
-    #: compact form's W_up / W_down^T loops after each gate program's stream are K / 256 = 8 steps,
-    #: 16 at K = 4096)
+    #: decode_chunk_programs programs (0: one per SM). H100, device time (BENCHMARKS.md 1l): at 30
+    #: active units per token it beat the default forms, paper shape M = 6 23.7 us against 25.7
+    #: (split form), M = 8 23.9 against 24.4 (compact), Llama-3-8B M = 6 63.7 against 76.6, M = 8
+    #: 64.0 against 69.8, M = 12 67.6 against 74.3, M = 16 69.9 against 79.6; but in the kernel
+    #: preset with it on at M = 5..8, paper shape M = 8 fell from 1.79x to 1.49x at 36 active
+    #: units and from 1.75x to 1.21x at ~100 (the chunk x range items outnumber the programs and
+    #: run in turn, each a chain of dependent loads), so it stays off until its split adapts to the
+    #: number of chunks. Slower at M = 3..4 (the unit form) and on the paper shape at M = 12..16
+    #: (26.5 / 27.4 against 25.4 / 26.0 compact)
     decode_chunk_min_m: int = 5
-    decode_chunk_max_m: int = 8
+    decode_chunk_max_m: int = 0
     decode_chunk_long_k: int = 4096
-    decode_chunk_long_max_m: int = 16
+    decode_chunk_long_max_m: int = 0
     decode_chunk_units: int = 16
     decode_chunk_split: int = 0
     decode_chunk_bk: int = 0
