@@ -390,6 +390,9 @@ def main() -> int:
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
     ap.add_argument("--chunk-sweep", action="store_true", help="chunk-form decode variants, M = 1..64")
+    ap.add_argument(
+        "--chunk-activity", action="store_true", help="chunk form against the default at 24-100 active units"
+    )
     ap.add_argument("--gemv-sweep", action="store_true", help="GEMV-form decode blocks at M = 1, 2")
     ap.add_argument("--gate-ms", type=int, nargs="+", default=[2048, 16384, 131072])
     ap.add_argument("--gate-sweep", action="store_true", help="gate_pack epilogue variants, M = 2048..131072")
@@ -430,6 +433,17 @@ def main() -> int:
         at_2 = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
         for shape in SHAPES:
             decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows, variants=at_2, m1_variants=grid)
+        _write_rows(args.out, rows)
+        return 0
+    if args.chunk_activity:
+        on = [
+            ("decode", {}, 128),
+            ("decode:chunk-on", {"decode_chunk_max_m": 8, "decode_chunk_long_max_m": 16}, 16),
+        ]
+        for a in (24, 36, 100):
+            decode_sweep(P, (6, 8), a, dtype, args.reps, env, rows, on, [])
+        for a in (30, 100):
+            decode_sweep("llama3-8b-4096x14336", (8, 16), a, dtype, args.reps, env, rows, on, [])
         _write_rows(args.out, rows)
         return 0
     if args.chunk_sweep:

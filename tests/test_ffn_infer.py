@@ -315,14 +315,15 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
 
 @pytest.mark.parametrize(
     "M,K,chunk,split,progs",
-    [(5, 48, 16, 1, 0), (3, 96, 16, 1, 0), (8, 40, 16, 3, 2), (20, 48, 32, 2, 0), (33, 40, 16, 1, 3)],
+    [(5, 48, 16, 3, 64), (3, 96, 16, 1, 0), (8, 40, 16, 3, 2), (20, 48, 32, 2, 0), (33, 40, 16, 1, 3)],
 )
 def test_decode_chunk_form(kdevice, poison, M, K, chunk, split, progs):
     # decode_chunk_min_m <= M <= decode_chunk_max_m: the gate kernel computes the gate only and
     # lists each block's active units; a second kernel compacts the batch's active units into
-    # chunks and runs each chunk's up and down as tl.dot tiles (the down columns split in
-    # `split` ranges, over `progs` programs, 0: one per SM). Sparse, none active, every unit
-    # active, a NaN token, repeated calls on the reused accumulator
+    # chunks and runs each chunk's up and down as tl.dot tiles (the down columns split in at most
+    # `split` ranges and at most programs / chunks, over `progs` programs, 0: one per SM; with
+    # 64 programs each range is one 16-column step, loaded before the up loop). Sparse, none
+    # active, every unit active, a NaN token, repeated calls on the reused accumulator
     from twell.ops import ffn_infer as fi
 
     plan = dict(

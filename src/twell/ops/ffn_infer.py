@@ -421,11 +421,13 @@ def _chunk_up_down(
     # g [BM, CHU] from g_ptr (unit-major [N, M], 0 where inactive), u = x @ W_up[idx]^T over K in
     # BKC steps, h = g u rounded to the activation dtype (0 where inactive, whatever u is), then
     # acc[:, k_lo:k_hi] += h @ W_down^T[idx, k_lo:k_hi] by atomic adds into the rows of the tokens
-    # that activate one of the units. Returns h [BM, CHU]. ONE_DOWN (k_hi - k_lo <= BKD): the one
-    # W_down^T tile is loaded before the up loop, so its round trip overlaps the loop's.
+    # that activate one of the units. Returns h [BM, CHU]. ONE_DOWN: when the range is one BKD
+    # step (decided at run time), its W_down^T tile is loaded before the up loop, so its round
+    # trip overlaps the loop's.
     if ONE_DOWN:
+        one = (k_hi - k_lo) <= BKD
         o_kd = k_lo + tl.arange(0, BKD)
-        m_kd = o_kd < k_hi
+        m_kd = o_kd < tl.where(one, k_hi, k_lo)  # nothing loaded for a longer range
         b_d = tl.load(
             wdt_ptr + idx[:, None] * K + o_kd[None, :], mask=v_c[:, None] & m_kd[None, :], other=0.0
         )
@@ -452,8 +454,13 @@ def _chunk_up_down(
         acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
     h_c = tl.where(a_c, g_c * acc_u, 0.0).to(OUT_DTYPE)
     if ONE_DOWN:
-        c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
-        tl.atomic_add(acc_ptr + i_m[:, None] * K + o_kd[None, :], c, mask=m_x & m_kd[None, :], sem="relaxed")
+        if one:
+            c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
+            tl.atomic_add(
+                acc_ptr + i_m[:, None] * K + o_kd[None, :], c, mask=m_x & m_kd[None, :], sem="relaxed"
+            )
+        else:
+            _atomic_down(acc_ptr, wdt_ptr, idx, v_c, h_c, i_m, m_x, K, k_lo, k_hi, BKD, True, DOT_PREC)
     else:
         _atomic_down(acc_ptr, wdt_ptr, idx, v_c, h_c, i_m, m_x, K, k_lo, k_hi, BKD, True, DOT_PREC)
     return h_c
@@ -733,15 +740,16 @@ def _decode_chunk_kernel(
     BKC: tl.constexpr,
     BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    ONE_DOWN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # decode stage 2 of the chunk form: the batch's active units, compacted in unit order from
-    # the gate kernel's per-block lists, are cut into chunks of CHU; work item w takes chunk
-    # w // SPLIT and the (w % SPLIT)-th of SPLIT column ranges of its down projection (the up
-    # projection is recomputed per range). Each item is dense tl.dot tiles (_chunk_up_down): the
-    # active units of the whole batch fill them, not only those of one gate program, and the
-    # items are spread over the grid's programs (a loop: the number of items is known only here)
+    # the gate kernel's per-block lists, are cut into chunks of CHU; each chunk's down projection
+    # is split in column ranges (the up projection recomputed per range), at most SPLIT of them
+    # and at most as many as keep the (chunk, range) items within the grid's programs, so more
+    # active units mean fewer, longer ranges instead of items queueing behind each other. Each
+    # item is dense tl.dot tiles (_chunk_up_down): the active units of the whole batch fill them,
+    # not only those of one gate program; the items are spread over the programs by a loop (their
+    # number is known only here)
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
         tl.extra.cuda.gdc_wait()  # the gate kernel has completed: g and the lists are visible
@@ -753,18 +761,21 @@ def _decode_chunk_kernel(
     i_m = tl.arange(0, BM)
     m_m = i_m < M
     o_c = tl.arange(0, CHU)
-    k_step = tl.cdiv(tl.cdiv(K, SPLIT), BKD) * BKD
-    for w in tl.range(pid, tl.cdiv(total, CHU) * SPLIT, tl.num_programs(0), num_stages=1):
-        r = (w // SPLIT) * CHU + o_c
+    n_ch = tl.cdiv(total, CHU)
+    split = tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_ch, 1), 1), SPLIT)
+    k_step = tl.cdiv(tl.cdiv(K, split), BKD) * BKD
+    n_rng = tl.cdiv(K, k_step)
+    for w in tl.range(pid, n_ch * n_rng, tl.num_programs(0), num_stages=1):
+        r = (w // n_rng) * CHU + o_c
         v_c = r < total
         # block of each rank r, and the rank of that block's first unit
         blk = tl.sum((ends[None, :] <= r[:, None]).to(tl.int32), axis=1)
         start = tl.sum(tl.where(o_b[None, :] < blk[:, None], c_b[None, :], 0), axis=1)
         idx = tl.load(lst_ptr + blk * BN_G + r - start, mask=v_c, other=0, cache_modifier=".cg").to(tl.int64)
-        s = w % SPLIT
+        s = w % n_rng
         h_c = _chunk_up_down(
             x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, s * k_step,
-            tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC, ONE_DOWN,
+            tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC, True,
         )  # fmt: skip
         if s == 0:
             a_h = tl.abs(h_c.to(tl.float32))
@@ -1387,7 +1398,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
         _decode_chunk_kernel[(min(_cdiv(N, chu) * split, progs),)](
             x, w_up, wdt, h, lst, part, bl1, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
-            BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, ONE_DOWN=_cdiv(K, split) <= p["bkd_chunk"], PDL=pdl, num_warps=p["warps_chunk"],
+            BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, PDL=pdl, num_warps=p["warps_chunk"],
             num_stages=p["stages_chunk"], **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
