@@ -360,31 +360,28 @@ def test_decode_plan_compact_and_warps():
     cfg = fi.get_config("infer")
     assert fi._decode_plan(4, 4096, 14336, cfg)["units"]
     assert not fi._decode_plan(8, 4096, 14336, cfg)["units"]
-    assert (
-        not fi._decode_plan(8, 4096, 14336, cfg)["chunk"] and fi._decode_plan(8, 4096, 14336, cfg)["compact"]
-    )
-    with override("infer", decode_chunk_max_m=8, decode_chunk_long_max_m=16):
-        cfg_c = fi.get_config("infer")
-        for M, K, chunk in (
-            (5, 2048, True),
-            (8, 2048, True),
-            (9, 2048, False),
-            (16, 4096, True),
-            (17, 4096, False),
-        ):
-            p = fi._decode_plan(M, K, 14336, cfg_c)
-            assert p["chunk"] == chunk and p["compact"] == (not chunk and M <= 16), (M, K)
-        p = fi._decode_plan(6, 4096, 14336, cfg_c)
-        assert (p["split_chunk"], p["bk_chunk"], p["stages_chunk"]) == (8, 512, 5)
-        assert fi._decode_plan(6, 2048, 5632, cfg_c)["stages_chunk"] == 4
+    for M, K, chunk in (
+        (5, 2048, True),
+        (7, 2048, True),
+        (8, 2048, False),
+        (16, 4096, True),
+        (17, 4096, False),
+    ):
+        p = fi._decode_plan(M, K, 14336, cfg)
+        assert p["chunk"] == chunk and p["compact"] == (not chunk and M <= 16), (M, K)
+    p = fi._decode_plan(6, 4096, 14336, cfg)
+    assert (p["split_chunk"], p["bk_chunk"], p["stages_chunk"]) == (8, 512, 5)
+    assert fi._decode_plan(6, 2048, 5632, cfg)["stages_chunk"] == 4
+    with override("infer", decode_chunk_max_m=0, decode_chunk_long_max_m=0):
+        assert fi._decode_plan(8, 4096, 14336, fi.get_config("infer"))["compact"]
     assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
     assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
-    with override("infer", decode_atomic_compact=False, decode_units_max_m=0):
+    with override("infer", decode_atomic_compact=False, decode_units_max_m=0, decode_chunk_long_max_m=0):
         cfg = fi.get_config("infer")
         p = fi._decode_plan(8, 4096, 14336, cfg)
-        assert p["atomic"] and not p["compact"] and not p["units"]
+        assert p["atomic"] and not p["compact"] and not p["units"] and not p["chunk"]
 
 
 @pytest.mark.parametrize("bn,warps", [(2, 4), (4, 2), (8, 8)])
@@ -403,15 +400,14 @@ def test_decode_gemv_blocks(kdevice, poison, bn, warps):
 def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
-    # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the split form at 5..7,
-    # the tl.dot form from 8; the chunk form (off by default) is atomic too
+    # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the chunk form at 5..7,
+    # the tl.dot form from 8; the split form at 5..7 without the chunk form
     cfg = fi.get_config("infer")
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8
-    assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
-    with override("infer", decode_chunk_max_m=8):
-        cfg_c = fi.get_config("infer")
-        assert fi._decode_plan(6, 64, 300, cfg_c)["chunk"] and fi._decode_plan(6, 64, 300, cfg_c)["atomic"]
-        assert not fi._decode_plan(6, 64, 300, cfg_c, capturing=True)["atomic"]
+    assert fi._decode_plan(6, 64, 300, cfg)["chunk"] and fi._decode_plan(6, 64, 300, cfg)["atomic"]
+    assert not fi._decode_plan(6, 64, 300, cfg, capturing=True)["atomic"]
+    with override("infer", decode_chunk_max_m=0):
+        assert not fi._decode_plan(6, 64, 300, fi.get_config("infer"))["atomic"]
     assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
     assert fi._decode_plan(4, 64, 300, cfg)["units"] and fi._decode_plan(4, 64, 300, cfg)["atomic"]
     assert not fi._decode_plan(4, 64, 300, cfg, capturing=True)["units"]
@@ -426,8 +422,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     try:
         assert not fi._decode_plan(1, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
-        with override("infer", decode_chunk_max_m=8):
-            assert not fi._decode_plan(6, 64, 300, fi.get_config("infer"))["atomic"]
+        assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
     finally:
         torch.use_deterministic_algorithms(was)

@@ -53,8 +53,8 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, chunk):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
     # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
     # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
-    # or with `chunk` in a second kernel at M = 5..16 (chunk form, off by default); the finishing
-    # kernel rounds it into y and zeroes it
+    # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..16
+    # with `chunk`); the finishing kernel rounds it into y and zeroes it
     from twell.ops.configs import override
 
     if chunk and not 5 <= M <= 16:
@@ -81,13 +81,13 @@ def _check_atomic_model_shape(dtype, shape, M):
         (1, {}),
         (2, {}),
         (4, {}),
-        (8, {"decode_units_max_m": 8}),
-        (8, {"decode_chunk_max_m": 8, "decode_chunk_long_max_m": 16}),
+        (8, {"decode_units_max_m": 8, "decode_chunk_long_max_m": 0}),
         (8, {}),
-        (8, {"decode_units_max_m": 0, "decode_atomic_compact": False}),
+        (8, {"decode_chunk_long_max_m": 0}),
+        (8, {"decode_units_max_m": 0, "decode_chunk_long_max_m": 0, "decode_atomic_compact": False}),
+        (16, {"decode_chunk_long_max_m": 0}),
         (16, {}),
-        (16, {"decode_chunk_long_max_m": 16}),
-        (16, {"decode_chunk_long_max_m": 16, "decode_chunk_split": 1}),
+        (16, {"decode_chunk_split": 1}),
         (32, {}),
         (64, {}),
     ],
@@ -99,7 +99,7 @@ def _check_atomic_model_shape(dtype, shape, M):
         "8-chunk",
         "8-compact",
         "8-tiles",
-        "16",
+        "16-compact",
         "16-chunk",
         "16-chunk-s1",
         "32",

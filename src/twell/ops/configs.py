@@ -108,26 +108,24 @@ class InferConfig:
     #: at the paper shape)
     decode_units_bk: int = 0
     #: chunk form at decode_chunk_min_m <= M <= decode_chunk_max_m, and up to
-    #: decode_chunk_long_max_m at K >= decode_chunk_long_k (off by default; atomic, so not in
-    #: deterministic mode or under capture): the gate kernel computes the gate only (g
-    #: unit-major) and lists each block's active units; _decode_chunk_kernel compacts the batch's
-    #: active units into chunks of decode_chunk_units and runs each chunk's up and down as dense
-    #: tl.dot tiles, the W_up loop in K steps of decode_chunk_bk (0: K / 8), the down columns split
-    #: in decode_chunk_split ranges (0: 64 / M; the up is recomputed per range, and with one
-    #: W_down^T step per range that tile is loaded before the up loop), over
-    #: decode_chunk_programs programs (0: one per SM). H100, device time (BENCHMARKS.md 1l): at 30
-    #: active units per token it beat the default forms, paper shape M = 6 23.7 us against 25.7
-    #: (split form), M = 8 23.9 against 24.4 (compact), Llama-3-8B M = 6 63.7 against 76.6, M = 8
-    #: 64.0 against 69.8, M = 12 67.6 against 74.3, M = 16 69.9 against 79.6; but in the kernel
-    #: preset with it on at M = 5..8, paper shape M = 8 fell from 1.79x to 1.49x at 36 active
-    #: units and from 1.75x to 1.21x at ~100 (the chunk x range items outnumber the programs and
-    #: run in turn, each a chain of dependent loads), so it stays off until its split adapts to the
-    #: number of chunks. Slower at M = 3..4 (the unit form) and on the paper shape at M = 12..16
-    #: (26.5 / 27.4 against 25.4 / 26.0 compact)
+    #: decode_chunk_long_max_m at K >= decode_chunk_long_k (atomic, so not in deterministic mode
+    #: or under capture): the gate kernel computes the gate only (g unit-major) and lists each
+    #: block's active units; _decode_chunk_kernel compacts the batch's active units into chunks of
+    #: decode_chunk_units and runs each chunk's up and down as dense tl.dot tiles, the W_up loop in
+    #: K steps of decode_chunk_bk (0: K / 8), the down columns split in at most decode_chunk_split
+    #: ranges (0: 64 / M) and at most programs / chunks (the up is recomputed per range; a
+    #: one-step range's W_down^T tile is loaded before the up loop), over decode_chunk_programs
+    #: programs (0: one per SM). H100, device time, dense in the same run (BENCHMARKS.md 1l), at
+    #: a134ed8: paper shape M = 6 24.3 / 24.1 / 26.3 us at 24 / 36 / 100 active units per token
+    #: against 25.4 / 25.7 / 29.9 (split form); Llama-3-8B M = 8 66.2 / 69.0 at 30 / 100 against
+    #: 69.6 / 77.9, M = 16 70.2 / 78.7 against 79.2 / 83.8 (compact). Not taken: the paper shape
+    #: at M = 8 (24.4 / 25.5 / 27.0 against 24.1 / 24.2 / 24.8 compact) and M = 12..16 (26.5 /
+    #: 27.4 against 25.4 / 26.0 at 1a41f46), M = 3..4 (the unit form: paper 23.6-23.9 against
+    #: 20.9-21.3, Llama-3-8B 62.7-66.3 against 56.7)
     decode_chunk_min_m: int = 5
-    decode_chunk_max_m: int = 0
+    decode_chunk_max_m: int = 7
     decode_chunk_long_k: int = 4096
-    decode_chunk_long_max_m: int = 0
+    decode_chunk_long_max_m: int = 16
     decode_chunk_units: int = 16
     decode_chunk_split: int = 0
     decode_chunk_bk: int = 0
