@@ -133,7 +133,18 @@ DECODE_VARIANTS = [
     ("decode:no-units", {"decode_units_max_m": 0}, 8),
     ("decode:units-r4", {"decode_units_per_program": 4}, 8),
     ("decode:units-r16", {"decode_units_per_program": 16}, 8),
-    ("decode:split", {"decode_atomic_max_m": 0, "decode_atomic_dot_min_m": 0, "decode_units_max_m": 0}, 128),
+    (
+        "decode:split",
+        {
+            "decode_atomic_max_m": 0,
+            "decode_atomic_dot_min_m": 0,
+            "decode_units_max_m": 0,
+            "decode_chunk_max_m": 0,
+            "decode_chunk_long_max_m": 0,
+        },
+        128,
+    ),
+    ("decode:no-chunk", {"decode_chunk_max_m": 0, "decode_chunk_long_max_m": 0}, 16),
 ]
 
 
