@@ -121,7 +121,8 @@ class InferConfig:
     #: 69.6 / 77.9, M = 16 70.2 / 78.7 against 79.2 / 83.8 (compact). Not taken: the paper shape
     #: at M = 8 (24.4 / 25.5 / 27.0 against 24.1 / 24.2 / 24.8 compact) and M = 12..16 (26.5 /
     #: 27.4 against 25.4 / 26.0 at 1a41f46), M = 3..4 (the unit form: paper 23.6-23.9 against
-    #: 20.9-21.3, Llama-3-8B 62.7-66.3 against 56.7)
+    #: 20.9-21.3, Llama-3-8B 62.7-66.3 against 56.7). At 03a5044, 30 units: paper M = 5 / 7 24.3 /
+    #: 24.4 us against 25.2 / 25.9 (split form)
     decode_chunk_min_m: int = 5
     decode_chunk_max_m: int = 7
     decode_chunk_long_k: int = 4096
