@@ -401,6 +401,7 @@ def main() -> int:
     ap.add_argument("--decode-ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--decode-profile", action="store_true", help="per-kernel decode time, M = 1..64")
     ap.add_argument("--chunk-sweep", action="store_true", help="chunk-form decode variants, M = 1..64")
+    ap.add_argument("--chunk-wide", action="store_true", help="chunk form against the default at M = 24, 32")
     ap.add_argument(
         "--chunk-activity", action="store_true", help="chunk form against the default at 24-100 active units"
     )
@@ -444,6 +445,16 @@ def main() -> int:
         at_2 = [("decode", {}, 2)] + [(n, o, 2) for n, o in grid]
         for shape in SHAPES:
             decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows, variants=at_2, m1_variants=grid)
+        _write_rows(args.out, rows)
+        return 0
+    if args.chunk_wide:
+        on = [
+            ("decode", {}, 128),
+            ("decode:chunk-on", {"decode_chunk_max_m": 32, "decode_chunk_long_max_m": 32}, 32),
+        ]
+        for a in (30, 100):
+            decode_sweep(P, (24, 32), a, dtype, args.reps, env, rows, on, [])
+            decode_sweep("llama3-8b-4096x14336", (24, 32), a, dtype, args.reps, env, rows, on, [])
         _write_rows(args.out, rows)
         return 0
     if args.chunk_activity:

@@ -53,13 +53,13 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, chunk):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
     # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
     # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
-    # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..16
+    # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..32
     # with `chunk`); the finishing kernel rounds it into y and zeroes it
     from twell.ops.configs import override
 
-    if chunk and not 5 <= M <= 16:
-        pytest.skip("the chunk form is switched on at M = 5..16 here")
-    with override("infer", **({"decode_chunk_max_m": 16, "decode_chunk_long_max_m": 16} if chunk else {})):
+    if chunk and not 5 <= M <= 32:
+        pytest.skip("the chunk form is switched on at M = 5..32 here")
+    with override("infer", **({"decode_chunk_max_m": 32, "decode_chunk_long_max_m": 32} if chunk else {})):
         _check_atomic_model_shape(dtype, shape, M)
 
 
