@@ -1158,9 +1158,19 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l0, l1, over, ucounts
 
 
-def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: int = 2) -> dict:
+def _decode_plan(
+    M: int,
+    K: int,
+    N: int,
+    cfg,
+    capturing: bool = False,
+    elsize: int = 2,
+    active: float | None = None,
+    sms: int = 132,
+) -> dict:
     """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`); ``elsize``:
-    bytes per element of x and the weights."""
+    bytes per element of x and the weights; ``active``: the measured active units per token (None
+    before any measurement); ``sms``: streaming multiprocessors of the device."""
     # gate + up: tensor cores (tl.dot, M padded to 16) above decode_gemv_max_m, CUDA cores at or
     # below it; down: CUDA cores at M = 1 only
     use_dot = M > cfg.decode_gemv_max_m
@@ -1191,6 +1201,11 @@ def _decode_plan(M: int, K: int, N: int, cfg, capturing: bool = False, elsize: i
     free = not capturing and not torch.are_deterministic_algorithms_enabled()
     # chunk form: the batch's active units compacted into dense tl.dot tiles in a second kernel
     chunk_top = cfg.decode_chunk_long_max_m if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_max_m
+    if K >= cfg.decode_chunk_long_k and active is not None and chunk_top < M <= cfg.decode_chunk_wide_max_m:
+        # wider batches while the expected union of active units fills at most one chunk per SM
+        union = N * (1.0 - (1.0 - min(1.0, active / max(N, 1))) ** M)
+        if union <= cfg.decode_chunk_units * sms:
+            chunk_top = M
     chunk_range = use_dot and cfg.decode_chunk_min_m <= M <= chunk_top
     chunk = chunk_range and free
     units = units_range and free and not chunk
@@ -1323,7 +1338,7 @@ def _stats_tch(NT: int, bpt: int, M: int) -> int:
     return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
 
 
-def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
+def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, active=None):
     cfg = get_config("infer")
     M, K = x.shape
     N = w_gate.shape[0]
@@ -1331,7 +1346,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False):
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    p = _decode_plan(M, K, N, cfg, capturing=capturing, elsize=x.element_size())
+    sms = _num_sms(dev) if x.is_cuda else 132
+    p = _decode_plan(M, K, N, cfg, capturing=capturing, elsize=x.element_size(), active=active, sms=sms)
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
@@ -1583,9 +1599,9 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     N = w_gate.shape[0]
     d = _density_entry(w_gate)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        _poll(d)
     if path == "auto":
-        if not capturing:
-            _poll(d)
         path = choose_path(M, N, d.est)
     if M == 0:
         z = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -1621,7 +1637,9 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     elif path == "decode":
         try:
             # scratch reused between calls, except into a graph being captured
-            out = _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=capturing)
+            out = _decode(
+                x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=capturing, active=d.est
+            )
         except CompilationError as e:
             # the decode kernels do not compile on this install: say so once, run dense from now on
             _BROKEN["decode"] = repr(e)[:500]
