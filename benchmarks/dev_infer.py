@@ -447,25 +447,17 @@ def main() -> int:
             decode_sweep(shape, (1, 2), 30, dtype, args.reps, env, rows, variants=at_2, m1_variants=grid)
         _write_rows(args.out, rows)
         return 0
-    if args.chunk_wide:
-        on = [
-            ("decode", {}, 128),
-            ("decode:chunk-on", {"decode_chunk_max_m": 32, "decode_chunk_long_max_m": 32}, 32),
-        ]
-        for a in (30, 100):
-            decode_sweep(P, (24, 32), a, dtype, args.reps, env, rows, on, [])
-            decode_sweep("llama3-8b-4096x14336", (24, 32), a, dtype, args.reps, env, rows, on, [])
-        _write_rows(args.out, rows)
-        return 0
-    if args.chunk_activity:
-        on = [
-            ("decode", {}, 128),
-            ("decode:chunk-on", {"decode_chunk_max_m": 8, "decode_chunk_long_max_m": 16}, 16),
-        ]
-        for a in (24, 36, 100):
-            decode_sweep(P, (6, 8), a, dtype, args.reps, env, rows, on, [])
-        for a in (30, 100):
-            decode_sweep("llama3-8b-4096x14336", (8, 16), a, dtype, args.reps, env, rows, on, [])
+    if args.chunk_wide or args.chunk_activity:
+        # the default path against the chunk form forced on (up to `top` tokens)
+        L = "llama3-8b-4096x14336"
+        if args.chunk_wide:
+            top, cases = 32, [(sh, (24, 32), a) for a in (30, 100) for sh in (P, L)]
+        else:
+            top, cases = 16, [(P, (6, 8), a) for a in (24, 36, 100)] + [(L, (8, 16), a) for a in (30, 100)]
+        ov = {"decode_chunk_max_m": 32 if args.chunk_wide else 8, "decode_chunk_long_max_m": top}
+        on = [("decode", {}, 128), ("decode:chunk-on", ov, top)]
+        for shape, ms, a in cases:
+            decode_sweep(shape, ms, a, dtype, args.reps, env, rows, on, [])
         _write_rows(args.out, rows)
         return 0
     if args.chunk_sweep:
