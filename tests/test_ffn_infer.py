@@ -375,13 +375,13 @@ def test_decode_plan_compact_and_warps():
     with override("infer", decode_chunk_max_m=0, decode_chunk_long_max_m=0):
         assert fi._decode_plan(8, 4096, 14336, fi.get_config("infer"))["compact"]
     # M = 17..32 at K >= 4096 only with a measured density whose expected union of active units
-    # fits one 16-unit chunk per SM (30 per token: ~930 units at M = 32; 100: ~2,900)
+    # fits one 16-unit chunk per program (30 per token: ~930 units at M = 32; 100: ~2,900)
     assert not fi._decode_plan(24, 4096, 14336, cfg)["chunk"]
-    assert fi._decode_plan(24, 4096, 14336, cfg, active=30.0, sms=132)["chunk"]
-    assert fi._decode_plan(32, 4096, 14336, cfg, active=30.0, sms=132)["chunk"]
-    assert not fi._decode_plan(32, 4096, 14336, cfg, active=100.0, sms=132)["chunk"]
-    assert not fi._decode_plan(33, 4096, 14336, cfg, active=30.0, sms=132)["chunk"]
-    assert not fi._decode_plan(24, 2048, 5632, cfg, active=30.0, sms=132)["chunk"]
+    assert fi._decode_plan(24, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
+    assert fi._decode_plan(32, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
+    assert not fi._decode_plan(32, 4096, 14336, cfg, active=100.0, programs=132)["chunk"]
+    assert not fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
+    assert not fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)["chunk"]
     assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64

@@ -128,7 +128,7 @@ class InferConfig:
     decode_chunk_long_k: int = 4096
     decode_chunk_long_max_m: int = 16
     #: at K >= decode_chunk_long_k also up to this M, while the density measured on earlier calls
-    #: puts the batch's expected union of active units within one chunk per SM (H100, Llama-3-8B
+    #: puts the batch's expected union of active units within one chunk per program (H100, Llama-3-8B
     #: shape, a7a060c: M = 24 / 32 80.5 / 77.8 us against 106.9 / 106.7 at 30 active units per
     #: token, ~930 units in the union at M = 32; 121.0 / 114.2 against 110.2 / 109.5 at 100, ~2,900)
     decode_chunk_wide_max_m: int = 32

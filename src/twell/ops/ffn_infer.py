@@ -1166,11 +1166,11 @@ def _decode_plan(
     capturing: bool = False,
     elsize: int = 2,
     active: float | None = None,
-    sms: int = 132,
+    programs: int = 132,
 ) -> dict:
     """Block sizes of the two decode kernels for M tokens (see :class:`InferConfig`); ``elsize``:
     bytes per element of x and the weights; ``active``: the measured active units per token (None
-    before any measurement); ``sms``: streaming multiprocessors of the device."""
+    before any measurement); ``programs``: the chunk kernel's grid (one program per SM by default)."""
     # gate + up: tensor cores (tl.dot, M padded to 16) above decode_gemv_max_m, CUDA cores at or
     # below it; down: CUDA cores at M = 1 only
     use_dot = M > cfg.decode_gemv_max_m
@@ -1201,10 +1201,11 @@ def _decode_plan(
     free = not capturing and not torch.are_deterministic_algorithms_enabled()
     # chunk form: the batch's active units compacted into dense tl.dot tiles in a second kernel
     chunk_top = cfg.decode_chunk_long_max_m if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_max_m
+    chu, bm_chunk = _p2(max(16, cfg.decode_chunk_units)), max(16, _p2(M))
     if K >= cfg.decode_chunk_long_k and active is not None and chunk_top < M <= cfg.decode_chunk_wide_max_m:
-        # wider batches while the expected union of active units fills at most one chunk per SM
+        # wider batches while the expected union of active units fills at most one chunk per program
         union = N * (1.0 - (1.0 - min(1.0, active / max(N, 1))) ** M)
-        if union <= cfg.decode_chunk_units * sms:
+        if union <= chu * programs:
             chunk_top = M
     chunk_range = use_dot and cfg.decode_chunk_min_m <= M <= chunk_top
     chunk = chunk_range and free
@@ -1235,7 +1236,9 @@ def _decode_plan(
         and M <= cfg.decode_atomic_compact_max_m,
         "units": units,
         "chunk": chunk,
-        "bm_chunk": max(16, _p2(M)),
+        "bm_chunk": bm_chunk,
+        "chu_chunk": chu,
+        "programs_chunk": programs,
         "bk_chunk": bk_chunk,
         "split_chunk": cfg.decode_chunk_split or max(1, 64 // _p2(M)),
         "bkd_chunk": max(16, min(_p2(K), cfg.decode_atomic_bk)),
@@ -1244,7 +1247,7 @@ def _decode_plan(
             1,
             min(
                 cfg.decode_chunk_long_stages if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_stages,
-                (192 << 10) // ((max(16, _p2(M)) + max(16, cfg.decode_chunk_units)) * bk_chunk * elsize),
+                (192 << 10) // ((bm_chunk + chu) * bk_chunk * elsize),
             ),
         ),
         # Triton 3.6 fails to compile the chunk kernel for 64 token rows with 4 warps (sm_90:
@@ -1346,8 +1349,10 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    sms = _num_sms(dev) if x.is_cuda else 132
-    p = _decode_plan(M, K, N, cfg, capturing=capturing, elsize=x.element_size(), active=active, sms=sms)
+    progs = cfg.decode_chunk_programs or _num_sms(dev)
+    p = _decode_plan(
+        M, K, N, cfg, capturing=capturing, elsize=x.element_size(), active=active, programs=progs
+    )
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
@@ -1409,9 +1414,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     if p["chunk"]:
-        chu, split = _p2(max(16, cfg.decode_chunk_units)), p["split_chunk"]
-        progs = cfg.decode_chunk_programs or _num_sms(dev)
-        _decode_chunk_kernel[(min(_cdiv(N, chu) * split, progs),)](
+        chu, split = p["chu_chunk"], p["split_chunk"]
+        _decode_chunk_kernel[(min(_cdiv(N, chu) * split, p["programs_chunk"]),)](
             x, w_up, wdt, h, lst, part, bl1, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
             BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, PDL=pdl, num_warps=p["warps_chunk"],
