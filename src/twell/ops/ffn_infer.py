@@ -241,6 +241,13 @@ def _finalize_tiles_kernel(
 
 
 @triton.jit
+def _ranks(f):
+    # for flags f [R]: the rank of each set flag among the set ones, in order, and their number
+    c = f.to(tl.int32)
+    return tl.cumsum(c, axis=0) - 1, tl.sum(c, axis=0)
+
+
+@triton.jit
 def _tokens_dot_rows(
     x_ptr,
     w_ptr,
@@ -496,8 +503,7 @@ def _up_down_atomic_compact(
     # |h| per token [BM].
     tl.debug_barrier()  # the program's own gate values are visible to all its threads
     f_u = (n_act > 0) & m_n
-    pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
-    n_units = tl.sum(f_u.to(tl.int32), axis=0)
+    pos, n_units = _ranks(f_u)
     o_c = tl.arange(0, CHU)
     s_l1 = tl.zeros((BM,), dtype=tl.float32)
     for c in range(0, n_units, CHU):
@@ -589,9 +595,9 @@ def _decode_gate_up_kernel(
         # chunk form: this block's active units in order at lst[pid BN ...] and their number at
         # lst[NB BN + pid], from which _decode_chunk_kernel compacts the whole batch's units
         f_u = (n_act > 0) & m_n
-        pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
+        pos, n_units = _ranks(f_u)
         tl.store(lst_ptr + pid * BN + pos, o_n, mask=f_u)
-        tl.store(lst_ptr + NB * BN + pid, tl.sum(f_u.to(tl.int32), axis=0))
+        tl.store(lst_ptr + NB * BN + pid, n_units)
     if GATE_ONLY:
         # unit and chunk forms: a second kernel runs the up/down of the active units over all SMs
         # and adds their l1 sums, which start at 0 here
@@ -678,8 +684,7 @@ def _decode_units_kernel(
     ).to(tl.float32)
     a_t = ((b_gt != 0.0) | (b_gt != b_gt)) & m_u[:, None] & m_m[None, :]
     f_u = tl.max(a_t.to(tl.int32), axis=1) > 0
-    pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
-    n_units = tl.sum(f_u.to(tl.int32), axis=0)
+    pos, n_units = _ranks(f_u)
     o_k = tl.arange(0, BK)
     for c in range(0, n_units):
         sel = f_u & (pos == c)
@@ -883,8 +888,7 @@ def _down_range(
         o_u = r0 + o_r
         m_u = o_u < n_hi
         f_u = (tl.load(nact_ptr + o_u, mask=m_u, other=0, cache_modifier=".cg") > 0) & m_u
-        pos = tl.cumsum(f_u.to(tl.int32), axis=0) - 1
-        n_act = tl.sum(f_u.to(tl.int32), axis=0)
+        pos, n_act = _ranks(f_u)
         for c in range(0, n_act, CH):
             # CH units per step: their W_down^T row segments [CH, BKD] are gathered in one
             # load (the earlier walk read one W_down column per active unit, a chain of
