@@ -22,10 +22,15 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     h W_down^T into an fp32 [M, K] accumulator with atomics; ``_decode_finish_kernel`` rounds it
     into y and zeroes it. Unit form (3 <= M <= ``decode_units_max_m``, same conditions): the gate
     kernel only stores g unit-major, and ``_decode_units_kernel`` runs the up/down of the active
-    units over all the SMs into the same accumulator. Split form (the M between the forms,
-    deterministic mode, capture): h is written (unit-major [N, M], tiny), then
-    ``_decode_down_kernel`` (the second kernels are launched with programmatic dependent launch
-    on sm_90+, so they are scheduled while the first grid drains): programs over (K block, range of units) compact the units some
+    units over all the SMs into the same accumulator. Chunk form (``decode_chunk_min_m`` <= M <=
+    ``decode_chunk_max_m``, to ``decode_chunk_long_max_m`` at K >= ``decode_chunk_long_k`` and to
+    ``decode_chunk_wide_max_m`` there at a low measured density; same conditions): the gate
+    kernel stores g and lists each block's active units, and ``_decode_chunk_kernel`` compacts
+    the batch's active units into chunks of 16 run as tl.dot tiles into the same accumulator.
+    Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
+    [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
+    programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
+    programs over (K block, range of units) compact the units some
     token activates (512 per step) and gather their W_down^T row segments 16 per load (tl.dot for
     M > 1), write fp32 partials; the last program of a K block (atomic ticket) sums the partials
     in a fixed order and writes y; one extra program reduces the statistics.
