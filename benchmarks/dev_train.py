@@ -219,12 +219,14 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"pack_warps": 1},
-    {"pack_warps": 4},
-    {"unit_warps": 4},
+    {"unit_block_k": 512},
+    {"unit_warps": 1},
+    {"unit_block_k": 256},
+    {"unit_programs": 8},
+    {"unit_programs": 32},
     {"unit_group": 8},
-    {"row_group": 4},
-    {"row_group": 1},
+    {"dx_two_passes": True},
+    {"row_warps": 8},
 ]
 
 

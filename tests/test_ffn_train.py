@@ -69,7 +69,9 @@ def test_heavy_rows_past_row_capacity(kdevice, poison, monkeypatch):
     # capacity W = 4: sparse rows use the packed row index, the fully active token and the heavy
     # ones walk the bitmask; units past the by-unit capacity E = M * W walk the transposed bitmask
     monkeypatch.setattr(
-        ft, "CONFIG", ft.TrainConfig(row_capacity=4, chunk=3, unit_block_k=8, unit_group=2, row_group=2)
+        ft,
+        "CONFIG",
+        ft.TrainConfig(row_capacity=4, chunk=3, unit_block_k=8, unit_group=2, row_group=2, unit_programs=1),
     )
     x, wg, wu, wd = _inputs(11, 20, 45, 2.0, device=kdevice, seed=3)
     x[4, 0] = -50.0  # column 0 carries the (negative) threshold: token 4 gets every unit active
@@ -158,11 +160,14 @@ def test_dense_path_matches_reference():
     assert int(st.overflow_rows) == int(sr.overflow_rows)
 
 
-def test_unsplit_row_backward(kdevice, monkeypatch):
-    # dh computed in the row backward itself (all three weight rows per entry) instead of by the
-    # separate W_down^T pass
-    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(split_dh=False, row_group=2))
-    _check(*_inputs(7, 33, 70, 20.0, device=kdevice, seed=8))
+def test_dx_in_two_passes(kdevice, monkeypatch):
+    # dx from the W_gate term (stored, rows above W whole) then the W_up term (added), with rows
+    # above W among the others
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(dx_two_passes=True, row_capacity=6, row_group=2))
+    x, wg, wu, wd = _inputs(7, 33, 70, 4.0, device=kdevice, seed=8)
+    x[2, 0] = -50.0  # column 0 carries the (negative) threshold: token 2 gets every unit active
+    for det in (False, True):
+        _check(x, wg, wu, wd, deterministic=det)
 
 
 def test_tiny_training_follows_reference(kdevice):
@@ -202,11 +207,11 @@ def test_compile_fullgraph_and_backward_op(kdevice):
     f(*ref).backward()
     for a, b in zip(leaves, ref):
         assert torch.equal(a.grad, b.grad) or torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
-    y, l1, nnz, over, uc, cols, counts, pat = ft._fwd_op(x, wg, wu, wd, 256, 32, False, True)
+    y, l1, nnz, over, uc, cols, counts, pat, gu = ft._fwd_op(x, wg, wu, wd, 256, 32, False, True)
     dy = torch.randn_like(y)
     torch.library.opcheck(
         ft._bwd_op,
-        (dy, torch.tensor(0.3, device=kdevice), x, wg, wu, wd, cols, counts, pat, True),
+        (dy, torch.tensor(0.3, device=kdevice), x, wg, wu, wd, cols, counts, pat, gu, True),
         test_utils=("test_schema", "test_faketensor"),
     )
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-__all__ = ["triton_available", "interpreter_enabled", "can_run_triton"]
+__all__ = ["triton_available", "interpreter_enabled", "can_run_triton", "num_sms"]
 
 
 def interpreter_enabled() -> bool:
@@ -27,3 +28,9 @@ def can_run_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return t.is_cuda or interpreter_enabled()
+
+
+@functools.cache
+def num_sms(dev: torch.device) -> int:
+    """Streaming multiprocessors of ``dev`` (4 off CUDA: the interpreter runs programs in turn)."""
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4

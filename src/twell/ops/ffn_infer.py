@@ -69,7 +69,7 @@ from triton.compiler.errors import CompilationError
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
-from ._triton import can_run_triton
+from ._triton import can_run_triton, num_sms
 from .configs import get_config
 from .ffn_ref import sparse_ffn_ref
 from .gate_pack import _dtype_consts, launch_gate_pack
@@ -1333,12 +1333,6 @@ def _decode_scratch(
 
 
 @functools.cache
-def _num_sms(dev: torch.device) -> int:
-    """Streaming multiprocessors of ``dev`` (4 off CUDA: the interpreter runs programs in turn)."""
-    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-
-
-@functools.cache
 def _pdl_ok(dev: torch.device) -> bool:
     """Programmatic dependent launch is usable: sm_90+ and a Triton with grid dependency control."""
     cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)
@@ -1358,7 +1352,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     dev = x.device
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    progs = cfg.decode_chunk_programs or _num_sms(dev)
+    progs = cfg.decode_chunk_programs or num_sms(dev)
     p = _decode_plan(
         M, K, N, cfg, capturing=capturing, elsize=x.element_size(), active=active, programs=progs
     )

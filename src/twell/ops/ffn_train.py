@@ -11,17 +11,19 @@ Kept for the backward (no dense [M, N] tensor):
   ``counts``  int32 [M + N]      active units per row, then active rows per unit
   ``pat``     int32 [2, M, NW]   the pattern as a bitmask (bit n % 32 of word n // 32), and the
                                  number of active units of the row before each word
+  ``gu``      x.dtype [2, M, W]  g and u at the packed slots (what dense autograd keeps as [M, N])
 Rows with more than W active units walk their bitmask, so every row is exact whatever its density.
 
 Backward, exact on the stored pattern (per active (m, n)):
     dh = dy[m] . W_down[:, n] + (dl1 / M) * sign(h)      du = dh * relu(g)      dg = dh * u
-    dx[m] = sum_n dg W_gate[n] + du W_up[n]              (one program per row; g, u recomputed
-                                                          from the W_gate / W_up rows it loads)
+    dx[m] = sum_n dg W_gate[n] + du W_up[n]
     dW_gate[n] = sum_m dg x[m], dW_up[n] = sum_m du x[m], dW_down[:, n] = sum_m h dy[m]
-The row kernel stores dg, du, h per packed slot; the weight gradients walk a by-unit index of the
-slots (built on the device: atomic cursors, or a bit transpose + counting sort in row order when
-deterministic) in K slices. Units whose list does not fit E walk their column of the bitmask, and
-entries of rows above W are recomputed there. No step reads a size back to the host.
+One row kernel stores dh per packed slot (W_down^T rows, dot products); the next streams the
+W_gate / W_up rows into dx (no dot product: g and u come from the forward). The weight gradients
+walk a by-unit index of the slots (built on the device: atomic cursors, or a bit transpose +
+counting sort in row order when deterministic) in K slices. Units whose list does not fit E walk
+their column of the bitmask, and entries of rows above W are recomputed (dot products) wherever
+they are needed. No step reads a size back to the host.
 
 Determinism: with ``deterministic=True`` (default: ``torch.are_deterministic_algorithms_enabled()``)
 every sum runs in a fixed order (one program per unit and K slice); otherwise each unit's list is
@@ -49,7 +51,7 @@ import triton.language as tl
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
-from ._triton import can_run_triton
+from ._triton import can_run_triton, num_sms
 from .ffn_ref import tile_overflow_rows
 
 __all__ = [
@@ -87,11 +89,14 @@ class TrainConfig:
     pack_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
-    split_dh: bool = True
+    #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
+    dx_two_passes: bool = False
     fill_words: int = 32
     unit_group: int = 4
     unit_block_k: int = 1024
     unit_warps: int = 2
+    #: weight-gradient programs per SM and k-chunk (persistent: each loops over work items)
+    unit_programs: int = 16
 
 
 CONFIG = TrainConfig()
@@ -272,6 +277,8 @@ def _fwd_rows_kernel(
     bits_ptr,
     y_ptr,
     l1_ptr,
+    gs_ptr,
+    us_ptr,
     N,
     K,
     NW,
@@ -279,6 +286,8 @@ def _fwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
 ):
+    # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
+    # the backward then needs no dot product for them
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -296,7 +305,11 @@ def _fwd_rows_kernel(
             b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
             # [G, BK] rows of W_up and W_down^T
             b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            b_h = b_gv * tl.sum(b_wu * b_x[None, :], axis=1)
+            b_u = tl.sum(b_wu * b_x[None, :], axis=1)
+            b_h = b_gv * b_u
+            p_s = i_m * W + j0 + o_g
+            tl.store(gs_ptr + p_s, b_gv, mask=m_g)
+            tl.store(us_ptr + p_s, b_u, mask=m_g)
             b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
             l1 += tl.sum(tl.abs(b_h), axis=0)
@@ -337,31 +350,31 @@ def _bwd_rows_kernel(
     bits_ptr,
     c1_ptr,
     dx_ptr,
-    dg_ptr,
-    du_ptr,
-    h_ptr,
+    gs_ptr,
+    us_ptr,
     dh_ptr,
     K,
     NW,
     W,
     G: tl.constexpr,
     BK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PART: tl.constexpr,
 ):
-    # SPLIT: dh of rows within W was stored per slot in dh_ptr by _dh_rows_kernel (W_down^T
-    # alone, so each kernel's weights stay in L2); this kernel adds the l1 term and loads W_gate,
-    # W_up only. dh has its own buffer: reading it from dg's slot and storing dg there was a race
-    # (every warp loads a replicated [G] vector, one warp stores; on the H100 a warp could read a
-    # slot another warp had already overwritten: dx of a few rows differed between repeats).
+    # dx of one row. Rows within W: dg = dh u and du = dh g from the per-slot g, u (stored by the
+    # forward) and dh (l1 term included, stored by _dh_rows_kernel), so dx = sum_n dg W_gate[n] +
+    # du W_up[n] streams weight rows with no reduction over K. PART 0: both terms in one pass;
+    # 1: the W_gate term, stored; 2: the W_up term, added to the stored dx (one weight matrix in L2
+    # per pass). Rows above W walk their bitmask and recompute g, u, dh by dot products (PART 0
+    # and 1; PART 2 leaves them).
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    c1 = tl.load(c1_ptr)
-    b_dx = tl.zeros([BK], dtype=tl.float32)
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
+        if PART == 2:
+            b_dx = tl.load(dx_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        else:
+            b_dx = tl.zeros([BK], dtype=tl.float32)
         o_g = tl.arange(0, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
@@ -369,23 +382,21 @@ def _bwd_rows_kernel(
             m_t = m_g[:, None] & m_k[None, :]
             p_w = i_n[:, None] * K + o_k[None, :]
             p_s = i_m * W + j0 + o_g
-            # [G, BK] rows of W_gate, W_up (and W_down^T)
-            b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
-            b_wu = tl.load(wu_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
-            b_g = tl.sum(b_wg * b_x[None, :], axis=1)
-            b_u = tl.sum(b_wu * b_x[None, :], axis=1)
-            if SPLIT:
-                b_dh = tl.load(dh_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
-            else:
-                b_wd = tl.load(wdt_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
-                b_dh = tl.sum(b_wd * b_dy[None, :], axis=1)
-            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
-            b_dx += tl.sum((b_dh * b_u)[:, None] * b_wg + (b_dh * b_g)[:, None] * b_wu, axis=0)
-            # per-slot dg, du, h for the weight gradients (which then need no dot products)
-            tl.store(dg_ptr + p_s, b_dh * b_u, mask=m_g)
-            tl.store(du_ptr + p_s, b_dh * b_g, mask=m_g)
-            tl.store(h_ptr + p_s, b_g * b_u, mask=m_g)
-    else:
+            b_dh = tl.load(dh_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            if PART != 2:
+                b_dg = b_dh * tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+                b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+                b_dx += tl.sum(b_dg[:, None] * b_wg, axis=0)
+            if PART != 1:
+                b_du = b_dh * tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+                b_wu = tl.load(wu_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
+                b_dx += tl.sum(b_du[:, None] * b_wu, axis=0)
+        tl.store(dx_ptr + i_m * K + o_k, b_dx, mask=m_k)
+    elif PART != 2:
+        b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        c1 = tl.load(c1_ptr)
+        b_dx = tl.zeros([BK], dtype=tl.float32)
         for i_w in range(0, NW):
             word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
             while word != 0:
@@ -393,28 +404,35 @@ def _bwd_rows_kernel(
                 n = i_w * 32 + _ctz(lsb)
                 b_dx = _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K)
                 word = word ^ lsb
-    tl.store(dx_ptr + i_m * K + o_k, b_dx, mask=m_k)
+        tl.store(dx_ptr + i_m * K + o_k, b_dx, mask=m_k)
 
 
 @triton.jit
-def _dh_rows_kernel(dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr):
-    # dh = dy . W_down[:, n] at the packed slots of rows within W (rows above W: _bwd_rows_kernel)
+def _dh_rows_kernel(
+    dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, us_ptr, c1_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr
+):
+    # dh = dy . W_down[:, n] + c1 sign(h) at the packed slots of rows within W (sign(h) = sign(u),
+    # g > 0 on the pattern; rows above W: _bwd_rows_kernel and the weight gradients recompute)
     i_m = tl.program_id(0).to(tl.int64)
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        c1 = tl.load(c1_ptr)
         o_g = tl.arange(0, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            p_s = i_m * W + j0 + o_g
+            i_n = tl.load(cols_ptr + p_s, mask=m_g, other=0).to(tl.int64)
             # [G, BK] rows of W_down^T
             b_wd = tl.load(
                 wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0
             )
             b_dh = tl.sum(b_wd.to(tl.float32) * b_dy[None, :], axis=1)
-            tl.store(dh_ptr + i_m * W + j0 + o_g, b_dh, mask=m_g)
+            b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+            tl.store(dh_ptr + p_s, b_dh, mask=m_g)
 
 
 @triton.jit
@@ -530,8 +548,8 @@ def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.cons
 
 @triton.jit
 def _wgrad_kernel(
-    x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, dg_ptr, du_ptr, h_ptr, uoff_ptr, bits_ptr,
-    item_unit_ptr, item_first_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
+    x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr, us_ptr, dh_ptr, uoff_ptr, bits_ptr,
+    item_unit_ptr, item_first_ptr, n_items_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
     M, N, K, NW, MW, E, W, CH,
     G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
@@ -541,79 +559,91 @@ def _wgrad_kernel(
     # of x and dy (2 * M * BKC * 2 bytes). BKC = 1024 measured best on the H100 (1.17 ms at
     # M = 16384, 2 warps; 512 columns with 4 warps split the G rows across warps: 7.1 ms).
     # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores.
-    i_p = tl.program_id(0)
+    # Persistent: program p of a k-chunk takes items p, p + P, ... up to the number of items
+    # counted on the device (the grid is sized from an upper bound without reading it back).
     i_kc = tl.program_id(1)
-    i_n = tl.load(item_unit_ptr + i_p).to(tl.int64)
-    if i_n < N:
-        u_start = tl.load(uoff_ptr + i_n)
-        u_stop = tl.load(uoff_ptr + i_n + 1)
-        chunk = i_p - tl.load(item_first_ptr + i_n)
-        start = u_start + chunk * CH
-        stop = tl.minimum(u_stop, start + CH)
-        c1 = tl.load(c1_ptr)
-        o_k = i_kc * BKC + tl.arange(0, BKC)
-        m_k = o_k < K
-        a_g = tl.zeros([BKC], dtype=tl.float32)
-        a_u = tl.zeros([BKC], dtype=tl.float32)
-        a_d = tl.zeros([BKC], dtype=tl.float32)
-        if u_stop <= E:
-            o_g = tl.arange(0, G)
-            for p0 in range(start, stop, G):
-                m_g = p0 + o_g < stop
-                b_s = tl.load(slots_ptr + p0 + o_g, mask=m_g, other=0).to(tl.int64)
-                b_ok = b_s >= 0
-                b_m = tl.where(b_ok, b_s // W, -1 - b_s)
-                m_v = m_g & b_ok
-                b_dg = tl.load(dg_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                b_du = tl.load(du_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                b_h = tl.load(h_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                if tl.sum((m_g & ~b_ok).to(tl.int32), axis=0) > 0:
-                    # rows above W kept no per-slot values: recompute them (full-K dot products)
-                    for i_g in range(0, G):
-                        sel = o_g == i_g
-                        m_one = tl.sum(tl.where(sel, b_m, 0), axis=0)
-                        need = tl.sum((sel & m_g & ~b_ok).to(tl.int32), axis=0) > 0
-                        if need:
-                            r_g, r_u, r_dh = _dots_full(
-                                m_one, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
-                            )
-                            b_dg = tl.where(sel, r_dh * r_u, b_dg)
-                            b_du = tl.where(sel, r_dh * r_g, b_du)
-                            b_h = tl.where(sel, r_g * r_u, b_h)
-                m_t = m_g[:, None] & m_k[None, :]
-                # [G, BKC] slices of x and dy rows
-                b_x = tl.load(x_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-                b_dy = tl.load(dy_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-                a_g += tl.sum(b_dg[:, None] * b_x, axis=0)
-                a_u += tl.sum(b_du[:, None] * b_x, axis=0)
-                a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
-        elif chunk == 0:
-            # the unit's list did not fit E: walk its column of the row bitmask
-            o_r = tl.arange(0, 32)
-            for i_w in range(0, MW):
-                # bit r of word: unit n active in row 32 * i_w + r (a column of the row bitmask)
-                m_r = i_w * 32 + o_r < M
-                b_c = tl.load(bits_ptr + (i_w * 32 + o_r).to(tl.int64) * NW + i_n // 32, mask=m_r, other=0)
-                b_c = (b_c.to(tl.int64) >> (i_n % 32)) & 1
-                word = tl.sum(b_c << o_r.to(tl.int64), axis=0)
-                while word != 0:
-                    lsb = word & (-word)
-                    m = i_w * 32 + _ctz(lsb)
-                    r_g, r_u, r_dh = _dots_full(m, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC)
-                    b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                    b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                    a_g += (r_dh * r_u) * b_x
-                    a_u += (r_dh * r_g) * b_x
-                    a_d += (r_g * r_u) * b_dy
-                    word = word ^ lsb
-        if ATOMIC:
-            tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
-            tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
-            tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
-        else:
-            tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
-            tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
-            tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
+    n_items = tl.load(n_items_ptr)
+    c1 = tl.load(c1_ptr)
+    o_k = i_kc * BKC + tl.arange(0, BKC)
+    m_k = o_k < K
+    for i_p in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        i_n = tl.load(item_unit_ptr + i_p).to(tl.int64)
+        if i_n < N:
+            u_start = tl.load(uoff_ptr + i_n)
+            u_stop = tl.load(uoff_ptr + i_n + 1)
+            chunk = i_p - tl.load(item_first_ptr + i_n)
+            start = u_start + chunk * CH
+            stop = tl.minimum(u_stop, start + CH)
+            a_g = tl.zeros([BKC], dtype=tl.float32)
+            a_u = tl.zeros([BKC], dtype=tl.float32)
+            a_d = tl.zeros([BKC], dtype=tl.float32)
+            if u_stop <= E:
+                o_g = tl.arange(0, G)
+                for p0 in range(start, stop, G):
+                    m_g = p0 + o_g < stop
+                    b_s = tl.load(slots_ptr + p0 + o_g, mask=m_g, other=0).to(tl.int64)
+                    b_ok = b_s >= 0
+                    b_m = tl.where(b_ok, b_s // W, -1 - b_s)
+                    m_v = m_g & b_ok
+                    b_g = tl.load(gs_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                    b_u = tl.load(us_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                    b_dh = tl.load(dh_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                    b_dg = b_dh * b_u
+                    b_du = b_dh * b_g
+                    b_h = b_g * b_u
+                    if tl.sum((m_g & ~b_ok).to(tl.int32), axis=0) > 0:
+                        # rows above W kept no per-slot values: recompute them (full-K dot products)
+                        for i_g in range(0, G):
+                            sel = o_g == i_g
+                            m_one = tl.sum(tl.where(sel, b_m, 0), axis=0)
+                            need = tl.sum((sel & m_g & ~b_ok).to(tl.int32), axis=0) > 0
+                            if need:
+                                r_g, r_u, r_dh = _dots_full(
+                                    m_one, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
+                                )
+                                b_dg = tl.where(sel, r_dh * r_u, b_dg)
+                                b_du = tl.where(sel, r_dh * r_g, b_du)
+                                b_h = tl.where(sel, r_g * r_u, b_h)
+                    m_t = m_g[:, None] & m_k[None, :]
+                    # [G, BKC] slices of x and dy rows
+                    b_x = tl.load(x_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+                    b_dy = tl.load(dy_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(
+                        tl.float32
+                    )
+                    a_g += tl.sum(b_dg[:, None] * b_x, axis=0)
+                    a_u += tl.sum(b_du[:, None] * b_x, axis=0)
+                    a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
+            elif chunk == 0:
+                # the unit's list did not fit E: walk its column of the row bitmask
+                o_r = tl.arange(0, 32)
+                for i_w in range(0, MW):
+                    # bit r of word: unit n active in row 32 * i_w + r (a column of the row bitmask)
+                    m_r = i_w * 32 + o_r < M
+                    b_c = tl.load(
+                        bits_ptr + (i_w * 32 + o_r).to(tl.int64) * NW + i_n // 32, mask=m_r, other=0
+                    )
+                    b_c = (b_c.to(tl.int64) >> (i_n % 32)) & 1
+                    word = tl.sum(b_c << o_r.to(tl.int64), axis=0)
+                    while word != 0:
+                        lsb = word & (-word)
+                        m = i_w * 32 + _ctz(lsb)
+                        r_g, r_u, r_dh = _dots_full(
+                            m, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
+                        )
+                        b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                        b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                        a_g += (r_dh * r_u) * b_x
+                        a_u += (r_dh * r_g) * b_x
+                        a_d += (r_g * r_u) * b_dy
+                        word = word ^ lsb
+            if ATOMIC:
+                tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+                tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+                tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
+            else:
+                tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+                tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+                tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
 
 
 _KERNELS = {
@@ -680,22 +710,23 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
+    gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
         _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
-            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, N, K, NW, W,
+            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
             G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
         )  # fmt: skip
     l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
     over = ovf.sum(dtype=torch.int64)
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
-    return y, l1, nnz, over, uc, cols, counts, pat
+    return y, l1, nnz, over, uc, cols, counts, pat, gu
 
 
-def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic):
+def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, deterministic):
     M, K = x.shape
     N = w_gate.shape[0]
     W = cols.shape[1]
@@ -712,17 +743,16 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
     c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
     wdt = _transposed(w_down, w_down.dtype)
     bk = triton.next_power_of_2(K)
-    # per-slot dg, du, h of rows within W (x's dtype, like dense autograd's intermediates)
-    vals = _alloc.empty((3, M, W), dtype=x.dtype, device=dev)
-    split = CONFIG.split_dh
-    dh = vals[0]
-    if split:
-        dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
-        _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps)
-    _k("bwd")[(M,)](
-        x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, vals[0], vals[1], vals[2], dh, K, NW, W,
-        G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps, SPLIT=split,
-    )  # fmt: skip
+    # per-slot dh of rows within W, l1 term included (x's dtype, like dense autograd's dh)
+    dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
+    _k("dh")[(M,)](
+        dy, wdt, cols, cnt, gu[1], c1, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps
+    )
+    for part in (1, 2) if CONFIG.dx_two_passes else (0,):
+        _k("bwd")[(M,)](
+            x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
+            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps, PART=part,
+        )  # fmt: skip
     ucnt = counts[M:]
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
     torch.cumsum(ucnt, 0, out=uoff[1:])
@@ -755,8 +785,9 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, deterministic
     else:
         outs = tuple(torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
     bkc = min(CONFIG.unit_block_k, bk)
-    _k("wgrad")[(n_items, triton.cdiv(K, bkc))](
-        x, dy, w_gate, w_up, wdt, slots, vals[0], vals[1], vals[2], uoff, bits, item_unit, item_first, c1,
+    progs = min(n_items, CONFIG.unit_programs * num_sms(dev))
+    _k("wgrad")[(progs, triton.cdiv(K, bkc))](
+        x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:], c1,
         *outs, M, N, K, NW, MW, E, W, ch,
         G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, num_warps=CONFIG.unit_warps,
     )  # fmt: skip
@@ -786,6 +817,7 @@ def _fwd_op(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
 ]:
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
     return _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts)
@@ -806,6 +838,7 @@ def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic):
         x.new_empty((M, W), dtype=i32),
         x.new_empty((M + N,), dtype=i32),
         x.new_empty((2, M, (N + 31) // 32), dtype=i32),
+        x.new_empty((2, M, W)),
     )
 
 
@@ -820,31 +853,32 @@ def _bwd_op(
     cols: torch.Tensor,
     cnt: torch.Tensor,
     pat: torch.Tensor,
+    gu: torch.Tensor,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
-    return _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic)
+    return _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, gu, deterministic)
 
 
 @_bwd_op.register_fake
-def _(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, deterministic):
+def _(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, gu, deterministic):
     return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic = inputs
-    _, _, _, _, _, cols, cnt, pat = output
-    ctx.save_for_backward(x, w_gate, w_up, w_down, cols, cnt, pat)
+    _, _, _, _, _, cols, cnt, pat, gu = output
+    ctx.save_for_backward(x, w_gate, w_up, w_down, cols, cnt, pat, gu)
     ctx.deterministic = deterministic
 
 
 def _backward(ctx, dy, gl1, *_unused):
-    x, w_gate, w_up, w_down, cols, cnt, pat = ctx.saved_tensors
+    x, w_gate, w_up, w_down, cols, cnt, pat, gu = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     if gl1 is None:
         gl1 = torch.zeros((), dtype=torch.float32, device=x.device)
-    dx, dwg, dwu, dwd = _bwd_op(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, ctx.deterministic)
+    dx, dwg, dwu, dwd = _bwd_op(dy, gl1, x, w_gate, w_up, w_down, cols, cnt, pat, gu, ctx.deterministic)
     return dx, dwg, dwu, dwd, None, None, None, None
 
 
@@ -989,9 +1023,7 @@ def ffn_train(
             # per call) only for a weight with no measurement yet
             _record_density(key, st.l0 / N)
         return y, st
-    y, l1, nnz, over, uc, _, _, _ = _fwd_op(
-        x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic)
-    )
+    y, l1, nnz, over, uc, *_ = _fwd_op(x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic))
     l0 = nnz.to(torch.float32) / max(M, 1)
     if dispatch:
         _record_density(key, l0 / N)
