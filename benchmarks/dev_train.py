@@ -219,14 +219,14 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"unit_block_k": 512},
-    {"unit_warps": 1},
-    {"unit_block_k": 256},
-    {"unit_programs": 8},
-    {"unit_programs": 32},
-    {"unit_group": 8},
+    {"prefetch": False},
+    {"fwd_maxnreg": None},
+    {"unit_store_whole": False},
+    {"dx_warps": 8},
     {"dx_two_passes": True},
-    {"row_warps": 8},
+    {"unit_programs": 16},
+    {"unit_block_k": 1024, "unit_warps": 4},
+    {"unit_group": 2},
 ]
 
 

@@ -89,14 +89,22 @@ class TrainConfig:
     pack_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
+    #: register cap of the forward row kernel (None: the compiler's choice)
+    fwd_maxnreg: int | None = 64
+    #: index loads one step ahead in the row and weight-gradient kernels
+    prefetch: bool = True
+    #: warps of the dx row kernel (it holds [G, BK] tiles of two weight matrices)
+    dx_warps: int = 4
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
     dx_two_passes: bool = False
     fill_words: int = 32
     unit_group: int = 4
-    unit_block_k: int = 1024
+    unit_block_k: int = 512
     unit_warps: int = 2
     #: weight-gradient programs per SM and k-chunk (persistent: each loops over work items)
-    unit_programs: int = 16
+    unit_programs: int = 32
+    #: items holding a unit's whole list store their rows instead of adding with atomics
+    unit_store_whole: bool = True
 
 
 CONFIG = TrainConfig()
@@ -257,6 +265,13 @@ def _pack_words_kernel(
 
 
 @triton.jit
+def _ids(ptr, j, n, G: tl.constexpr):
+    # entries [j, j + G) of a list of n int32 ids at ptr (0 past its end)
+    o = j + tl.arange(0, G)
+    return tl.load(ptr + o, mask=o < n, other=0)
+
+
+@triton.jit
 def _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K):
     b_g = tl.load(g_row + n).to(tl.float32)
     b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -285,9 +300,12 @@ def _fwd_rows_kernel(
     W,
     G: tl.constexpr,
     BK: tl.constexpr,
+    PF: tl.constexpr,
 ):
     # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
-    # the backward then needs no dot product for them
+    # the backward then needs no dot product for them.
+    # PF: the next step's unit ids are loaded one step ahead and the W_down^T rows before the
+    # reduction for u, so a step waits for one round trip to memory instead of three.
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -298,19 +316,28 @@ def _fwd_rows_kernel(
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
         o_g = tl.arange(0, G)
+        row_cols = cols_ptr + i_m * W
+        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            if PF:
+                i_n = nxt.to(tl.int64)
+                nxt = _ids(row_cols, j0 + G, n_act, G)
+            else:
+                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
             b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
             # [G, BK] rows of W_up and W_down^T
             b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            if PF:
+                b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
             b_h = b_gv * b_u
             p_s = i_m * W + j0 + o_g
             tl.store(gs_ptr + p_s, b_gv, mask=m_g)
             tl.store(us_ptr + p_s, b_u, mask=m_g)
-            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            if not PF:
+                b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
             l1 += tl.sum(tl.abs(b_h), axis=0)
     else:
@@ -359,32 +386,43 @@ def _bwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
     PART: tl.constexpr,
+    PF: tl.constexpr,
 ):
     # dx of one row. Rows within W: dg = dh u and du = dh g from the per-slot g, u (stored by the
-    # forward) and dh (l1 term included, stored by _dh_rows_kernel), so dx = sum_n dg W_gate[n] +
+    # forward) and dh (stored by _dh_rows_kernel), so dx = sum_n dg W_gate[n] +
     # du W_up[n] streams weight rows with no reduction over K. PART 0: both terms in one pass;
     # 1: the W_gate term, stored; 2: the W_up term, added to the stored dx (one weight matrix in L2
     # per pass). Rows above W walk their bitmask and recompute g, u, dh by dot products (PART 0
-    # and 1; PART 2 leaves them).
+    # and 1; PART 2 leaves them). dh of the slots excludes the l1 term, added here: dh += c1 sign(u).
+    # PF: unit ids loaded one step ahead (one round trip per step).
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     n_act = tl.load(cnt_ptr + i_m)
+    c1 = tl.load(c1_ptr)
     if n_act <= W:
         if PART == 2:
             b_dx = tl.load(dx_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         else:
             b_dx = tl.zeros([BK], dtype=tl.float32)
         o_g = tl.arange(0, G)
+        row_cols = cols_ptr + i_m * W
+        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            i_n = tl.load(cols_ptr + i_m * W + j0 + o_g, mask=m_g, other=0).to(tl.int64)
+            if PF:
+                i_n = nxt.to(tl.int64)
+                nxt = _ids(row_cols, j0 + G, n_act, G)
+            else:
+                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
             p_w = i_n[:, None] * K + o_k[None, :]
             p_s = i_m * W + j0 + o_g
+            b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
             b_dh = tl.load(dh_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
             if PART != 2:
-                b_dg = b_dh * tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+                b_dg = b_dh * b_u
                 b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
                 b_dx += tl.sum(b_dg[:, None] * b_wg, axis=0)
             if PART != 1:
@@ -395,7 +433,6 @@ def _bwd_rows_kernel(
     elif PART != 2:
         b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        c1 = tl.load(c1_ptr)
         b_dx = tl.zeros([BK], dtype=tl.float32)
         for i_w in range(0, NW):
             word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
@@ -409,30 +446,33 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _dh_rows_kernel(
-    dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, us_ptr, c1_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr
+    dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr
 ):
-    # dh = dy . W_down[:, n] + c1 sign(h) at the packed slots of rows within W (sign(h) = sign(u),
-    # g > 0 on the pattern; rows above W: _bwd_rows_kernel and the weight gradients recompute)
+    # dh = dy . W_down[:, n] at the packed slots of rows within W (without the l1 term, which its
+    # readers add from u; rows above W: _bwd_rows_kernel and the weight gradients recompute).
+    # PF: unit ids loaded one step ahead.
     i_m = tl.program_id(0).to(tl.int64)
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        c1 = tl.load(c1_ptr)
         o_g = tl.arange(0, G)
+        row_cols = cols_ptr + i_m * W
+        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            p_s = i_m * W + j0 + o_g
-            i_n = tl.load(cols_ptr + p_s, mask=m_g, other=0).to(tl.int64)
+            if PF:
+                i_n = nxt.to(tl.int64)
+                nxt = _ids(row_cols, j0 + G, n_act, G)
+            else:
+                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             # [G, BK] rows of W_down^T
             b_wd = tl.load(
                 wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0
             )
             b_dh = tl.sum(b_wd.to(tl.float32) * b_dy[None, :], axis=1)
-            b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
-            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
-            tl.store(dh_ptr + p_s, b_dh, mask=m_g)
+            tl.store(dh_ptr + i_m * W + j0 + o_g, b_dh, mask=m_g)
 
 
 @triton.jit
@@ -551,14 +591,17 @@ def _wgrad_kernel(
     x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr, us_ptr, dh_ptr, uoff_ptr, bits_ptr,
     item_unit_ptr, item_first_ptr, n_items_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
     M, N, K, NW, MW, E, W, CH,
-    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr,
+    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, PF: tl.constexpr,
+    STORE_WHOLE: tl.constexpr,
 ):  # fmt: skip
     # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list,
     # G per step; columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The
     # k-chunk is the slow grid axis, so the programs running together share one BKC-wide slice
     # of x and dy (2 * M * BKC * 2 bytes). BKC = 1024 measured best on the H100 (1.17 ms at
     # M = 16384, 2 warps; 512 columns with 4 warps split the G rows across warps: 7.1 ms).
-    # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores.
+    # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores;
+    # STORE_WHOLE: with ATOMIC, an item holding its unit's whole list stores too. PF: the next
+    # step's slot ids are loaded one step ahead (one round trip per step instead of two).
     # Persistent: program p of a k-chunk takes items p, p + P, ... up to the number of items
     # counted on the device (the grid is sized from an upper bound without reading it back).
     i_kc = tl.program_id(1)
@@ -579,15 +622,23 @@ def _wgrad_kernel(
             a_d = tl.zeros([BKC], dtype=tl.float32)
             if u_stop <= E:
                 o_g = tl.arange(0, G)
+                p_list = slots_ptr + start
+                n_list = stop - start
+                nxt = _ids(p_list, 0, n_list, G)
                 for p0 in range(start, stop, G):
                     m_g = p0 + o_g < stop
-                    b_s = tl.load(slots_ptr + p0 + o_g, mask=m_g, other=0).to(tl.int64)
+                    if PF:
+                        b_s = nxt.to(tl.int64)
+                        nxt = _ids(p_list, p0 - start + G, n_list, G)
+                    else:
+                        b_s = _ids(p_list, p0 - start, n_list, G).to(tl.int64)
                     b_ok = b_s >= 0
                     b_m = tl.where(b_ok, b_s // W, -1 - b_s)
                     m_v = m_g & b_ok
                     b_g = tl.load(gs_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
                     b_u = tl.load(us_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
                     b_dh = tl.load(dh_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+                    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
                     b_dg = b_dh * b_u
                     b_du = b_dh * b_g
                     b_h = b_g * b_u
@@ -636,7 +687,10 @@ def _wgrad_kernel(
                         a_u += (r_dh * r_g) * b_x
                         a_d += (r_g * r_u) * b_dy
                         word = word ^ lsb
-            if ATOMIC:
+            whole = not ATOMIC
+            if ATOMIC and STORE_WHOLE:
+                whole = (chunk == 0) & (stop == u_stop)
+            if not whole:
                 tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
                 tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
                 tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
@@ -717,7 +771,8 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
             x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
-            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
+            G=CONFIG.row_group, BK=bk, PF=CONFIG.prefetch, num_warps=CONFIG.row_warps,
+            maxnreg=CONFIG.fwd_maxnreg,
         )  # fmt: skip
     l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
@@ -743,15 +798,14 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
     wdt = _transposed(w_down, w_down.dtype)
     bk = triton.next_power_of_2(K)
-    # per-slot dh of rows within W, l1 term included (x's dtype, like dense autograd's dh)
+    # per-slot dh of rows within W, l1 term excluded (x's dtype, like dense autograd's dh)
     dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
-    _k("dh")[(M,)](
-        dy, wdt, cols, cnt, gu[1], c1, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps
-    )
+    pf = CONFIG.prefetch
+    _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, PF=pf, num_warps=CONFIG.row_warps)
     for part in (1, 2) if CONFIG.dx_two_passes else (0,):
         _k("bwd")[(M,)](
             x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
-            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps, PART=part,
+            G=CONFIG.row_group, BK=bk, PART=part, PF=pf, num_warps=CONFIG.dx_warps,
         )  # fmt: skip
     ucnt = counts[M:]
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
@@ -789,7 +843,8 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     _k("wgrad")[(progs, triton.cdiv(K, bkc))](
         x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:], c1,
         *outs, M, N, K, NW, MW, E, W, ch,
-        G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, num_warps=CONFIG.unit_warps,
+        G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, PF=pf, STORE_WHOLE=CONFIG.unit_store_whole,
+        num_warps=CONFIG.unit_warps,
     )  # fmt: skip
     dwg, dwu, dwdt = outs
     return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), _transposed(dwdt, w_down.dtype)
