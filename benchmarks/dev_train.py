@@ -219,14 +219,13 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"prefetch": False},
-    {"fwd_maxnreg": None},
-    {"unit_store_whole": False},
-    {"dx_warps": 8},
-    {"dx_two_passes": True},
+    {"unit_group": 8},
     {"unit_programs": 16},
-    {"unit_block_k": 1024, "unit_warps": 4},
-    {"unit_group": 2},
+    {"unit_programs": 64},
+    {"unit_block_k": 1024, "unit_warps": 8},
+    {"unit_block_k": 256, "unit_warps": 2},
+    {"dx_two_passes": True},
+    {"dx_warps": 8},
 ]
 
 

@@ -89,10 +89,6 @@ class TrainConfig:
     pack_warps: int = 1
     row_group: int = 2
     row_warps: int = 4
-    #: register cap of the forward row kernel (None: the compiler's choice)
-    fwd_maxnreg: int | None = 64
-    #: index loads one step ahead in the row and weight-gradient kernels
-    prefetch: bool = True
     #: warps of the dx row kernel (it holds [G, BK] tiles of two weight matrices)
     dx_warps: int = 4
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
@@ -100,7 +96,7 @@ class TrainConfig:
     fill_words: int = 32
     unit_group: int = 4
     unit_block_k: int = 512
-    unit_warps: int = 2
+    unit_warps: int = 4
     #: weight-gradient programs per SM and k-chunk (persistent: each loops over work items)
     unit_programs: int = 32
     #: items holding a unit's whole list store their rows instead of adding with atomics
@@ -300,12 +296,9 @@ def _fwd_rows_kernel(
     W,
     G: tl.constexpr,
     BK: tl.constexpr,
-    PF: tl.constexpr,
 ):
     # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
-    # the backward then needs no dot product for them.
-    # PF: the next step's unit ids are loaded one step ahead and the W_down^T rows before the
-    # reduction for u, so a step waits for one round trip to memory instead of three.
+    # the backward then needs no dot product for them
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -317,27 +310,19 @@ def _fwd_rows_kernel(
     if n_act <= W:
         o_g = tl.arange(0, G)
         row_cols = cols_ptr + i_m * W
-        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            if PF:
-                i_n = nxt.to(tl.int64)
-                nxt = _ids(row_cols, j0 + G, n_act, G)
-            else:
-                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
+            i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
             b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
             # [G, BK] rows of W_up and W_down^T
             b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            if PF:
-                b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
             b_h = b_gv * b_u
             p_s = i_m * W + j0 + o_g
             tl.store(gs_ptr + p_s, b_gv, mask=m_g)
             tl.store(us_ptr + p_s, b_u, mask=m_g)
-            if not PF:
-                b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
             l1 += tl.sum(tl.abs(b_h), axis=0)
     else:
@@ -386,7 +371,6 @@ def _bwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
     PART: tl.constexpr,
-    PF: tl.constexpr,
 ):
     # dx of one row. Rows within W: dg = dh u and du = dh g from the per-slot g, u (stored by the
     # forward) and dh (stored by _dh_rows_kernel), so dx = sum_n dg W_gate[n] +
@@ -394,7 +378,6 @@ def _bwd_rows_kernel(
     # 1: the W_gate term, stored; 2: the W_up term, added to the stored dx (one weight matrix in L2
     # per pass). Rows above W walk their bitmask and recompute g, u, dh by dot products (PART 0
     # and 1; PART 2 leaves them). dh of the slots excludes the l1 term, added here: dh += c1 sign(u).
-    # PF: unit ids loaded one step ahead (one round trip per step).
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -407,14 +390,9 @@ def _bwd_rows_kernel(
             b_dx = tl.zeros([BK], dtype=tl.float32)
         o_g = tl.arange(0, G)
         row_cols = cols_ptr + i_m * W
-        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            if PF:
-                i_n = nxt.to(tl.int64)
-                nxt = _ids(row_cols, j0 + G, n_act, G)
-            else:
-                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
+            i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
             p_w = i_n[:, None] * K + o_k[None, :]
             p_s = i_m * W + j0 + o_g
@@ -445,12 +423,9 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _dh_rows_kernel(
-    dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr, PF: tl.constexpr
-):
+def _dh_rows_kernel(dy_ptr, wdt_ptr, cols_ptr, cnt_ptr, dh_ptr, K, W, G: tl.constexpr, BK: tl.constexpr):
     # dh = dy . W_down[:, n] at the packed slots of rows within W (without the l1 term, which its
     # readers add from u; rows above W: _bwd_rows_kernel and the weight gradients recompute).
-    # PF: unit ids loaded one step ahead.
     i_m = tl.program_id(0).to(tl.int64)
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
@@ -459,14 +434,9 @@ def _dh_rows_kernel(
         b_dy = tl.load(dy_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         o_g = tl.arange(0, G)
         row_cols = cols_ptr + i_m * W
-        nxt = _ids(row_cols, 0, n_act, G)
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
-            if PF:
-                i_n = nxt.to(tl.int64)
-                nxt = _ids(row_cols, j0 + G, n_act, G)
-            else:
-                i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
+            i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             # [G, BK] rows of W_down^T
             b_wd = tl.load(
                 wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.0
@@ -506,11 +476,12 @@ def _transpose_bits_kernel(bits_ptr, tbits_ptr, M, NW, MW):
 
 @triton.jit
 def _fill_units_kernel(
-    tbits_ptr, bits_ptr, wpre_ptr, cnt_ptr, uoff_ptr, slots_ptr, NW, MW, W, E, BW: tl.constexpr
+    tbits_ptr, bits_ptr, wpre_ptr, cnt_ptr, uoff_ptr, slots_ptr, heavy_ptr, NW, MW, W, E, BW: tl.constexpr
 ):
     # counting sort: unit n's entries, rows in increasing order, at [uoff[n], uoff[n + 1]); an
-    # entry is m * W + j (j = rank of n in row m's packed index) or -1 - m for a row above W;
-    # positions past the capacity E are dropped (those units walk their column of the bitmask)
+    # entry is m * W + j (j = rank of n in row m's packed index) or -1 - m for a row above W (and
+    # heavy[n] = 1); positions past the capacity E are dropped (those units walk their column of
+    # the bitmask)
     i_n = tl.program_id(0).to(tl.int64)
     base = tl.load(uoff_ptr + i_n)
     if base < E:
@@ -529,16 +500,19 @@ def _fill_units_kernel(
             b_c = tl.load(cnt_ptr + i_m, mask=m_s, other=0)
             b_slot = tl.where(b_c <= W, i_m * W + b_j, -1 - i_m)
             tl.store(slots_ptr + b_rank, b_slot.to(tl.int32), mask=m_s)
+            if tl.sum((m_s & (b_c > W)).to(tl.int32), axis=0) > 0:
+                tl.store(heavy_ptr + i_n, 1)
             base += tl.sum(b_a, axis=0)
 
 
 @triton.jit
 def _scatter_units_kernel(
-    cols_ptr, cnt_ptr, bits_ptr, uoff_ptr, cur_ptr, slots_ptr, NW, W, E, BS: tl.constexpr
+    cols_ptr, cnt_ptr, bits_ptr, uoff_ptr, cur_ptr, slots_ptr, heavy_ptr, NW, W, E, BS: tl.constexpr
 ):
     # by-unit index through atomic cursors (order inside a unit is arbitrary): entry (m, n) goes to
     # uoff[n] + cursor[n]++ as m * W + j (j its slot in row m's packed index), or as -1 - m for a
-    # row above W (walked through its bitmask); positions past the capacity E are dropped
+    # row above W (walked through its bitmask; heavy[n] = 1); positions past the capacity E are
+    # dropped
     i_m = tl.program_id(0).to(tl.int64)
     n_act = tl.load(cnt_ptr + i_m)
     o_s = tl.arange(0, BS)
@@ -558,6 +532,7 @@ def _scatter_units_kernel(
                 i_n = i_w * 32 + o_b.to(tl.int64)
                 old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s).to(tl.int64)
                 pos = tl.load(uoff_ptr + i_n, mask=m_s, other=0) + old
+                tl.store(heavy_ptr + i_n, tl.full([32], 1, tl.int32), mask=m_s)
                 tl.store(
                     slots_ptr + pos,
                     tl.zeros([32], dtype=tl.int32) + (-1 - i_m).to(tl.int32),
@@ -587,21 +562,135 @@ def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.cons
 
 
 @triton.jit
+def _wgrad_list_rows(
+    a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k, m_k,
+    G: tl.constexpr,
+):  # fmt: skip
+    # entries [start, stop) of unit i_n's list, every one a packed slot (no row above W): G per
+    # step as G independent chains of scalar loads (slot -> g, u, dh and the x / dy row slices),
+    # one-dimensional [BKC] rows, so no layout conversion (shared memory, barrier) per step
+    for p0 in range(start, stop, G):
+        for i in tl.static_range(G):
+            ok = p0 + i < stop
+            b_s = tl.load(slots_ptr + p0 + i, mask=ok, other=0).to(tl.int64)
+            b_g = tl.load(gs_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
+            b_u = tl.load(us_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
+            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+            m = b_s // W
+            m_x = m_k & (o_k * 0 + p0 + i < stop)
+            b_x = tl.load(x_ptr + m * K + o_k, mask=m_x, other=0.0).to(tl.float32)
+            b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_x, other=0.0).to(tl.float32)
+            a_g += (b_dh * b_u) * b_x
+            a_u += (b_dh * b_g) * b_x
+            a_d += (b_g * b_u) * b_dy
+    return a_g, a_u, a_d
+
+
+@triton.jit
+def _wgrad_list_tiles(
+    a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, wg_ptr, wu_ptr,
+    wdt_ptr, c1, W, K, o_k, m_k, G: tl.constexpr, BKC: tl.constexpr,
+):  # fmt: skip
+    # entries [start, stop) of unit i_n's list, G per step as [G, BKC] tiles; an entry -1 - m is a
+    # row above W, whose g, u, dh are recomputed (full-K dot products)
+    o_g = tl.arange(0, G)
+    for p0 in range(start, stop, G):
+        m_g = p0 + o_g < stop
+        b_s = tl.load(slots_ptr + p0 + o_g, mask=m_g, other=0).to(tl.int64)
+        b_ok = b_s >= 0
+        b_m = tl.where(b_ok, b_s // W, -1 - b_s)
+        m_v = m_g & b_ok
+        b_g = tl.load(gs_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+        b_u = tl.load(us_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+        b_dh = tl.load(dh_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
+        b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+        b_dg = b_dh * b_u
+        b_du = b_dh * b_g
+        b_h = b_g * b_u
+        if tl.sum((m_g & ~b_ok).to(tl.int32), axis=0) > 0:
+            for i_g in range(0, G):
+                sel = o_g == i_g
+                m_one = tl.sum(tl.where(sel, b_m, 0), axis=0)
+                need = tl.sum((sel & m_g & ~b_ok).to(tl.int32), axis=0) > 0
+                if need:
+                    r_g, r_u, r_dh = _dots_full(
+                        m_one, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
+                    )
+                    b_dg = tl.where(sel, r_dh * r_u, b_dg)
+                    b_du = tl.where(sel, r_dh * r_g, b_du)
+                    b_h = tl.where(sel, r_g * r_u, b_h)
+        m_t = m_g[:, None] & m_k[None, :]
+        b_x = tl.load(x_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+        b_dy = tl.load(dy_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+        a_g += tl.sum(b_dg[:, None] * b_x, axis=0)
+        a_u += tl.sum(b_du[:, None] * b_x, axis=0)
+        a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
+    return a_g, a_u, a_d
+
+
+@triton.jit
+def _wgrad_item(
+    start, stop, chunk, u_stop, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr, us_ptr,
+    dh_ptr, bits_ptr, c1, M, NW, MW, E, W, K, o_k, m_k, G: tl.constexpr, BKC: tl.constexpr,
+    FALLBACK: tl.constexpr,
+):  # fmt: skip
+    # the [BKC] slices of one item's three gradient rows
+    a_g = tl.zeros([BKC], dtype=tl.float32)
+    a_u = tl.zeros([BKC], dtype=tl.float32)
+    a_d = tl.zeros([BKC], dtype=tl.float32)
+    if not FALLBACK:
+        a_g, a_u, a_d = _wgrad_list_rows(
+            a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k,
+            m_k, G,
+        )  # fmt: skip
+    else:
+        if u_stop <= E:
+            a_g, a_u, a_d = _wgrad_list_tiles(
+                a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, wg_ptr,
+                wu_ptr, wdt_ptr, c1, W, K, o_k, m_k, G, BKC,
+            )  # fmt: skip
+        elif chunk == 0:
+            # the unit's list did not fit E: walk its column of the row bitmask
+            o_r = tl.arange(0, 32)
+            for i_w in range(0, MW):
+                # bit r of word: unit n active in row 32 * i_w + r (a column of the row bitmask)
+                m_r = i_w * 32 + o_r < M
+                b_c = tl.load(bits_ptr + (i_w * 32 + o_r).to(tl.int64) * NW + i_n // 32, mask=m_r, other=0)
+                b_c = (b_c.to(tl.int64) >> (i_n % 32)) & 1
+                word = tl.sum(b_c << o_r.to(tl.int64), axis=0)
+                while word != 0:
+                    lsb = word & (-word)
+                    m = i_w * 32 + _ctz(lsb)
+                    r_g, r_u, r_dh = _dots_full(m, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC)
+                    b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    a_g += (r_dh * r_u) * b_x
+                    a_u += (r_dh * r_g) * b_x
+                    a_d += (r_g * r_u) * b_dy
+                    word = word ^ lsb
+    return a_g, a_u, a_d
+
+
+@triton.jit
 def _wgrad_kernel(
     x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr, us_ptr, dh_ptr, uoff_ptr, bits_ptr,
-    item_unit_ptr, item_first_ptr, n_items_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
+    item_unit_ptr, item_first_ptr, n_items_ptr, heavy_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
     M, N, K, NW, MW, E, W, CH,
-    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, PF: tl.constexpr,
-    STORE_WHOLE: tl.constexpr,
+    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, STORE_WHOLE: tl.constexpr,
+    FALLBACK: tl.constexpr,
 ):  # fmt: skip
-    # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list,
-    # G per step; columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The
-    # k-chunk is the slow grid axis, so the programs running together share one BKC-wide slice
-    # of x and dy (2 * M * BKC * 2 bytes). BKC = 1024 measured best on the H100 (1.17 ms at
-    # M = 16384, 2 warps; 512 columns with 4 warps split the G rows across warps: 7.1 ms).
+    # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list;
+    # columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The k-chunk is the slow
+    # grid axis, so the programs running together share one BKC-wide slice of x and dy
+    # (2 * M * BKC * 2 bytes).
+    # Two launches of this kernel share the items. FALLBACK = 0 takes the units whose entries are
+    # all packed slots (_wgrad_list_rows: no layout conversion, 64 registers at 4 warps); 1 takes
+    # the units with a row above W (heavy[n] set by the index kernels: _wgrad_list_tiles recomputes
+    # those entries) and the units whose list did not fit E (a walk of their bitmask column). The
+    # rare paths live in their own compile, so they do not raise the main one's register count.
     # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores;
-    # STORE_WHOLE: with ATOMIC, an item holding its unit's whole list stores too. PF: the next
-    # step's slot ids are loaded one step ahead (one round trip per step instead of two).
+    # STORE_WHOLE: with ATOMIC, an item holding its unit's whole list stores too.
     # Persistent: program p of a k-chunk takes items p, p + P, ... up to the number of items
     # counted on the device (the grid is sized from an upper bound without reading it back).
     i_kc = tl.program_id(1)
@@ -617,87 +706,23 @@ def _wgrad_kernel(
             chunk = i_p - tl.load(item_first_ptr + i_n)
             start = u_start + chunk * CH
             stop = tl.minimum(u_stop, start + CH)
-            a_g = tl.zeros([BKC], dtype=tl.float32)
-            a_u = tl.zeros([BKC], dtype=tl.float32)
-            a_d = tl.zeros([BKC], dtype=tl.float32)
-            if u_stop <= E:
-                o_g = tl.arange(0, G)
-                p_list = slots_ptr + start
-                n_list = stop - start
-                nxt = _ids(p_list, 0, n_list, G)
-                for p0 in range(start, stop, G):
-                    m_g = p0 + o_g < stop
-                    if PF:
-                        b_s = nxt.to(tl.int64)
-                        nxt = _ids(p_list, p0 - start + G, n_list, G)
-                    else:
-                        b_s = _ids(p_list, p0 - start, n_list, G).to(tl.int64)
-                    b_ok = b_s >= 0
-                    b_m = tl.where(b_ok, b_s // W, -1 - b_s)
-                    m_v = m_g & b_ok
-                    b_g = tl.load(gs_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                    b_u = tl.load(us_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                    b_dh = tl.load(dh_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-                    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
-                    b_dg = b_dh * b_u
-                    b_du = b_dh * b_g
-                    b_h = b_g * b_u
-                    if tl.sum((m_g & ~b_ok).to(tl.int32), axis=0) > 0:
-                        # rows above W kept no per-slot values: recompute them (full-K dot products)
-                        for i_g in range(0, G):
-                            sel = o_g == i_g
-                            m_one = tl.sum(tl.where(sel, b_m, 0), axis=0)
-                            need = tl.sum((sel & m_g & ~b_ok).to(tl.int32), axis=0) > 0
-                            if need:
-                                r_g, r_u, r_dh = _dots_full(
-                                    m_one, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
-                                )
-                                b_dg = tl.where(sel, r_dh * r_u, b_dg)
-                                b_du = tl.where(sel, r_dh * r_g, b_du)
-                                b_h = tl.where(sel, r_g * r_u, b_h)
-                    m_t = m_g[:, None] & m_k[None, :]
-                    # [G, BKC] slices of x and dy rows
-                    b_x = tl.load(x_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-                    b_dy = tl.load(dy_ptr + b_m[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(
-                        tl.float32
-                    )
-                    a_g += tl.sum(b_dg[:, None] * b_x, axis=0)
-                    a_u += tl.sum(b_du[:, None] * b_x, axis=0)
-                    a_d += tl.sum(b_h[:, None] * b_dy, axis=0)
-            elif chunk == 0:
-                # the unit's list did not fit E: walk its column of the row bitmask
-                o_r = tl.arange(0, 32)
-                for i_w in range(0, MW):
-                    # bit r of word: unit n active in row 32 * i_w + r (a column of the row bitmask)
-                    m_r = i_w * 32 + o_r < M
-                    b_c = tl.load(
-                        bits_ptr + (i_w * 32 + o_r).to(tl.int64) * NW + i_n // 32, mask=m_r, other=0
-                    )
-                    b_c = (b_c.to(tl.int64) >> (i_n % 32)) & 1
-                    word = tl.sum(b_c << o_r.to(tl.int64), axis=0)
-                    while word != 0:
-                        lsb = word & (-word)
-                        m = i_w * 32 + _ctz(lsb)
-                        r_g, r_u, r_dh = _dots_full(
-                            m, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC
-                        )
-                        b_x = tl.load(x_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                        b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                        a_g += (r_dh * r_u) * b_x
-                        a_u += (r_dh * r_g) * b_x
-                        a_d += (r_g * r_u) * b_dy
-                        word = word ^ lsb
-            whole = not ATOMIC
-            if ATOMIC and STORE_WHOLE:
-                whole = (chunk == 0) & (stop == u_stop)
-            if not whole:
-                tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
-                tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
-                tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
-            else:
-                tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
-                tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
-                tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
+            slow = (u_stop > E) | (tl.load(heavy_ptr + i_n) != 0)
+            if slow.to(tl.int32) == FALLBACK:
+                a_g, a_u, a_d = _wgrad_item(
+                    start, stop, chunk, u_stop, i_n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr,
+                    us_ptr, dh_ptr, bits_ptr, c1, M, NW, MW, E, W, K, o_k, m_k, G, BKC, FALLBACK,
+                )  # fmt: skip
+                whole = not ATOMIC
+                if ATOMIC and STORE_WHOLE:
+                    whole = (chunk == 0) & (stop == u_stop)
+                if not whole:
+                    tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k, sem="relaxed")
+                    tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k, sem="relaxed")
+                    tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k, sem="relaxed")
+                else:
+                    tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
+                    tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
+                    tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
 
 
 _KERNELS = {
@@ -771,8 +796,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
             x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
-            G=CONFIG.row_group, BK=bk, PF=CONFIG.prefetch, num_warps=CONFIG.row_warps,
-            maxnreg=CONFIG.fwd_maxnreg,
+            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
         )  # fmt: skip
     l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
@@ -800,27 +824,29 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     bk = triton.next_power_of_2(K)
     # per-slot dh of rows within W, l1 term excluded (x's dtype, like dense autograd's dh)
     dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
-    pf = CONFIG.prefetch
-    _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, PF=pf, num_warps=CONFIG.row_warps)
+    _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps)
     for part in (1, 2) if CONFIG.dx_two_passes else (0,):
         _k("bwd")[(M,)](
             x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
-            G=CONFIG.row_group, BK=bk, PART=part, PF=pf, num_warps=CONFIG.dx_warps,
+            G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
         )  # fmt: skip
     ucnt = counts[M:]
     uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
     torch.cumsum(ucnt, 0, out=uoff[1:])
     E = M * W
     slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
+    # [0]: heavy[n], unit n has a row above W; [1]: the atomic cursors of the scatter
+    flags = torch.zeros((2, N), dtype=torch.int32, device=dev)
     if deterministic:
         # by-unit index in row order: bit transpose, then a counting sort by unit
         tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
         _k("transpose")[(MW, NW)](bits, tbits, M, NW, MW, num_warps=1)
-        _k("fill")[(N,)](tbits, bits, wpre, cnt, uoff, slots, NW, MW, W, E, BW=CONFIG.fill_words, num_warps=4)
+        _k("fill")[(N,)](
+            tbits, bits, wpre, cnt, uoff, slots, flags[0], NW, MW, W, E, BW=CONFIG.fill_words, num_warps=4
+        )
     else:
         # order inside a unit is free (its sum is split over fp32 atomics anyway): atomic cursors
-        cursor = torch.zeros((N,), dtype=torch.int32, device=dev)
-        _k("scatter")[(M,)](cols, cnt, bits, uoff, cursor, slots, NW, W, E, BS=64, num_warps=2)
+        _k("scatter")[(M,)](cols, cnt, bits, uoff, flags[1], slots, flags[0], NW, W, E, BS=64, num_warps=2)
     # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
     # and for units whose list did not fit E); item -> unit by a binary search on the device
     ch = M if deterministic else CONFIG.chunk
@@ -839,13 +865,15 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     else:
         outs = tuple(torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
     bkc = min(CONFIG.unit_block_k, bk)
-    progs = min(n_items, CONFIG.unit_programs * num_sms(dev))
-    _k("wgrad")[(progs, triton.cdiv(K, bkc))](
-        x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:], c1,
-        *outs, M, N, K, NW, MW, E, W, ch,
-        G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, PF=pf, STORE_WHOLE=CONFIG.unit_store_whole,
-        num_warps=CONFIG.unit_warps,
-    )  # fmt: skip
+    # the main launch (units whose entries are all packed slots), then the rare paths with one
+    # program per SM (its tiles keep the G rows in each thread at 2 warps)
+    for fallback, progs, warps in ((0, CONFIG.unit_programs, CONFIG.unit_warps), (1, 1, 2)):
+        _k("wgrad")[(min(n_items, progs * num_sms(dev)), triton.cdiv(K, bkc))](
+            x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:],
+            flags[0], c1, *outs, M, N, K, NW, MW, E, W, ch,
+            G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, STORE_WHOLE=CONFIG.unit_store_whole,
+            FALLBACK=fallback, num_warps=warps,
+        )  # fmt: skip
     dwg, dwu, dwdt = outs
     return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), _transposed(dwdt, w_down.dtype)
 
