@@ -219,13 +219,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"unit_group": 8},
-    {"unit_programs": 16},
+    {"dx_two_passes": False},
     {"unit_programs": 64},
-    {"unit_block_k": 1024, "unit_warps": 8},
-    {"unit_block_k": 256, "unit_warps": 2},
-    {"dx_two_passes": True},
-    {"dx_warps": 8},
+    {"unit_group": 2},
 ]
 
 

@@ -92,15 +92,13 @@ class TrainConfig:
     #: warps of the dx row kernel (it holds [G, BK] tiles of two weight matrices)
     dx_warps: int = 4
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
-    dx_two_passes: bool = False
+    dx_two_passes: bool = True
     fill_words: int = 32
     unit_group: int = 4
     unit_block_k: int = 512
     unit_warps: int = 4
     #: weight-gradient programs per SM and k-chunk (persistent: each loops over work items)
     unit_programs: int = 32
-    #: items holding a unit's whole list store their rows instead of adding with atomics
-    unit_store_whole: bool = True
 
 
 CONFIG = TrainConfig()
@@ -239,7 +237,7 @@ def _pack_words_kernel(
         pre = n_act + tl.cumsum(c_w, axis=0) - c_w
         rank = pre[:, None] + tl.cumsum(a_i, axis=1) - a_i
         tl.store(cols_ptr + i_m * W + rank, o_n, mask=b_a & (rank < W))
-        tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a)
+        tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a, sem="relaxed")
         m_w = o_w < NW
         tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
         tl.store(wpre_ptr + i_m * NW + o_w, pre, mask=m_w)
@@ -520,7 +518,7 @@ def _scatter_units_kernel(
         for j0 in range(0, n_act, BS):
             m_s = j0 + o_s < n_act
             i_n = tl.load(cols_ptr + i_m * W + j0 + o_s, mask=m_s, other=0).to(tl.int64)
-            old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s).to(tl.int64)
+            old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s, sem="relaxed").to(tl.int64)
             pos = tl.load(uoff_ptr + i_n, mask=m_s, other=0) + old
             tl.store(slots_ptr + pos, (i_m * W + j0 + o_s).to(tl.int32), mask=m_s & (pos < E))
     else:
@@ -530,7 +528,7 @@ def _scatter_units_kernel(
             if word != 0:
                 m_s = ((word >> o_b.to(tl.int64)) & 1) != 0
                 i_n = i_w * 32 + o_b.to(tl.int64)
-                old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s).to(tl.int64)
+                old = tl.atomic_add(cur_ptr + i_n, 1, mask=m_s, sem="relaxed").to(tl.int64)
                 pos = tl.load(uoff_ptr + i_n, mask=m_s, other=0) + old
                 tl.store(heavy_ptr + i_n, tl.full([32], 1, tl.int32), mask=m_s)
                 tl.store(
@@ -675,10 +673,9 @@ def _wgrad_item(
 @triton.jit
 def _wgrad_kernel(
     x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, slots_ptr, gs_ptr, us_ptr, dh_ptr, uoff_ptr, bits_ptr,
-    item_unit_ptr, item_first_ptr, n_items_ptr, heavy_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr,
+    item_unit_ptr, item_first_ptr, n_items_ptr, heavy_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr, acc_ptr,
     M, N, K, NW, MW, E, W, CH,
-    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, STORE_WHOLE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, FALLBACK: tl.constexpr,
 ):  # fmt: skip
     # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list;
     # columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The k-chunk is the slow
@@ -689,8 +686,10 @@ def _wgrad_kernel(
     # the units with a row above W (heavy[n] set by the index kernels: _wgrad_list_tiles recomputes
     # those entries) and the units whose list did not fit E (a walk of their bitmask column). The
     # rare paths live in their own compile, so they do not raise the main one's register count.
-    # ATOMIC: items add into fp32 gradients (several items per unit), else one item per unit stores;
-    # STORE_WHOLE: with ATOMIC, an item holding its unit's whole list stores too.
+    # An item holding its unit's whole list (always without ATOMIC) stores its rows into the
+    # gradients (their dtype); with ATOMIC, the items of a unit split in several (or whose list
+    # did not fit E) add into the fp32 rows of acc [3, N, K] instead (_multi_rows_kernel zeroes
+    # them before and rounds them into the gradients after).
     # Persistent: program p of a k-chunk takes items p, p + P, ... up to the number of items
     # counted on the device (the grid is sized from an upper bound without reading it back).
     i_kc = tl.program_id(1)
@@ -713,19 +712,45 @@ def _wgrad_kernel(
                     us_ptr, dh_ptr, bits_ptr, c1, M, NW, MW, E, W, K, o_k, m_k, G, BKC, FALLBACK,
                 )  # fmt: skip
                 whole = not ATOMIC
-                if ATOMIC and STORE_WHOLE:
-                    whole = (chunk == 0) & (stop == u_stop)
+                if ATOMIC:
+                    # as _bwd_impl's `multi`: not (list within CH entries and E)
+                    whole = (chunk == 0) & (stop == u_stop) & (u_stop <= E)
                 if not whole:
-                    tl.atomic_add(dwg_ptr + i_n * K + o_k, a_g, mask=m_k, sem="relaxed")
-                    tl.atomic_add(dwu_ptr + i_n * K + o_k, a_u, mask=m_k, sem="relaxed")
-                    tl.atomic_add(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k, sem="relaxed")
+                    tl.atomic_add(acc_ptr + i_n * K + o_k, a_g, mask=m_k, sem="relaxed")
+                    tl.atomic_add(acc_ptr + (N + i_n) * K + o_k, a_u, mask=m_k, sem="relaxed")
+                    tl.atomic_add(acc_ptr + (2 * N + i_n) * K + o_k, a_d, mask=m_k, sem="relaxed")
                 else:
                     tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
                     tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
                     tl.store(dwdt_ptr + i_n * K + o_k, a_d, mask=m_k)
 
 
+@triton.jit
+def _multi_rows_kernel(
+    acc_ptr, dwg_ptr, dwu_ptr, dwdt_ptr, multi_ptr, N, K, COPY: tl.constexpr, BK: tl.constexpr
+):
+    # the rows of the units summed with atomics (multi[n] != 0): zero their fp32 accumulators in
+    # acc [3, N, K] (COPY = 0), or round them into the three gradients (COPY = 1)
+    i_n = tl.program_id(0).to(tl.int64)
+    if tl.load(multi_ptr + i_n) != 0:
+        o_k = tl.program_id(1) * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_g = acc_ptr + i_n * K + o_k
+        p_u = acc_ptr + (N + i_n) * K + o_k
+        p_d = acc_ptr + (2 * N + i_n) * K + o_k
+        if COPY:
+            tl.store(dwg_ptr + i_n * K + o_k, tl.load(p_g, mask=m_k), mask=m_k)
+            tl.store(dwu_ptr + i_n * K + o_k, tl.load(p_u, mask=m_k), mask=m_k)
+            tl.store(dwdt_ptr + i_n * K + o_k, tl.load(p_d, mask=m_k), mask=m_k)
+        else:
+            zero = tl.zeros([BK], dtype=tl.float32)
+            tl.store(p_g, zero, mask=m_k)
+            tl.store(p_u, zero, mask=m_k)
+            tl.store(p_d, zero, mask=m_k)
+
+
 _KERNELS = {
+    "multi": _multi_rows_kernel,
     "pack": _pack_words_kernel,
     "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
@@ -856,26 +881,30 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     item_first = item_end - items
     n_items = (E + ch - 1) // ch + N  # upper bound: sum of ceil(cnt / ch) over units that fit E
     item_unit = torch.searchsorted(item_end, torch.arange(n_items, device=dev), right=True).to(torch.int32)
-    if deterministic:
-        outs = (
-            torch.empty_like(w_gate),
-            torch.empty_like(w_up),
-            _alloc.empty((N, K), dtype=w_down.dtype, device=dev),
-        )
-    else:
-        outs = tuple(torch.zeros((N, K), dtype=torch.float32, device=dev) for _ in range(3))
+    outs = (
+        torch.empty_like(w_gate),
+        torch.empty_like(w_up),
+        _alloc.empty((N, K), dtype=w_down.dtype, device=dev),  # dW_down^T
+    )
+    acc = multi = None
+    if not deterministic:
+        # units summed by fp32 atomics: lists longer than one item, or past E (the kernel's test)
+        multi = (spilled | (ucnt > ch)).to(torch.int32)
+        acc = _alloc.empty((3, N, K), dtype=torch.float32, device=dev)
+        _k("multi")[(N, triton.cdiv(K, 1024))](acc, *outs, multi, N, K, COPY=False, BK=1024, num_warps=4)
     bkc = min(CONFIG.unit_block_k, bk)
     # the main launch (units whose entries are all packed slots), then the rare paths with one
     # program per SM (its tiles keep the G rows in each thread at 2 warps)
     for fallback, progs, warps in ((0, CONFIG.unit_programs, CONFIG.unit_warps), (1, 1, 2)):
         _k("wgrad")[(min(n_items, progs * num_sms(dev)), triton.cdiv(K, bkc))](
             x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:],
-            flags[0], c1, *outs, M, N, K, NW, MW, E, W, ch,
-            G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, STORE_WHOLE=CONFIG.unit_store_whole,
-            FALLBACK=fallback, num_warps=warps,
+            flags[0], c1, *outs, outs[0] if acc is None else acc, M, N, K, NW, MW, E, W, ch,
+            G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, FALLBACK=fallback, num_warps=warps,
         )  # fmt: skip
+    if acc is not None:
+        _k("multi")[(N, triton.cdiv(K, 1024))](acc, *outs, multi, N, K, COPY=True, BK=1024, num_warps=4)
     dwg, dwu, dwdt = outs
-    return dx, dwg.to(w_gate.dtype), dwu.to(w_up.dtype), _transposed(dwdt, w_down.dtype)
+    return dx, dwg, dwu, _transposed(dwdt, w_down.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
