@@ -94,7 +94,7 @@ class TrainConfig:
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
     dx_two_passes: bool = True
     fill_words: int = 32
-    unit_group: int = 4
+    unit_group: int = 2
     unit_block_k: int = 512
     unit_warps: int = 4
     #: weight-gradient programs per SM and k-chunk (persistent: each loops over work items)
@@ -200,6 +200,7 @@ def _popc(v):
 def _pack_words_kernel(
     g_ptr,
     cols_ptr,
+    gs_ptr,
     cnt_ptr,
     bits_ptr,
     wpre_ptr,
@@ -214,7 +215,8 @@ def _pack_words_kernel(
 ):
     # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
     # load: active set (g > 0 or NaN), the first W active units in order (cols), the row count,
-    # the bitmask words and the active units before each word, per-unit counts (int atomics),
+    # g at those slots, the bitmask words and the active units before each word, per-unit counts
+    # (int atomics),
     # the TwELL tile-overflow flag. Rank of an active unit = active units before its word + those
     # before it in the word. 0.262 ms at M = 16384, N = 5632 (H100, 30 active/token) against
     # 0.317 for the earlier one-dimensional scan with a second [BN / 32, 32] load for the words
@@ -237,6 +239,7 @@ def _pack_words_kernel(
         pre = n_act + tl.cumsum(c_w, axis=0) - c_w
         rank = pre[:, None] + tl.cumsum(a_i, axis=1) - a_i
         tl.store(cols_ptr + i_m * W + rank, o_n, mask=b_a & (rank < W))
+        tl.store(gs_ptr + i_m * W + rank, b_g, mask=b_a & (rank < W))
         tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a, sem="relaxed")
         m_w = o_w < NW
         tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
@@ -295,8 +298,9 @@ def _fwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
 ):
-    # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
-    # the backward then needs no dot product for them
+    # rows within W read g at their packed slots (stored by the pack kernel: no gather from the
+    # dense g) and store u there (x's dtype, as dense autograd keeps it): the backward then needs
+    # no dot product for g or u
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -312,13 +316,12 @@ def _fwd_rows_kernel(
             m_g = j0 + o_g < n_act
             i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
-            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
+            p_s = i_m * W + j0 + o_g
+            b_gv = tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
             # [G, BK] rows of W_up and W_down^T
             b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
             b_h = b_gv * b_u
-            p_s = i_m * W + j0 + o_g
-            tl.store(gs_ptr + p_s, b_gv, mask=m_g)
             tl.store(us_ptr + p_s, b_u, mask=m_g)
             b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
@@ -733,20 +736,21 @@ def _multi_rows_kernel(
     # acc [3, N, K] (COPY = 0), or round them into the three gradients (COPY = 1)
     i_n = tl.program_id(0).to(tl.int64)
     if tl.load(multi_ptr + i_n) != 0:
-        o_k = tl.program_id(1) * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        p_g = acc_ptr + i_n * K + o_k
-        p_u = acc_ptr + (N + i_n) * K + o_k
-        p_d = acc_ptr + (2 * N + i_n) * K + o_k
-        if COPY:
-            tl.store(dwg_ptr + i_n * K + o_k, tl.load(p_g, mask=m_k), mask=m_k)
-            tl.store(dwu_ptr + i_n * K + o_k, tl.load(p_u, mask=m_k), mask=m_k)
-            tl.store(dwdt_ptr + i_n * K + o_k, tl.load(p_d, mask=m_k), mask=m_k)
-        else:
-            zero = tl.zeros([BK], dtype=tl.float32)
-            tl.store(p_g, zero, mask=m_k)
-            tl.store(p_u, zero, mask=m_k)
-            tl.store(p_d, zero, mask=m_k)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            p_g = acc_ptr + i_n * K + o_k
+            p_u = acc_ptr + (N + i_n) * K + o_k
+            p_d = acc_ptr + (2 * N + i_n) * K + o_k
+            if COPY:
+                tl.store(dwg_ptr + i_n * K + o_k, tl.load(p_g, mask=m_k), mask=m_k)
+                tl.store(dwu_ptr + i_n * K + o_k, tl.load(p_u, mask=m_k), mask=m_k)
+                tl.store(dwdt_ptr + i_n * K + o_k, tl.load(p_d, mask=m_k), mask=m_k)
+            else:
+                zero = tl.zeros([BK], dtype=tl.float32)
+                tl.store(p_g, zero, mask=m_k)
+                tl.store(p_u, zero, mask=m_k)
+                tl.store(p_d, zero, mask=m_k)
 
 
 _KERNELS = {
@@ -784,14 +788,15 @@ def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
 
-def _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
-    """The packed pattern of ``g [M, N]`` into ``cols [M, W]``, ``cnt [M]``, ``bits`` / ``wpre``
-    ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to: zero it first)."""
+def _launch_pack(g, cols, gs, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
+    """The packed pattern of ``g [M, N]`` into ``cols [M, W]`` (and g at those slots, ``gs``),
+    ``cnt [M]``, ``bits`` / ``wpre`` ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to: zero it
+    first)."""
     M, N = g.shape
     NW = bits.shape[1]
     bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
     _k("pack")[(M,)](
-        g, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
+        g, cols, gs, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
         T=tile, BW=bw, num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
@@ -816,7 +821,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
-        _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
+        _launch_pack(g, cols, gu[0], cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
@@ -891,7 +896,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
         # units summed by fp32 atomics: lists longer than one item, or past E (the kernel's test)
         multi = (spilled | (ucnt > ch)).to(torch.int32)
         acc = _alloc.empty((3, N, K), dtype=torch.float32, device=dev)
-        _k("multi")[(N, triton.cdiv(K, 1024))](acc, *outs, multi, N, K, COPY=False, BK=1024, num_warps=4)
+        _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=False, BK=1024, num_warps=4)
     bkc = min(CONFIG.unit_block_k, bk)
     # the main launch (units whose entries are all packed slots), then the rare paths with one
     # program per SM (its tiles keep the G rows in each thread at 2 warps)
@@ -902,7 +907,9 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
             G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, FALLBACK=fallback, num_warps=warps,
         )  # fmt: skip
     if acc is not None:
-        _k("multi")[(N, triton.cdiv(K, 1024))](acc, *outs, multi, N, K, COPY=True, BK=1024, num_warps=4)
+        _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=True, BK=1024, num_warps=4)
+    # free the backward's buffers before the last transpose allocates dW_down (peak memory)
+    del acc, slots, dh, item_unit, flags
     dwg, dwu, dwdt = outs
     return dx, dwg, dwu, _transposed(dwdt, w_down.dtype)
 
