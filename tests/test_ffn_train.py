@@ -297,8 +297,7 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block):
     NW = (N + 31) // 32
     pat = torch.full((2, M, NW), -7, dtype=torch.int32, device=kdevice)
     ovf = torch.full((M,), -7, dtype=torch.int32, device=kdevice)
-    gs = torch.full((M, W), -3.0, device=kdevice)
-    ft._launch_pack(g.to(kdevice), cols, gs, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
+    ft._launch_pack(g.to(kdevice), cols, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
     cnt, bits, wpre, ovf_r, ucnt, cols_r = _pack_expected(g, W, tile, slots)
     assert torch.equal(counts[:M].cpu(), cnt)
     assert torch.equal(counts[M:].cpu(), ucnt)
@@ -308,7 +307,3 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block):
     for m in range(M):
         c = cols_r[m]
         assert torch.equal(cols[m, : len(c)].cpu(), c), f"row {m}"
-        # g at the packed slots, copied exactly (NaN included)
-        assert torch.allclose(gs[m, : len(c)].cpu(), g[m, c.long()], rtol=0, atol=0, equal_nan=True), (
-            f"row {m}"
-        )

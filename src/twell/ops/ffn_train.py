@@ -51,7 +51,7 @@ import triton.language as tl
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
-from ._triton import can_run_triton, num_sms
+from ._triton import can_run_triton, interpreter_enabled, num_sms
 from .ffn_ref import tile_overflow_rows
 
 __all__ = [
@@ -200,7 +200,6 @@ def _popc(v):
 def _pack_words_kernel(
     g_ptr,
     cols_ptr,
-    gs_ptr,
     cnt_ptr,
     bits_ptr,
     wpre_ptr,
@@ -212,11 +211,11 @@ def _pack_words_kernel(
     S,
     T: tl.constexpr,
     BW: tl.constexpr,
+    ASM_RED: tl.constexpr,
 ):
     # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
     # load: active set (g > 0 or NaN), the first W active units in order (cols), the row count,
-    # g at those slots, the bitmask words and the active units before each word, per-unit counts
-    # (int atomics),
+    # the bitmask words and the active units before each word, per-unit counts (int atomics),
     # the TwELL tile-overflow flag. Rank of an active unit = active units before its word + those
     # before it in the word. 0.262 ms at M = 16384, N = 5632 (H100, 30 active/token) against
     # 0.317 for the earlier one-dimensional scan with a second [BN / 32, 32] load for the words
@@ -239,8 +238,20 @@ def _pack_words_kernel(
         pre = n_act + tl.cumsum(c_w, axis=0) - c_w
         rank = pre[:, None] + tl.cumsum(a_i, axis=1) - a_i
         tl.store(cols_ptr + i_m * W + rank, o_n, mask=b_a & (rank < W))
-        tl.store(gs_ptr + i_m * W + rank, b_g, mask=b_a & (rank < W))
-        tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a, sem="relaxed")
+        if ASM_RED:
+            # a predicated PTX reduction: tl.atomic_add emits atom, whose unused result register
+            # the next step's reuse waits for
+            tl.inline_asm_elementwise(
+                "{ .reg .pred %p<1>; setp.ne.b32 %p0, $2, 0; @%p0 red.relaxed.gpu.global.add.u32 [$1], 1; "
+                "mov.b32 $0, 0; }",
+                "=r,l,r",
+                [(ucnt_ptr + o_n).to(tl.int64), a_i],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+        else:
+            tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a, sem="relaxed")
         m_w = o_w < NW
         tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
         tl.store(wpre_ptr + i_m * NW + o_w, pre, mask=m_w)
@@ -298,9 +309,9 @@ def _fwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
 ):
-    # rows within W read g at their packed slots (stored by the pack kernel: no gather from the
-    # dense g) and store u there (x's dtype, as dense autograd keeps it): the backward then needs
-    # no dot product for g or u
+    # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
+    # the backward then needs no dot product for them. (The pack kernel storing g there instead,
+    # read back here: rows 0.581 ms but pack 0.265 against 0.632 / 0.174, H100 at 34aa2e7.)
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -316,12 +327,13 @@ def _fwd_rows_kernel(
             m_g = j0 + o_g < n_act
             i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
-            p_s = i_m * W + j0 + o_g
-            b_gv = tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
             # [G, BK] rows of W_up and W_down^T
             b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_u = tl.sum(b_wu * b_x[None, :], axis=1)
             b_h = b_gv * b_u
+            p_s = i_m * W + j0 + o_g
+            tl.store(gs_ptr + p_s, b_gv, mask=m_g)
             tl.store(us_ptr + p_s, b_u, mask=m_g)
             b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
             b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
@@ -788,16 +800,15 @@ def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
 
-def _launch_pack(g, cols, gs, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
-    """The packed pattern of ``g [M, N]`` into ``cols [M, W]`` (and g at those slots, ``gs``),
-    ``cnt [M]``, ``bits`` / ``wpre`` ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to: zero it
-    first)."""
+def _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
+    """The packed pattern of ``g [M, N]`` into ``cols [M, W]``, ``cnt [M]``, ``bits`` / ``wpre``
+    ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to: zero it first)."""
     M, N = g.shape
     NW = bits.shape[1]
     bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
     _k("pack")[(M,)](
-        g, cols, gs, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
-        T=tile, BW=bw, num_warps=CONFIG.pack_warps,
+        g, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
+        T=tile, BW=bw, ASM_RED=g.is_cuda and not interpreter_enabled(), num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
 
@@ -821,7 +832,7 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
-        _launch_pack(g, cols, gu[0], cnt, bits, wpre, ovf, ucnt, W, tile, slots)
+        _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
         bk = triton.next_power_of_2(K)
         _k("fwd")[(M,)](
