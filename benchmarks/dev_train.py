@@ -195,6 +195,22 @@ def sync_check(K=2048, N=5632, M=4096, a=30):
     return ok
 
 
+def ncu_step(K=2048, N=5632, M=16384, a=30, pattern="iid"):
+    """One twell step between cudaProfilerStart / Stop after two warm-up steps, for
+    ``ncu --profile-from-start off -k regex:_wgrad_kernel ... python benchmarks/dev_train.py --ncu``
+    (only the kernels of that step are profiled)."""
+    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, pattern=pattern, dtype=torch.bfloat16, device="cuda", seed=1)
+    ws = [t.requires_grad_() for t in (wg, wu, wd)]
+    dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        _step(_twell, x, ws, dy)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    _step(_twell, x, ws, dy)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def profile_case(K, N, M, a, pattern="iid"):
     """Per-kernel device time of one twell step (CUDA activities of torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -255,8 +271,12 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ncu", action="store_true", help="one profiled step only (see ncu_step)")
     ap.add_argument("--cases", default="all", help="'all' or 'short' (paper iid, skewed, 900 dispatch)")
     args = ap.parse_args()
+    if args.ncu:
+        ncu_step()
+        return
     if args.sweep:
         sweep()
     rows: list[dict] = []
