@@ -195,16 +195,22 @@ def sync_check(K=2048, N=5632, M=4096, a=30):
     return ok
 
 
-def ncu_step(K=2048, N=5632, M=16384, a=30, pattern="iid"):
-    """One twell step between cudaProfilerStart / Stop after two warm-up steps, for
-    ``ncu --profile-from-start off -k regex:_wgrad_kernel ... python benchmarks/dev_train.py --ncu``
-    (only the kernels of that step are profiled)."""
+def _warm_case(K, N, M, a, pattern):
+    """Inputs of one case and two warm-up twell steps on them (compiles, fills caches)."""
     x, wg, wu, wd = make_sparse_ffn(M, K, N, a, pattern=pattern, dtype=torch.bfloat16, device="cuda", seed=1)
     ws = [t.requires_grad_() for t in (wg, wu, wd)]
     dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
         _step(_twell, x, ws, dy)
     torch.cuda.synchronize()
+    return x, ws, dy
+
+
+def ncu_step(K=2048, N=5632, M=16384, a=30, pattern="iid"):
+    """One twell step between cudaProfilerStart / Stop after two warm-up steps, for
+    ``ncu --profile-from-start off -k regex:_wgrad_kernel ... python benchmarks/dev_train.py --ncu``
+    (only the kernels of that step are profiled)."""
+    x, ws, dy = _warm_case(K, N, M, a, pattern)
     torch.cuda.profiler.start()
     _step(_twell, x, ws, dy)
     torch.cuda.synchronize()
@@ -215,12 +221,7 @@ def profile_case(K, N, M, a, pattern="iid"):
     """Per-kernel device time of one twell step (CUDA activities of torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, pattern=pattern, dtype=torch.bfloat16, device="cuda", seed=1)
-    ws = [t.requires_grad_() for t in (wg, wu, wd)]
-    dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    for _ in range(2):
-        _step(_twell, x, ws, dy)
-    torch.cuda.synchronize()
+    x, ws, dy = _warm_case(K, N, M, a, pattern)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _step(_twell, x, ws, dy)
         torch.cuda.synchronize()
