@@ -277,6 +277,12 @@ def _pack_words_kernel(
 
 
 @triton.jit
+def _l1_term(c1, u):
+    # gradient of the l1 term with respect to h at active entries: c1 sign(h) = c1 sign(u), g > 0
+    return c1 * ((u > 0).to(tl.float32) - (u < 0).to(tl.float32))
+
+
+@triton.jit
 def _ids(ptr, j, n, G: tl.constexpr):
     # entries [j, j + G) of a list of n int32 ids at ptr (0 past its end)
     o = j + tl.arange(0, G)
@@ -362,8 +368,7 @@ def _bwd_entry(n, b_x, b_dy, b_dx, c1, wg_ptr, wu_ptr, wdt_ptr, o_k, m_k, K):
     b_g = tl.sum(b_x * b_wg, axis=0)
     b_u = tl.sum(b_x * b_wu, axis=0)
     b_dh = tl.sum(b_dy * b_wd, axis=0)
-    # d|h|/dh = sign(h) = sign(u), since g > 0 on the pattern
-    b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+    b_dh += _l1_term(c1, b_u)
     return b_dx + (b_dh * b_u) * b_wg + (b_dh * b_g) * b_wu
 
 
@@ -415,7 +420,7 @@ def _bwd_rows_kernel(
             p_s = i_m * W + j0 + o_g
             b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
             b_dh = tl.load(dh_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
-            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+            b_dh += _l1_term(c1, b_u)
             if PART != 2:
                 b_dg = b_dh * b_u
                 b_wg = tl.load(wg_ptr + p_w, mask=m_t, other=0.0).to(tl.float32)
@@ -574,16 +579,16 @@ def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.cons
         a_h += b_dy * tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_g = tl.sum(a_g, axis=0)
     b_u = tl.sum(a_u, axis=0)
-    b_dh = tl.sum(a_h, axis=0) + c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+    b_dh = tl.sum(a_h, axis=0) + _l1_term(c1, b_u)
     return b_g, b_u, b_dh
 
 
 @triton.jit
 def _wgrad_list_rows(
-    a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k, m_k,
+    a_g, a_u, a_d, start, stop, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k, m_k,
     G: tl.constexpr,
 ):  # fmt: skip
-    # entries [start, stop) of unit i_n's list, every one a packed slot (no row above W): G per
+    # entries [start, stop) of one unit's list, every one a packed slot (no row above W): G per
     # step as G independent chains of scalar loads (slot -> g, u, dh and the x / dy row slices),
     # one-dimensional [BKC] rows, so no layout conversion (shared memory, barrier) per step
     for p0 in range(start, stop, G):
@@ -593,7 +598,7 @@ def _wgrad_list_rows(
             b_g = tl.load(gs_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
             b_u = tl.load(us_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
             b_dh = tl.load(dh_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
-            b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+            b_dh += _l1_term(c1, b_u)
             m = b_s // W
             m_x = m_k & (o_k * 0 + p0 + i < stop)
             b_x = tl.load(x_ptr + m * K + o_k, mask=m_x, other=0.0).to(tl.float32)
@@ -621,7 +626,7 @@ def _wgrad_list_tiles(
         b_g = tl.load(gs_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
         b_u = tl.load(us_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
         b_dh = tl.load(dh_ptr + b_s, mask=m_v, other=0.0).to(tl.float32)
-        b_dh += c1 * ((b_u > 0).to(tl.float32) - (b_u < 0).to(tl.float32))
+        b_dh += _l1_term(c1, b_u)
         b_dg = b_dh * b_u
         b_du = b_dh * b_g
         b_h = b_g * b_u
@@ -658,7 +663,7 @@ def _wgrad_item(
     a_d = tl.zeros([BKC], dtype=tl.float32)
     if not FALLBACK:
         a_g, a_u, a_d = _wgrad_list_rows(
-            a_g, a_u, a_d, start, stop, i_n, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k,
+            a_g, a_u, a_d, start, stop, slots_ptr, gs_ptr, us_ptr, dh_ptr, x_ptr, dy_ptr, c1, W, K, o_k,
             m_k, G,
         )  # fmt: skip
     else:
