@@ -246,6 +246,16 @@ def _finalize_tiles_kernel(
 
 
 @triton.jit
+def _middle_of_chain(PDL: tl.constexpr):
+    # start of a decode kernel between the gate kernel and the finishing kernel, all launched with
+    # programmatic dependent launch: the finishing kernel may be scheduled from now on, then wait
+    # until the gate kernel's grid has completed and its writes are visible
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _ranks(f):
     # for flags f [R]: the rank of each set flag among the set ones, in order, and their number
     c = f.to(tl.int32)
@@ -672,9 +682,7 @@ def _decode_units_kernel(
     # active units are spread over all the SMs instead of waiting behind each gate program's
     # stream of W_gate; with ONE_STEP (K <= BK) the W_up row, the W_down^T row and the x rows of
     # a unit are loaded together
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
-        tl.extra.cuda.gdc_wait()  # the gate kernel has completed and g is visible
+    _middle_of_chain(PDL)  # the gate kernel has completed and g is visible
     pid = tl.program_id(0)
     o_u = pid * R + tl.arange(0, R)
     m_u = o_u < N
@@ -760,9 +768,7 @@ def _decode_chunk_kernel(
     # item is dense tl.dot tiles (_chunk_up_down): the active units of the whole batch fill them,
     # not only those of one gate program; the items are spread over the programs by a loop (their
     # number is known only here)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the finishing kernel may be scheduled now
-        tl.extra.cuda.gdc_wait()  # the gate kernel has completed: g and the lists are visible
+    _middle_of_chain(PDL)  # the gate kernel has completed: g and the lists are visible
     pid = tl.program_id(0)
     o_b = tl.arange(0, NB_P2)
     c_b = tl.load(lst_ptr + NB * BN_G + o_b, mask=o_b < NB, other=0, cache_modifier=".cg")
