@@ -236,9 +236,16 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"dx_two_passes": False},
+    {"unit_group": 8},
+    {"unit_block_k": 256},
+    {"unit_block_k": 256, "unit_group": 8},
+    {"unit_block_k": 1024},
     {"unit_programs": 64},
-    {"unit_group": 2},
+    {"unit_programs": 16},
+    {"chunk": 256},
+    {"chunk": 64},
+    {"row_warps": 8},
+    {"row_group": 4},
 ]
 
 

@@ -160,10 +160,13 @@ def test_dense_path_matches_reference():
     assert int(st.overflow_rows) == int(sr.overflow_rows)
 
 
-def test_dx_in_two_passes(kdevice, monkeypatch):
-    # dx from the W_gate term (stored, rows above W whole) then the W_up term (added), with rows
-    # above W among the others
-    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(dx_two_passes=True, row_capacity=6, row_group=2))
+@pytest.mark.parametrize("two_passes", [False, True])
+def test_row_kernels_in_one_and_two_passes(kdevice, monkeypatch, two_passes):
+    # forward rows and dx rows in one pass, or in two (forward: g, u of the slots, then y with
+    # the rows above W; dx: the W_gate term stored, then the W_up term added), with rows above W
+    # among the others
+    cfg = ft.TrainConfig(fwd_two_passes=two_passes, dx_two_passes=two_passes, row_capacity=6, row_group=2)
+    monkeypatch.setattr(ft, "CONFIG", cfg)
     x, wg, wu, wd = _inputs(7, 33, 70, 4.0, device=kdevice, seed=8)
     x[2, 0] = -50.0  # column 0 carries the (negative) threshold: token 2 gets every unit active
     for det in (False, True):
@@ -281,10 +284,12 @@ def _pack_expected(g, W, tile, slots):
     "N, tile, block",
     [(100, 16, 256), (300, 64, 256), (1000, 256, 256), (1000, 512, 256), (1000, 256, 1024), (33, 16, 64)],
 )
-def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
     # tiles of up to 32 columns (within a word), within a step of `block` columns, and spanning
     # several steps; bit 31 of the words, NaN, an empty and a fully active row (past W = 40)
-    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(pack_block=block, row_capacity=40))
+    cfg = ft.TrainConfig(pack_block=block, row_capacity=40, pack_prefetch=prefetch)
+    monkeypatch.setattr(ft, "CONFIG", cfg)
     M, W, slots = 7, 40, 5
     gen = torch.Generator().manual_seed(N + tile)
     g = torch.randn((M, N), generator=gen) - 2.0  # ~2% active

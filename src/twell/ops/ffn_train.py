@@ -87,8 +87,15 @@ class TrainConfig:
     #: paper shape); 128 0.279, 64 0.380, 512 0.335, 1024 0.417; 2 warps 0.344
     pack_block: int = 256
     pack_warps: int = 1
+    #: the pack kernel loads a row's next block of g before scanning the current one
+    #: (0.146-0.147 ms against 0.160-0.161, H100, paper shape, M = 16384)
+    pack_prefetch: bool = True
     row_group: int = 2
     row_warps: int = 4
+    #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
+    #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
+    #: M = 16384; Nsight Compute: one pass 58 % L2 hit rate, 1.18 GB read from DRAM)
+    fwd_two_passes: bool = True
     #: warps of the dx row kernel (8: 0.568-0.569 ms against 0.573 at M = 16384, H100)
     dx_warps: int = 4
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
@@ -96,12 +103,15 @@ class TrainConfig:
     dx_two_passes: bool = True
     fill_words: int = 32
     #: weight gradients (main launch): entries per step, K columns per program, warps, and
-    #: persistent programs per SM and K slice. H100, paper shape, M = 16384: 2 / 512 / 4 / 32
-    #: 0.961 ms; 4 entries 1.034, 8 1.216; 1024 columns x 8 warps 1.097; 256 x 2 warps 1.033;
-    #: 16 / 64 programs per SM 1.056 / 1.037 (the last three with 4 entries per step)
-    unit_group: int = 2
+    #: persistent programs per SM and K slice. H100, paper shape, M = 16384 (torch.profiler, after
+    #: the int32 slot division): 4 / 512 / 1 warp / 32 0.643-0.645 ms (152 registers); 2 entries
+    #: at 1 warp 0.709, at 2 warps 0.753 (4 entries 0.724), at 4 warps 0.884; 8 entries 1.043;
+    #: 256 columns 0.643 (8 entries 0.805); 1024 columns 0.779; 64 / 16 programs 0.653 / 0.686.
+    #: Fewer warps per slice: the per-entry scalar work (slot, g, u, dh loads, the l1 term) is
+    #: issued once per warp, and Nsight Compute had the 4-warp kernel issue-bound (SM 85 %).
+    unit_group: int = 4
     unit_block_k: int = 512
-    unit_warps: int = 4
+    unit_warps: int = 1
     unit_programs: int = 32
 
 
@@ -216,6 +226,7 @@ def _pack_words_kernel(
     T: tl.constexpr,
     BW: tl.constexpr,
     ASM_RED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
     # load: active set (g > 0 or NaN), the first W active units in order (cols), the row count,
@@ -229,11 +240,20 @@ def _pack_words_kernel(
     n_act = tl.sum(tl.zeros([BW], dtype=tl.int32), axis=0)
     ovf = n_act
     run = n_act
+    o_b = tl.arange(0, BW)[:, None] * 32 + o_l[None, :]
+    if PREFETCH:
+        b_nxt = tl.load(p_g + o_b, mask=o_b < N, other=0.0)
     for w0 in range(0, NW, BW):
         o_w = w0 + tl.arange(0, BW)
-        o_n = o_w[:, None] * 32 + o_l[None, :]
+        o_n = w0 * 32 + o_b
         m_n = o_n < N
-        b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
+        if PREFETCH:
+            # the next step's block is loaded before this one is scanned (two loads in flight)
+            b_g = b_nxt
+            o_f = o_n + BW * 32
+            b_nxt = tl.load(p_g + o_f, mask=o_f < N, other=0.0)
+        else:
+            b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
         b_a = ((b_g > 0) | (b_g != b_g)) & m_n
         a_i = b_a.to(tl.int32)
         c_w = tl.sum(a_i, axis=1)
@@ -318,37 +338,51 @@ def _fwd_rows_kernel(
     W,
     G: tl.constexpr,
     BK: tl.constexpr,
+    PART: tl.constexpr,
 ):
     # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
     # the backward then needs no dot product for them. (The pack kernel storing g there instead,
     # read back here: rows 0.581 ms but pack 0.265 against 0.632 / 0.174, H100 at 34aa2e7.)
+    # PART 0: one pass. 1: g and u of the slots only (rows within W; W_up in L2); 2: y and l1 from
+    # the stored g and u (W_down^T in L2), and the rows above W, which walk their bitmask.
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_y = tl.zeros([BK], dtype=tl.float32)
     l1 = tl.sum(b_y, axis=0)
     g_row = g_ptr + i_m * N
     n_act = tl.load(cnt_ptr + i_m)
     if n_act <= W:
+        if PART != 2:
+            b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         o_g = tl.arange(0, G)
         row_cols = cols_ptr + i_m * W
         for j0 in range(0, n_act, G):
             m_g = j0 + o_g < n_act
             i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
             m_t = m_g[:, None] & m_k[None, :]
-            b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
-            # [G, BK] rows of W_up and W_down^T
-            b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            b_u = tl.sum(b_wu * b_x[None, :], axis=1)
-            b_h = b_gv * b_u
             p_s = i_m * W + j0 + o_g
-            tl.store(gs_ptr + p_s, b_gv, mask=m_g)
-            tl.store(us_ptr + p_s, b_u, mask=m_g)
-            b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
-            b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
-            l1 += tl.sum(tl.abs(b_h), axis=0)
-    else:
+            if PART == 2:
+                b_gv = tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+                b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
+            else:
+                b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
+                # [G, BK] rows of W_up
+                b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+                b_u = tl.sum(b_wu * b_x[None, :], axis=1)
+                tl.store(gs_ptr + p_s, b_gv, mask=m_g)
+                tl.store(us_ptr + p_s, b_u, mask=m_g)
+            if PART != 1:
+                b_h = b_gv * b_u
+                # [G, BK] rows of W_down^T
+                b_wd = tl.load(wdt_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
+                b_y += tl.sum(b_h[:, None] * b_wd, axis=0)
+                l1 += tl.sum(tl.abs(b_h), axis=0)
+        if PART != 1:
+            tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
+            tl.store(l1_ptr + i_m, l1)
+    elif PART != 1:
+        b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         for i_w in range(0, NW):
             word = tl.load(bits_ptr + i_m * NW + i_w).to(tl.int64) & 0xFFFFFFFF
             while word != 0:
@@ -356,8 +390,8 @@ def _fwd_rows_kernel(
                 n = i_w * 32 + _ctz(lsb)
                 b_y, l1 = _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K)
                 word = word ^ lsb
-    tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
-    tl.store(l1_ptr + i_m, l1)
+        tl.store(y_ptr + i_m * K + o_k, b_y, mask=m_k)
+        tl.store(l1_ptr + i_m, l1)
 
 
 @triton.jit
@@ -594,12 +628,13 @@ def _wgrad_list_rows(
     for p0 in range(start, stop, G):
         for i in tl.static_range(G):
             ok = p0 + i < stop
-            b_s = tl.load(slots_ptr + p0 + i, mask=ok, other=0).to(tl.int64)
+            # int32 slot and row (E < 2**31): a 64-bit division costs twice the instructions
+            b_s = tl.load(slots_ptr + p0 + i, mask=ok, other=0)
             b_g = tl.load(gs_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
             b_u = tl.load(us_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
             b_dh = tl.load(dh_ptr + b_s, mask=ok, other=0.0).to(tl.float32)
             b_dh += _l1_term(c1, b_u)
-            m = b_s // W
+            m = (b_s // W).to(tl.int64)
             m_x = m_k & (o_k * 0 + p0 + i < stop)
             b_x = tl.load(x_ptr + m * K + o_k, mask=m_x, other=0.0).to(tl.float32)
             b_dy = tl.load(dy_ptr + m * K + o_k, mask=m_x, other=0.0).to(tl.float32)
@@ -817,7 +852,8 @@ def _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
     _k("pack")[(M,)](
         g, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
-        T=tile, BW=bw, ASM_RED=g.is_cuda and not interpreter_enabled(), num_warps=CONFIG.pack_warps,
+        T=tile, BW=bw, ASM_RED=g.is_cuda and not interpreter_enabled(), PREFETCH=CONFIG.pack_prefetch,
+        num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
 
@@ -844,10 +880,11 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
         bk = triton.next_power_of_2(K)
-        _k("fwd")[(M,)](
-            x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
-            G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps,
-        )  # fmt: skip
+        for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
+            _k("fwd")[(M,)](
+                x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
+                G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.row_warps,
+            )  # fmt: skip
     l1 = l1_rows.sum() / max(M, 1)
     nnz = cnt.sum(dtype=torch.int64)
     over = ovf.sum(dtype=torch.int64)
