@@ -95,6 +95,7 @@ def print_table(rows: Sequence[dict], console=None, title: str | None = None) ->
         ("u(M)", "right"),
         ("MiB", "right"),
         ("mJ/tok", "right"),
+        ("fwd ms (x)", "right"),
     ]
     body = []
     for r in rows:
@@ -120,6 +121,10 @@ def print_table(rows: Sequence[dict], console=None, title: str | None = None) ->
             _fmt(r.get("union_density"), ".3f"),
             _fmt(r.get("peak_mem_mib"), ",.0f"),
             _fmt(r.get("energy_mj_per_token"), ".4f"),
+            # ffn_fwdbwd: the training forward alone and its speedup over dense's
+            "-"
+            if r.get("fwd_ms") is None
+            else f"{_ms(r['fwd_ms'])} ({_fmt(r.get('fwd_speedup_vs_dense'), '.2f')})",
         ]
         body.append((cells, style))
     # columns with no value in any row (eager time and energy on CPU, ...) are left out

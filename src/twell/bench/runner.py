@@ -287,8 +287,16 @@ def _fns(op: str, provider: str, xs, weights, opts: BenchOptions, dy=None) -> li
             y, l1 = fwd()
             return torch.autograd.grad((y, l1), ins, (dy[: y.shape[0]], coeff))
 
-        out.append(f)
+        out.append(fwd if op == "train_fwd" else f)
     return out
+
+
+def _train_fwd_ms(provider: str, xs, weights, opts: BenchOptions, device) -> float:
+    """Device time of the training forward alone (leaves that require grad, the graph built for
+    the backward and dropped), the first half of an ``ffn_fwdbwd`` row."""
+    fns = _fns("train_fwd", provider, xs, weights, opts)
+    t = time_calls(fns, device, methods=("queued",), warmup_ms=opts.warmup_ms, target_ms=opts.target_ms)
+    return (t.get("queued") or t["wall"]).ms
 
 
 def _no_grad(f: Callable) -> Callable:
@@ -453,12 +461,16 @@ class _Session:
         provs = ["dense"] + [p for p in providers if p != "dense"]
         if op == "ffn_fwdbwd":
             provs = [p for p in provs if p != "reference"]
-        dense_ms = None
+        dense_ms = dense_fwd_ms = None
         for prov in provs:
             fns = _fns(op, prov, xs, weights, opts, dy)
             res = _measure_provider(fns, self.device, opts, op, M, self.meter)
             if prov == "dense":
                 dense_ms = res["ms"]
+            if op == "ffn_fwdbwd":
+                res["fwd_ms"] = _train_fwd_ms(prov, xs, weights, opts, self.device)
+                dense_fwd_ms = dense_fwd_ms or res["fwd_ms"]
+                res["fwd_speedup_vs_dense"] = dense_fwd_ms / res["fwd_ms"]
             if prov == "twell":
                 res["twell_path"] = _twell_path(op, self.device, N)
                 res["twell_dispatch"] = _dispatch(op, self.device, M, N, weights[0][0])
