@@ -27,7 +27,7 @@ from .energy import measure_energy, open_meter
 from .env import env_info, resolve_device, resolve_dtype
 from .registry import MODEL_OPS, TRAIN_OPS, Case, Shape, get_shape
 from .roofline import amdahl, measure_roofs, model_ffn_share
-from .runner import BenchResult, check_row, default_out_path
+from .runner import BenchResult, check_row, default_out_path, l1_of
 from .timing import percentile
 
 __all__ = ["ModelOptions", "run_model_cases", "llama_config"]
@@ -151,7 +151,7 @@ def _train_rows(case: Case, opts: ModelOptions, device, dtype) -> list[dict]:
 
     def l1_hook(mod, args):
         h = args[0]
-        dense_l1.append(h.float().abs().sum() / max(h.numel() // h.shape[-1], 1))
+        dense_l1.append(l1_of(h))
 
     def step(sparse: bool):
         dense_l1.clear()
