@@ -6,6 +6,7 @@ reference FFN, with a random upstream gradient on y and an L1 term on stats.l1.
 
 import pytest
 import torch
+import triton
 
 from twell.ops import ffn_train as ft
 from twell.ops.ffn_ref import sparse_ffn_ref
@@ -312,3 +313,32 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
     for m in range(M):
         c = cols_r[m]
         assert torch.equal(cols[m, : len(c)].cpu(), c), f"row {m}"
+
+
+@pytest.mark.parametrize("N, ch", [(5, 3), (1500, 4), (2100, 1)])
+def test_items_kernels_vs_torch(kdevice, N, ch):
+    # offsets, work items (split in chunks of ch; a unit past the capacity E is one item) and
+    # item -> unit map against the torch formulation; several 1024-unit blocks, empty units
+    gen = torch.Generator().manual_seed(N)
+    ucnt = torch.randint(0, 9, (N,), generator=gen, dtype=torch.int32)
+    ucnt[::7] = 0
+    E = int(ucnt.sum()) * 3 // 4  # the last units spill
+    dev = kdevice
+    uoff = torch.full((N + 1,), -5, dtype=torch.int64, device=dev)
+    se = torch.full((2, N), -5, dtype=torch.int64, device=dev)
+    multi = torch.full((N,), -5, dtype=torch.int32, device=dev)
+    flags = torch.full((2, N), -5, dtype=torch.int32, device=dev)
+    ft._k("items")[(1,)](ucnt.to(dev), uoff, se[0], se[1], multi, flags, N, E, ch, BN=1024)
+    n_items = (E + ch - 1) // ch + N
+    unit = torch.full((n_items,), -5, dtype=torch.int32, device=dev)
+    ft._k("item_units")[(triton.cdiv(n_items, 1024),)](se[1], unit, N, n_items, N.bit_length(), BI=1024)
+    off = torch.zeros(N + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(ucnt.long(), 0)
+    spilled = off[1:] > E
+    items = torch.where(spilled, 1, ((ucnt.long() + ch - 1) // ch).clamp(min=1))
+    end = torch.cumsum(items, 0)
+    assert torch.equal(uoff.cpu(), off)
+    assert torch.equal(se[1].cpu(), end) and torch.equal(se[0].cpu(), end - items)
+    assert torch.equal(multi.cpu(), (spilled | (ucnt > ch)).to(torch.int32))
+    assert int(flags.abs().sum()) == 0
+    assert torch.equal(unit.cpu().long(), torch.searchsorted(end, torch.arange(n_items), right=True))

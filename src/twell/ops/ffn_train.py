@@ -597,6 +597,55 @@ def _scatter_units_kernel(
 
 
 @triton.jit
+def _items_kernel(
+    ucnt_ptr, uoff_ptr, item_first_ptr, item_end_ptr, multi_ptr, flags_ptr, N, E, CH, BN: tl.constexpr
+):
+    # one program: the by-unit offsets uoff [N + 1] (a running sum of the per-unit counts), the
+    # weight-gradient work items of each unit (a unit whose list does not fit E is one item, the
+    # others ceil(count / CH), at least 1): item_first / item_end [N] (running sum of items),
+    # multi[n] (the unit's rows are summed with atomics: more than CH entries, or past E), and
+    # flags [2, N] zeroed for the index kernels. In place of about fifteen small torch kernels.
+    tl.store(uoff_ptr, tl.zeros([1], dtype=tl.int64).sum(axis=0))
+    c_run = tl.zeros([1], dtype=tl.int64).sum(axis=0)
+    i_run = c_run
+    for n0 in range(0, N, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < N
+        b_c = tl.load(ucnt_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+        b_end = c_run + tl.cumsum(b_c, axis=0)
+        spilled = b_end > E
+        b_i = tl.where(spilled, 1, tl.maximum((b_c + CH - 1) // CH, 1))
+        b_i = tl.where(m_n, b_i, 0)
+        b_iend = i_run + tl.cumsum(b_i, axis=0)
+        tl.store(uoff_ptr + 1 + o_n, b_end, mask=m_n)
+        tl.store(item_end_ptr + o_n, b_iend, mask=m_n)
+        tl.store(item_first_ptr + o_n, b_iend - b_i, mask=m_n)
+        tl.store(multi_ptr + o_n, (spilled | (b_c > CH)).to(tl.int32), mask=m_n)
+        zero = tl.zeros([BN], dtype=tl.int32)
+        tl.store(flags_ptr + o_n, zero, mask=m_n)
+        tl.store(flags_ptr + N + o_n, zero, mask=m_n)
+        c_run += tl.sum(b_c, axis=0)
+        i_run += tl.sum(b_i, axis=0)
+
+
+@triton.jit
+def _item_units_kernel(item_end_ptr, item_unit_ptr, N, n_items, STEPS, BI: tl.constexpr):
+    # unit of each work item i < n_items: the first n with item_end[n] > i (N past the last item),
+    # by a binary search of STEPS = bit length of N halvings
+    o_i = tl.program_id(0) * BI + tl.arange(0, BI)
+    lo = tl.zeros([BI], dtype=tl.int32)
+    hi = lo + N
+    for _ in range(STEPS):
+        go = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(item_end_ptr + mid, mask=go, other=0)
+        right = v <= o_i
+        lo = tl.where(go & right, mid + 1, lo)
+        hi = tl.where(go & ~right, mid, hi)
+    tl.store(item_unit_ptr + o_i, lo, mask=o_i < n_items)
+
+
+@triton.jit
 def _dots_full(m, n, x_ptr, dy_ptr, wg_ptr, wu_ptr, wdt_ptr, c1, K, BKC: tl.constexpr):
     # g, u, dh (with the l1 term) of one entry (m, n), over the whole of K in BKC steps
     o_c = tl.arange(0, BKC)
@@ -820,6 +869,8 @@ _KERNELS = {
     "fill": _fill_units_kernel,
     "scatter": _scatter_units_kernel,
     "wgrad": _wgrad_kernel,
+    "items": _items_kernel,
+    "item_units": _item_units_kernel,
 }
 
 
@@ -918,12 +969,23 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
             G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
         )  # fmt: skip
     ucnt = counts[M:]
-    uoff = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
-    torch.cumsum(ucnt, 0, out=uoff[1:])
     E = M * W
-    slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
+    # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
+    # and for units whose list did not fit E); item -> unit by a binary search on the device
+    ch = M if deterministic else CONFIG.chunk
+    uoff = _alloc.empty((N + 1,), dtype=torch.int64, device=dev)
+    item_se = _alloc.empty((2, N), dtype=torch.int64, device=dev)  # first, end
+    item_first, item_end = item_se[0], item_se[1]
     # [0]: heavy[n], unit n has a row above W; [1]: the atomic cursors of the scatter
-    flags = torch.zeros((2, N), dtype=torch.int32, device=dev)
+    flags = _alloc.empty((2, N), dtype=torch.int32, device=dev)
+    multi = _alloc.empty((N,), dtype=torch.int32, device=dev)
+    _k("items")[(1,)](ucnt, uoff, item_first, item_end, multi, flags, N, E, ch, BN=1024, num_warps=4)
+    n_items = (E + ch - 1) // ch + N  # upper bound: sum of ceil(cnt / ch) over units that fit E
+    item_unit = _alloc.empty((n_items,), dtype=torch.int32, device=dev)
+    _k("item_units")[(triton.cdiv(n_items, 1024),)](
+        item_end, item_unit, N, n_items, N.bit_length(), BI=1024, num_warps=4
+    )
+    slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
     if deterministic:
         # by-unit index in row order: bit transpose, then a counting sort by unit
         tbits = _alloc.empty((NW * 32, MW), dtype=torch.int32, device=dev)
@@ -934,24 +996,14 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     else:
         # order inside a unit is free (its sum is split over fp32 atomics anyway): atomic cursors
         _k("scatter")[(M,)](cols, cnt, bits, uoff, flags[1], slots, flags[0], NW, W, E, BS=64, num_warps=2)
-    # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
-    # and for units whose list did not fit E); item -> unit by a binary search on the device
-    ch = M if deterministic else CONFIG.chunk
-    spilled = uoff[1:] > E
-    items = torch.where(spilled, 1, ((ucnt.to(torch.int64) + ch - 1) // ch).clamp(min=1))
-    item_end = torch.cumsum(items, 0)
-    item_first = item_end - items
-    n_items = (E + ch - 1) // ch + N  # upper bound: sum of ceil(cnt / ch) over units that fit E
-    item_unit = torch.searchsorted(item_end, torch.arange(n_items, device=dev), right=True).to(torch.int32)
     outs = (
         torch.empty_like(w_gate),
         torch.empty_like(w_up),
         _alloc.empty((N, K), dtype=w_down.dtype, device=dev),  # dW_down^T
     )
-    acc = multi = None
+    acc = None
     if not deterministic:
-        # units summed by fp32 atomics: lists longer than one item, or past E (the kernel's test)
-        multi = (spilled | (ucnt > ch)).to(torch.int32)
+        # units summed by fp32 atomics (multi: lists longer than one item, or past E)
         acc = _alloc.empty((3, N, K), dtype=torch.float32, device=dev)
         _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=False, BK=1024, num_warps=4)
     bkc = min(CONFIG.unit_block_k, bk)
