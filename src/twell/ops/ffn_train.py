@@ -607,24 +607,25 @@ def _items_kernel(
     # flags [2, N] zeroed for the index kernels. In place of about fifteen small torch kernels.
     tl.store(uoff_ptr, tl.zeros([1], dtype=tl.int64).sum(axis=0))
     c_run = tl.zeros([1], dtype=tl.int64).sum(axis=0)
-    i_run = c_run
+    i_run = tl.zeros([1], dtype=tl.int32).sum(axis=0)
     for n0 in range(0, N, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < N
-        b_c = tl.load(ucnt_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-        b_end = c_run + tl.cumsum(b_c, axis=0)
+        # counts and items in int32 (items <= E / CH + N); the running entry count in int64
+        b_c = tl.load(ucnt_ptr + o_n, mask=m_n, other=0)
+        b_end = c_run + tl.cumsum(b_c.to(tl.int64), axis=0)
         spilled = b_end > E
         b_i = tl.where(spilled, 1, tl.maximum((b_c + CH - 1) // CH, 1))
         b_i = tl.where(m_n, b_i, 0)
         b_iend = i_run + tl.cumsum(b_i, axis=0)
         tl.store(uoff_ptr + 1 + o_n, b_end, mask=m_n)
-        tl.store(item_end_ptr + o_n, b_iend, mask=m_n)
-        tl.store(item_first_ptr + o_n, b_iend - b_i, mask=m_n)
+        tl.store(item_end_ptr + o_n, b_iend.to(tl.int64), mask=m_n)
+        tl.store(item_first_ptr + o_n, (b_iend - b_i).to(tl.int64), mask=m_n)
         tl.store(multi_ptr + o_n, (spilled | (b_c > CH)).to(tl.int32), mask=m_n)
         zero = tl.zeros([BN], dtype=tl.int32)
         tl.store(flags_ptr + o_n, zero, mask=m_n)
         tl.store(flags_ptr + N + o_n, zero, mask=m_n)
-        c_run += tl.sum(b_c, axis=0)
+        c_run += tl.sum(b_c.to(tl.int64), axis=0)
         i_run += tl.sum(b_i, axis=0)
 
 
@@ -979,11 +980,13 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     # [0]: heavy[n], unit n has a row above W; [1]: the atomic cursors of the scatter
     flags = _alloc.empty((2, N), dtype=torch.int32, device=dev)
     multi = _alloc.empty((N,), dtype=torch.int32, device=dev)
-    _k("items")[(1,)](ucnt, uoff, item_first, item_end, multi, flags, N, E, ch, BN=1024, num_warps=4)
+    # device time at N = 5632 (H100): 14.0 + 3.1 us against 37.5 us for the torch ops they
+    # replace (zeros, cumsum, where, clamp, searchsorted, casts); 1024 x 4 warps 17.8, 8192 x 16 17.6
+    _k("items")[(1,)](ucnt, uoff, item_first, item_end, multi, flags, N, E, ch, BN=2048, num_warps=8)
     n_items = (E + ch - 1) // ch + N  # upper bound: sum of ceil(cnt / ch) over units that fit E
     item_unit = _alloc.empty((n_items,), dtype=torch.int32, device=dev)
-    _k("item_units")[(triton.cdiv(n_items, 1024),)](
-        item_end, item_unit, N, n_items, N.bit_length(), BI=1024, num_warps=4
+    _k("item_units")[(triton.cdiv(n_items, 256),)](
+        item_end, item_unit, N, n_items, N.bit_length(), BI=256, num_warps=4
     )
     slots = _alloc.empty((E,), dtype=torch.int32, device=dev)
     if deterministic:
