@@ -236,10 +236,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"pack_block": 512},
-    {"pack_block": 128},
+    {"dx_group": 2},
+    {"dx_group": 8},
     {"chunk": 256},
-    {"unit_group": 2},
 ]
 
 

@@ -98,6 +98,9 @@ class TrainConfig:
     fwd_two_passes: bool = True
     #: warps of the dx row kernel (8: 0.568-0.569 ms against 0.573 at M = 16384, H100)
     dx_warps: int = 4
+    #: entries per step of the dx row kernel (4: 0.530 ms against 0.546-0.547 for 2, H100, paper
+    #: shape, M = 16384, both passes)
+    dx_group: int = 4
     #: dx in two passes (W_gate term, then W_up term), one weight matrix in L2 per pass
     #: (0.544-0.551 ms against 0.573-0.576 in one, H100, paper shape, M = 16384)
     dx_two_passes: bool = True
@@ -967,7 +970,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     for part in (1, 2) if CONFIG.dx_two_passes else (0,):
         _k("bwd")[(M,)](
             x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
-            G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
+            G=CONFIG.dx_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
         )  # fmt: skip
     ucnt = counts[M:]
     E = M * W
