@@ -73,6 +73,20 @@ def test_dense_token_among_sparse_ones(kdevice, poison, path):
     assert int(st.overflow_rows) >= 1
 
 
+@pytest.mark.parametrize("two_passes", [False, True])
+def test_prefill_one_and_two_passes(kdevice, poison, two_passes):
+    # prefill up/down in one launch, or two (h over g in the packed values, then y): sparse
+    # tokens, a token activating every unit (its tiles overflow and are recomputed whole), NaN
+    x, wg, wu, wd = make_sparse_ffn(9, 32, 200, 4, device=kdevice, seed=5)
+    x[4, 0] = -30.0
+    with override("infer", prefill_two_passes=two_passes):
+        y, st = _check(x, wg, wu, wd, 64, 8, "prefill")
+        assert int(st.overflow_rows) >= 1
+        x[2, 5] = float("nan")
+        y2, _ = ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="prefill")
+    assert torch.isnan(y2[2]).all() and not torch.isnan(y2[[0, 1, 3, 4, 5, 6, 7, 8]]).any()
+
+
 @pytest.mark.parametrize("path", SPARSE_PATHS)
 def test_nan_token_stays_in_its_row(kdevice, poison, path):
     x, wg, wu, wd = make_sparse_ffn(6, 32, 100, 5, device=kdevice, seed=7)

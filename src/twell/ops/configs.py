@@ -58,6 +58,9 @@ class InferConfig:
     #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
     #: M = 1024: 1.06x; M = 2048: 1.22x)
     prefill_min_m: int = 1024
+    #: prefill up/down in two launches (h = g u of the packed entries, written over g; then y), one
+    #: weight matrix in L2 per launch, as the training forward rows
+    prefill_two_passes: bool = False
     #: decode stage 1 (gate + up), GEMV form (M <= decode_gemv_max_m): units and warps per program,
     #: 0 = by K: 2 units at M = 1 when K > 2048, else 4; 2 warps when K <= 1024, else 4. From the
     #: bf7277f sweep (H100, 30 active/token, device time, atomic down form; units x warps in

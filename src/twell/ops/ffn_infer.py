@@ -126,7 +126,12 @@ def _updown_kernel(
     T: tl.constexpr,
     S: tl.constexpr,
     BK: tl.constexpr,
+    PART: tl.constexpr,
 ):
+    # one program per token over its packed entries. PART 0: y and the statistics in one pass.
+    # PART 1: h = g u of the entries of tiles within S, written over their g in `values` (the
+    # activation dtype, as dense rounds h; W_up alone in L2); PART 2: y from those h (W_down^T
+    # alone in L2), the overflowing tiles whole, and the statistics.
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -142,13 +147,19 @@ def _updown_kernel(
             p_e = (i_m * NT + t) * S
             for i in range(c):
                 n = (tl.load(columns_ptr + p_e + i).to(tl.int32) & 0xFFFF).to(tl.int64)
-                g = tl.load(values_ptr + p_e + i).to(tl.float32)
-                b_u = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                b_d = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-                h = g * tl.sum(b_x * b_u)
-                s_l1 += tl.abs(h)
-                b_y += h * b_d
-        else:
+                if PART == 2:
+                    h = tl.load(values_ptr + p_e + i).to(tl.float32)
+                else:
+                    g = tl.load(values_ptr + p_e + i).to(tl.float32)
+                    b_u = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    h = g * tl.sum(b_x * b_u)
+                if PART == 1:
+                    tl.store(values_ptr + p_e + i, h.to(OUT_DTYPE))
+                else:
+                    b_d = tl.load(wdt_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+                    s_l1 += tl.abs(h)
+                    b_y += h * b_d
+        elif PART != 1:
             # more than S active units in this (token, tile): recompute the tile's gate exactly
             s_over = tl.maximum(s_over, 1)
             for j in range(T):
@@ -162,10 +173,11 @@ def _updown_kernel(
                         h = g * tl.sum(b_x * b_u)
                         s_l1 += tl.abs(h)
                         b_y += h * b_d
-    tl.store(y_ptr + i_m * stride_ym + o_k, b_y.to(OUT_DTYPE), mask=m_k)
-    tl.store(tok_ptr + i_m * 4 + 0, s_cnt.to(tl.float32))
-    tl.store(tok_ptr + i_m * 4 + 1, s_l1)
-    tl.store(tok_ptr + i_m * 4 + 2, s_over.to(tl.float32))
+    if PART != 1:
+        tl.store(y_ptr + i_m * stride_ym + o_k, b_y.to(OUT_DTYPE), mask=m_k)
+        tl.store(tok_ptr + i_m * 4 + 0, s_cnt.to(tl.float32))
+        tl.store(tok_ptr + i_m * 4 + 1, s_l1)
+        tl.store(tok_ptr + i_m * 4 + 2, s_over.to(tl.float32))
 
 
 @triton.jit
@@ -1148,12 +1160,13 @@ def _launch_updown(x, counts, values, columns, w_gate, w_up, wdt, y, tok, tile, 
     out_dt, bits_dt, inf_bits, mag, _ = _dtype_consts(x.dtype)
     bk = _p2(K)
     # 16 x-elements per thread: K = 2048 -> 4 warps (the shape measured at 1.14-1.19 ns per pair)
-    _updown_kernel[(M,)](
-        x, counts, values, columns, w_gate, w_up, wdt, y, tok,
-        w_gate.shape[0], K, counts.shape[1], x.stride(0), x.stride(1), y.stride(0),
-        OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
-        T=tile, S=slots, BK=bk, num_warps=max(1, min(16, bk // 512)),
-    )  # fmt: skip
+    for part in (1, 2) if get_config("infer").prefill_two_passes else (0,):
+        _updown_kernel[(M,)](
+            x, counts, values, columns, w_gate, w_up, wdt, y, tok,
+            w_gate.shape[0], K, counts.shape[1], x.stride(0), x.stride(1), y.stride(0),
+            OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
+            T=tile, S=slots, BK=bk, PART=part, num_warps=max(1, min(16, bk // 512)),
+        )  # fmt: skip
 
 
 def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
