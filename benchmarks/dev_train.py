@@ -236,9 +236,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
+    {"unit_group": 2},
     {"dx_group": 2},
-    {"dx_group": 8},
-    {"chunk": 256},
+    {"pack_block": 512},
 ]
 
 
