@@ -236,18 +236,20 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
+    {"chunk": 64},
+    {"chunk": 256},
+    {"chunk": 512},
+    {"unit_programs": 64},
     {"unit_group": 2},
-    {"dx_group": 2},
-    {"pack_block": 512},
 ]
 
 
-def sweep(K=2048, N=5632, M=16384, a=30):
+def sweep(K=2048, N=5632, M=16384, a=30, pattern="iid"):
     """Per-kernel profile of one step for each launch-shape variant of ``ft.CONFIG`` (each applied
     to the module's configuration); keeps the fastest step (a variant must gain 2%) for the cases
     that follow."""
     base = ft.CONFIG
-    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, dtype=torch.bfloat16, device="cuda", seed=1)
+    x, wg, wu, wd = make_sparse_ffn(M, K, N, a, pattern=pattern, dtype=torch.bfloat16, device="cuda", seed=1)
     ws = [t.requires_grad_() for t in (wg, wu, wd)]
     dy = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     best = (float("inf"), base)
@@ -257,7 +259,7 @@ def sweep(K=2048, N=5632, M=16384, a=30):
             step = _time(lambda: _step(_twell, x, ws, dy), 8)[0]
             if step < 0.98 * best[0] or not var:
                 best = (step, ft.CONFIG)
-            prof = profile_case(K, N, M, a)
+            prof = profile_case(K, N, M, a, pattern)
             short = {k.strip("_").replace("_kernel", ""): v for k, v in prof.items() if k.startswith("_")}
             print(f"sweep {var}: step {step:.3f} ms  {short}", flush=True)
         except Exception as e:  # noqa: BLE001
@@ -272,6 +274,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-pattern", default="iid", help="activation pattern of the sweep's case")
     ap.add_argument("--ncu", action="store_true", help="one profiled step only (see ncu_step)")
     ap.add_argument(
         "--cases",
@@ -283,7 +286,7 @@ def main():
         ncu_step()
         return
     if args.sweep:
-        sweep()
+        sweep(pattern=args.sweep_pattern)
     if args.cases == "none":
         return
     rows: list[dict] = []
