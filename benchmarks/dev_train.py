@@ -274,7 +274,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-pattern", default="iid", help="activation pattern of the sweep's case")
+    ap.add_argument("--sweep-pattern", default="iid", help="activation pattern of the --sweep / --ncu case")
     ap.add_argument("--ncu", action="store_true", help="one profiled step only (see ncu_step)")
     ap.add_argument(
         "--cases",
@@ -283,7 +283,7 @@ def main():
     )
     args = ap.parse_args()
     if args.ncu:
-        ncu_step()
+        ncu_step(pattern=args.sweep_pattern)
         return
     if args.sweep:
         sweep(pattern=args.sweep_pattern)
