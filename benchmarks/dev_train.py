@@ -236,11 +236,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"chunk": 64},
-    {"chunk": 256},
-    {"chunk": 512},
-    {"unit_programs": 64},
-    {"unit_group": 2},
+    {"unit_block_k": 256},
+    {"unit_block_k": 128},
+    {"unit_block_k": 256, "unit_programs": 64},
 ]
 
 
