@@ -796,7 +796,8 @@ def _wgrad_kernel(
     # grid axis, so the programs running together share one BKC-wide slice of x and dy
     # (2 * M * BKC * 2 bytes).
     # Two launches of this kernel share the items. FALLBACK = 0 takes the units whose entries are
-    # all packed slots (_wgrad_list_rows: no layout conversion, 40 registers at 4 warps); 1 takes
+    # all packed slots (_wgrad_list_rows: no layout conversion; 70 registers at the default one
+    # warp, 4 entries per step and 256 columns); 1 takes
     # the units with a row above W (heavy[n] set by the index kernels: _wgrad_list_tiles recomputes
     # those entries) and the units whose list did not fit E (a walk of their bitmask column). The
     # rare paths live in their own compile, so they do not raise the main one's register count.
