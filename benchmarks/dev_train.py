@@ -236,9 +236,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"unit_block_k": 256},
-    {"unit_block_k": 128},
-    {"unit_block_k": 256, "unit_programs": 64},
+    {"chunk": 512},
+    {"chunk": 1024},
+    {"chunk": 2048},
 ]
 
 
@@ -273,6 +273,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-pattern", default="iid", help="activation pattern of the --sweep / --ncu case")
+    ap.add_argument("--sweep-m", type=int, default=16384, help="tokens of the --sweep case")
     ap.add_argument("--ncu", action="store_true", help="one profiled step only (see ncu_step)")
     ap.add_argument(
         "--cases",
@@ -284,7 +285,7 @@ def main():
         ncu_step(pattern=args.sweep_pattern)
         return
     if args.sweep:
-        sweep(pattern=args.sweep_pattern)
+        sweep(M=args.sweep_m, pattern=args.sweep_pattern)
     if args.cases == "none":
         return
     rows: list[dict] = []
