@@ -87,6 +87,18 @@ def test_chunk_scales_with_tokens(kdevice, poison, monkeypatch):
     _check(*_inputs(37, 24, 64, 9.0, device=kdevice, seed=12))
 
 
+@pytest.mark.parametrize("det", [False, True])
+def test_weight_gradients_in_token_blocks(kdevice, poison, monkeypatch, det):
+    # the backward's weight gradients over blocks of 5 tokens (3 blocks, the last of 1 token),
+    # each with its own index; capacity W = 4 so that a fully active token and units past the
+    # block's E = 5 * W take the fallback walks
+    cfg = ft.TrainConfig(wgrad_block_rows=5, row_capacity=4, chunk=3, unit_block_k=8, unit_programs=1)
+    monkeypatch.setattr(ft, "CONFIG", cfg)
+    x, wg, wu, wd = _inputs(11, 20, 45, 2.0, device=kdevice, seed=3)
+    x[4, 0] = -50.0  # column 0 carries the (negative) threshold: token 4 gets every unit active
+    _check(x, wg, wu, wd, deterministic=det, unit_counts=True)
+
+
 def test_deterministic_repeat_and_chunked_match(kdevice):
     x, wg, wu, wd = _inputs(37, 24, 64, 6.0, device=kdevice, seed=4)
     runs = []

@@ -77,6 +77,9 @@ class TrainConfig:
 
     row_capacity: int = 256
     chunk: int = 128
+    #: the backward's weight gradients walk the tokens in blocks of this many rows above it, each
+    #: block with its own by-unit index, so that the x / dy rows of a block stay in L2 (0: one walk)
+    wgrad_block_rows: int = 16384
     #: the chunk scales as chunk * M / chunk_ref_m above chunk_ref_m tokens: at M = 131072 (H100,
     #: paper shape) chunks of 1024 took the weight gradients from 12.48 to 10.88 ms iid and from
     #: 12.47 to 11.79 skewed (512: 11.79 / 11.88; 2048: 10.91 / 12.42)
@@ -795,6 +798,7 @@ def _wgrad_kernel(
     item_unit_ptr, item_first_ptr, n_items_ptr, heavy_ptr, c1_ptr, dwg_ptr, dwu_ptr, dwdt_ptr, acc_ptr,
     M, N, K, NW, MW, E, W, CH,
     G: tl.constexpr, BKC: tl.constexpr, ATOMIC: tl.constexpr, FALLBACK: tl.constexpr,
+    ACCUM: tl.constexpr,
 ):  # fmt: skip
     # program (item, k-chunk): item = up to CH consecutive entries of one unit's by-unit list;
     # columns [kc * BKC, (kc + 1) * BKC) of the unit's three gradient rows. The k-chunk is the slow
@@ -810,6 +814,8 @@ def _wgrad_kernel(
     # gradients (their dtype); with ATOMIC, the items of a unit split in several (or whose list
     # did not fit E) add into the fp32 rows of acc [3, N, K] instead (_multi_rows_kernel zeroes
     # them before and rounds them into the gradients after).
+    # ACCUM (a block of the rows, the backward walking the tokens in blocks): whole-list items add
+    # their rows into acc too (a plain read-add-write: one program owns the row in the launch).
     # Persistent: program p of a k-chunk takes items p, p + P, ... up to the number of items
     # counted on the device (the grid is sized from an upper bound without reading it back).
     i_kc = tl.program_id(1)
@@ -839,6 +845,13 @@ def _wgrad_kernel(
                     tl.atomic_add(acc_ptr + i_n * K + o_k, a_g, mask=m_k, sem="relaxed")
                     tl.atomic_add(acc_ptr + (N + i_n) * K + o_k, a_u, mask=m_k, sem="relaxed")
                     tl.atomic_add(acc_ptr + (2 * N + i_n) * K + o_k, a_d, mask=m_k, sem="relaxed")
+                elif ACCUM:
+                    p_g = acc_ptr + i_n * K + o_k
+                    p_u = acc_ptr + (N + i_n) * K + o_k
+                    p_d = acc_ptr + (2 * N + i_n) * K + o_k
+                    tl.store(p_g, tl.load(p_g, mask=m_k, other=0.0) + a_g, mask=m_k)
+                    tl.store(p_u, tl.load(p_u, mask=m_k, other=0.0) + a_u, mask=m_k)
+                    tl.store(p_d, tl.load(p_d, mask=m_k, other=0.0) + a_d, mask=m_k)
                 else:
                     tl.store(dwg_ptr + i_n * K + o_k, a_g, mask=m_k)
                     tl.store(dwu_ptr + i_n * K + o_k, a_u, mask=m_k)
@@ -955,32 +968,19 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l1, nnz, over, uc, cols, counts, pat, gu
 
 
-def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, deterministic):
+def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
+    """Weight gradients from the rows ``rows = (x, dy, cols, cnt, bits, wpre, g, u, dh)`` (all
+    of them, or one block) whose per-unit counts are ``ucnt [N]``: by-unit index, work items,
+    then the two weight-gradient launches into ``outs`` (the gradients; dW_down^T). With ``acc``
+    (fp32 [3, N, K], the blocked backward) every unit's rows are added there instead; without it,
+    the units summed by atomics get one here. Returns the fp32 rows used (or None)."""
+    x, dy, cols, cnt, bits, wpre, g_s, u_s, dh = rows
     M, K = x.shape
     N = w_gate.shape[0]
     W = cols.shape[1]
-    NW = pat.shape[2]
-    bits, wpre = pat[0], pat[1]
+    NW = bits.shape[1]
     MW = (M + 31) // 32
     dev = x.device
-    cnt = counts[:M]
-    dx = _alloc.empty((M, K), dtype=x.dtype, device=dev)
-    if M == 0:
-        z = torch.zeros_like(w_gate)
-        return dx, z, torch.zeros_like(w_up), torch.zeros_like(w_down)
-    dy = dy.contiguous()
-    c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
-    wdt = _transposed(w_down, w_down.dtype)
-    bk = triton.next_power_of_2(K)
-    # per-slot dh of rows within W, l1 term excluded (x's dtype, like dense autograd's dh)
-    dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
-    _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps)
-    for part in (1, 2) if CONFIG.dx_two_passes else (0,):
-        _k("bwd")[(M,)](
-            x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
-            G=CONFIG.dx_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
-        )  # fmt: skip
-    ucnt = counts[M:]
     E = M * W
     # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
     # and for units whose list did not fit E); item -> unit by a binary search on the device
@@ -1011,29 +1011,80 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     else:
         # order inside a unit is free (its sum is split over fp32 atomics anyway): atomic cursors
         _k("scatter")[(M,)](cols, cnt, bits, uoff, flags[1], slots, flags[0], NW, W, E, BS=64, num_warps=2)
-    outs = (
-        torch.empty_like(w_gate),
-        torch.empty_like(w_up),
-        _alloc.empty((N, K), dtype=w_down.dtype, device=dev),  # dW_down^T
-    )
-    acc = None
-    if not deterministic:
+    accum = acc is not None
+    if not accum and not deterministic:
         # units summed by fp32 atomics (multi: lists longer than one item, or past E)
         acc = _alloc.empty((3, N, K), dtype=torch.float32, device=dev)
         _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=False, BK=1024, num_warps=4)
+    bk = triton.next_power_of_2(K)
     bkc = min(CONFIG.unit_block_k, bk)
     # the main launch (units whose entries are all packed slots), then the rare paths with one
     # program per SM (its tiles keep the G rows in each thread at 2 warps)
     for fallback, progs, warps in ((0, CONFIG.unit_programs, CONFIG.unit_warps), (1, 1, 2)):
         _k("wgrad")[(min(n_items, progs * num_sms(dev)), triton.cdiv(K, bkc))](
-            x, dy, w_gate, w_up, wdt, slots, gu[0], gu[1], dh, uoff, bits, item_unit, item_first, item_end[-1:],
+            x, dy, w_gate, w_up, wdt, slots, g_s, u_s, dh, uoff, bits, item_unit, item_first, item_end[-1:],
             flags[0], c1, *outs, outs[0] if acc is None else acc, M, N, K, NW, MW, E, W, ch,
-            G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, FALLBACK=fallback, num_warps=warps,
+            G=CONFIG.unit_group, BKC=bkc, ATOMIC=not deterministic, FALLBACK=fallback, ACCUM=accum,
+            num_warps=warps,
         )  # fmt: skip
-    if acc is not None:
+    if acc is not None and not accum:
         _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=True, BK=1024, num_warps=4)
+    return acc
+
+
+def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, deterministic):
+    M, K = x.shape
+    N = w_gate.shape[0]
+    W = cols.shape[1]
+    NW = pat.shape[2]
+    bits, wpre = pat[0], pat[1]
+    dev = x.device
+    cnt = counts[:M]
+    dx = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    if M == 0:
+        z = torch.zeros_like(w_gate)
+        return dx, z, torch.zeros_like(w_up), torch.zeros_like(w_down)
+    dy = dy.contiguous()
+    c1 = (gl1.float() / M).reshape(1).contiguous()  # dL/dh of the l1 term is c1 * sign(h)
+    wdt = _transposed(w_down, w_down.dtype)
+    bk = triton.next_power_of_2(K)
+    # per-slot dh of rows within W, l1 term excluded (x's dtype, like dense autograd's dh)
+    dh = _alloc.empty((M, W), dtype=x.dtype, device=dev)
+    _k("dh")[(M,)](dy, wdt, cols, cnt, dh, K, W, G=CONFIG.row_group, BK=bk, num_warps=CONFIG.row_warps)
+    for part in (1, 2) if CONFIG.dx_two_passes else (0,):
+        _k("bwd")[(M,)](
+            x, dy, w_gate, w_up, wdt, cols, cnt, bits, c1, dx, gu[0], gu[1], dh, K, NW, W,
+            G=CONFIG.dx_group, BK=bk, PART=part, num_warps=CONFIG.dx_warps,
+        )  # fmt: skip
+    outs = (
+        torch.empty_like(w_gate),
+        torch.empty_like(w_up),
+        _alloc.empty((N, K), dtype=w_down.dtype, device=dev),  # dW_down^T
+    )
+    blk = CONFIG.wgrad_block_rows
+    rows = (x, dy, cols, cnt, bits, wpre, gu[0], gu[1], dh)
+    if not blk or M <= blk:
+        acc = _wgrad_rows(rows, w_gate, w_up, wdt, c1, counts[M:], outs, None, deterministic)
+    else:
+        # the weight gradients over blocks of blk tokens, each with its own by-unit index, so
+        # that the x / dy rows a block reads stay in L2; every unit's rows add up in acc
+        acc = _alloc.empty((3, N, K), dtype=torch.float32, device=dev)
+        every = torch.ones((N,), dtype=torch.int32, device=dev)
+        _k("multi")[(N,)](acc, *outs, every, N, K, COPY=False, BK=1024, num_warps=4)
+        ucnt = torch.empty((N,), dtype=torch.int32, device=dev)
+        none = torch.zeros((N + 1,), dtype=torch.int64, device=dev)
+        heavy = torch.empty((N,), dtype=torch.int32, device=dev)
+        for r0 in range(0, M, blk):
+            part = tuple(t[r0 : r0 + blk] for t in rows)
+            # the block's per-unit counts: the scatter with no room (E = 0) only moves its cursors
+            ucnt.zero_()
+            _k("scatter")[(part[0].shape[0],)](
+                part[2], part[3], part[4], none, ucnt, ucnt, heavy, NW, W, 0, BS=64, num_warps=2
+            )
+            _wgrad_rows(part, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic)
+        _k("multi")[(N,)](acc, *outs, every, N, K, COPY=True, BK=1024, num_warps=4)
     # free the backward's buffers before the last transpose allocates dW_down (peak memory)
-    del acc, slots, dh, item_unit, flags
+    del acc, dh, rows
     dwg, dwu, dwdt = outs
     return dx, dwg, dwu, _transposed(dwdt, w_down.dtype)
 
