@@ -236,9 +236,9 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"chunk": 512},
-    {"chunk": 1024},
-    {"chunk": 2048},
+    {"wgrad_block_rows": 0},
+    {"wgrad_block_rows": 8192},
+    {"wgrad_block_rows": 32768},
 ]
 
 
