@@ -236,9 +236,8 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"wgrad_block_rows": 0},
     {"wgrad_block_rows": 8192},
-    {"wgrad_block_rows": 32768},
+    {"wgrad_block_rows": 4096},
 ]
 
 

@@ -80,7 +80,8 @@ class TrainConfig:
     #: the backward's weight gradients walk the tokens in blocks of this many rows above it, each
     #: block with its own by-unit index, so that the x / dy rows of a block stay in L2 (0: one walk).
     #: H100, paper shape, M = 131072, iid: weight gradients 5.65 ms against 10.82 in one walk
-    #: (blocks of 8192: 5.91, 32768: 5.63)
+    #: (blocks of 8192: 5.91, 32768: 5.63); at M = 16384 blocks of 8192 / 4096 were slower (iid
+    #: 0.748 / 0.918 ms against 0.642, skewed 0.872 / 1.113 against 0.740)
     wgrad_block_rows: int = 16384
     #: the chunk scales as chunk * M / chunk_ref_m above chunk_ref_m tokens: at M = 131072 (H100,
     #: paper shape) chunks of 1024 took the weight gradients from 12.48 to 10.88 ms iid and from
