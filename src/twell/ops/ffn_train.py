@@ -976,7 +976,7 @@ def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
     of them, or one block) whose per-unit counts are ``ucnt [N]``: by-unit index, work items,
     then the two weight-gradient launches into ``outs`` (the gradients; dW_down^T). With ``acc``
     (fp32 [3, N, K], the blocked backward) every unit's rows are added there instead; without it,
-    the units summed by atomics get one here. Returns the fp32 rows used (or None)."""
+    the units summed by atomics get one here."""
     x, dy, cols, cnt, bits, wpre, g_s, u_s, dh = rows
     M, K = x.shape
     N = w_gate.shape[0]
@@ -1032,7 +1032,6 @@ def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
         )  # fmt: skip
     if acc is not None and not accum:
         _k("multi")[(N,)](acc, *outs, multi, N, K, COPY=True, BK=1024, num_warps=4)
-    return acc
 
 
 def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, deterministic):
@@ -1067,7 +1066,7 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
     blk = CONFIG.wgrad_block_rows
     rows = (x, dy, cols, cnt, bits, wpre, gu[0], gu[1], dh)
     if not blk or M <= blk:
-        acc = _wgrad_rows(rows, w_gate, w_up, wdt, c1, counts[M:], outs, None, deterministic)
+        _wgrad_rows(rows, w_gate, w_up, wdt, c1, counts[M:], outs, None, deterministic)
     else:
         # the weight gradients over blocks of blk tokens, each with its own by-unit index, so
         # that the x / dy rows a block reads stay in L2; every unit's rows add up in acc
@@ -1086,8 +1085,9 @@ def _bwd_impl(dy, gl1, x, w_gate, w_up, w_down, cols, counts, pat, gu, determini
             )
             _wgrad_rows(part, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic)
         _k("multi")[(N,)](acc, *outs, every, N, K, COPY=True, BK=1024, num_warps=4)
+        del acc
     # free the backward's buffers before the last transpose allocates dW_down (peak memory)
-    del acc, dh, rows
+    del dh, rows
     dwg, dwu, dwdt = outs
     return dx, dwg, dwu, _transposed(dwdt, w_down.dtype)
 
