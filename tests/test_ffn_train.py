@@ -81,12 +81,6 @@ def test_heavy_rows_past_row_capacity(kdevice, poison, monkeypatch):
         assert float(st.l0) > 45 / 11
 
 
-def test_chunk_scales_with_tokens(kdevice, poison, monkeypatch):
-    # chunk 2 at chunk_ref_m = 4 tokens: 37 tokens give items of max(2, 2 * 37 // 4) = 18 entries
-    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(chunk=2, chunk_ref_m=4, unit_block_k=8))
-    _check(*_inputs(37, 24, 64, 9.0, device=kdevice, seed=12))
-
-
 @pytest.mark.parametrize("det", [False, True])
 def test_weight_gradients_in_token_blocks(kdevice, poison, monkeypatch, det):
     # the backward's weight gradients over blocks of 5 tokens (3 blocks, the last of 1 token),

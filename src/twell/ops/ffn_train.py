@@ -68,8 +68,7 @@ class TrainConfig:
 
     row_capacity: W, active units per row kept in the packed row index; rows above it are walked
         through the bitmask (exact, slower per entry).
-    chunk: entries of the by-unit index per weight-gradient program in the non-deterministic mode
-        (at M <= chunk_ref_m tokens; scaled with M above).
+    chunk: entries of the by-unit index per weight-gradient program in the non-deterministic mode.
     dense_density: a call whose weights last measured a density above this runs the dense path
         (a guess between the measured points: sparse is 1.40x dense at 0.53 % on the H100, dense
         wins at 16 %; the crossover itself was not measured).
@@ -83,10 +82,6 @@ class TrainConfig:
     #: (blocks of 8192: 5.91, 32768: 5.63); at M = 16384 blocks of 8192 / 4096 were slower (iid
     #: 0.748 / 0.918 ms against 0.642, skewed 0.872 / 1.113 against 0.740)
     wgrad_block_rows: int = 16384
-    #: the chunk scales as chunk * M / chunk_ref_m above chunk_ref_m tokens: at M = 131072 (H100,
-    #: paper shape) chunks of 1024 took the weight gradients from 12.48 to 10.88 ms iid and from
-    #: 12.47 to 11.79 skewed (512: 11.79 / 11.88; 2048: 10.91 / 12.42)
-    chunk_ref_m: int = 16384
     dense_density: float = 0.05
     #: on CUDA, calls with fewer tokens run the dense path (launch and fixed costs dominate there):
     #: H100, paper shape, ~30 active units/token (twell bench at 2288833): sparse fwd+bwd ran at
@@ -987,8 +982,7 @@ def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
     E = M * W
     # work items: chunks of CH entries of each unit's list (one item per unit when deterministic,
     # and for units whose list did not fit E); item -> unit by a binary search on the device
-    # (the chunk grows with M past chunk_ref_m tokens: longer lists, fewer atomics' rows)
-    ch = M if deterministic else max(CONFIG.chunk, CONFIG.chunk * M // CONFIG.chunk_ref_m)
+    ch = M if deterministic else CONFIG.chunk
     uoff = _alloc.empty((N + 1,), dtype=torch.int64, device=dev)
     item_se = _alloc.empty((2, N), dtype=torch.int64, device=dev)  # first, end
     item_first, item_end = item_se[0], item_se[1]
