@@ -236,8 +236,8 @@ def profile_case(K, N, M, a, pattern="iid"):
 
 SWEEP = [
     {},
-    {"wgrad_block_rows": 8192},
-    {"wgrad_block_rows": 4096},
+    {"pack_prefetch": 2},
+    {"pack_block": 128},
 ]
 
 

@@ -223,7 +223,7 @@ def test_compile_fullgraph_and_backward_op(kdevice):
     f(*ref).backward()
     for a, b in zip(leaves, ref):
         assert torch.equal(a.grad, b.grad) or torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
-    y, l1, nnz, over, uc, cols, counts, pat, gu = ft._fwd_op(x, wg, wu, wd, 256, 32, False, True)
+    y, l1, l0, over, uc, cols, counts, pat, gu = ft._fwd_op(x, wg, wu, wd, 256, 32, False, True)
     dy = torch.randn_like(y)
     torch.library.opcheck(
         ft._bwd_op,
@@ -297,10 +297,11 @@ def _pack_expected(g, W, tile, slots):
     "N, tile, block",
     [(100, 16, 256), (300, 64, 256), (1000, 256, 256), (1000, 512, 256), (1000, 256, 1024), (33, 16, 64)],
 )
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
     # tiles of up to 32 columns (within a word), within a step of `block` columns, and spanning
-    # several steps; bit 31 of the words, NaN, an empty and a fully active row (past W = 40)
+    # several steps; bit 31 of the words, NaN, an empty and a fully active row (past W = 40);
+    # g at the slots
     cfg = ft.TrainConfig(pack_block=block, row_capacity=40, pack_prefetch=prefetch)
     monkeypatch.setattr(ft, "CONFIG", cfg)
     M, W, slots = 7, 40, 5
@@ -315,7 +316,8 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
     NW = (N + 31) // 32
     pat = torch.full((2, M, NW), -7, dtype=torch.int32, device=kdevice)
     ovf = torch.full((M,), -7, dtype=torch.int32, device=kdevice)
-    ft._launch_pack(g.to(kdevice), cols, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
+    gs = torch.full((M, W), -3.0, device=kdevice)
+    ft._launch_pack(g.to(kdevice), gs, cols, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
     cnt, bits, wpre, ovf_r, ucnt, cols_r = _pack_expected(g, W, tile, slots)
     assert torch.equal(counts[:M].cpu(), cnt)
     assert torch.equal(counts[M:].cpu(), ucnt)
@@ -325,6 +327,7 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
     for m in range(M):
         c = cols_r[m]
         assert torch.equal(cols[m, : len(c)].cpu(), c), f"row {m}"
+        torch.testing.assert_close(gs[m, : len(c)].cpu(), g[m, c.long()], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("N, ch", [(5, 3), (1500, 4), (2100, 1)])

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["triton_available", "interpreter_enabled", "can_run_triton", "num_sms"]
+__all__ = ["triton_available", "interpreter_enabled", "can_run_triton", "num_sms", "pdl_ok"]
 
 
 def interpreter_enabled() -> bool:
@@ -34,3 +34,15 @@ def can_run_triton(t: torch.Tensor) -> bool:
 def num_sms(dev: torch.device) -> int:
     """Streaming multiprocessors of ``dev`` (4 off CUDA: the interpreter runs programs in turn)."""
     return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+
+
+@functools.cache
+def pdl_ok(dev: torch.device) -> bool:
+    """Programmatic dependent launch is usable: a CUDA device of sm_90+ (not the interpreter) and a
+    Triton with grid dependency control."""
+    if dev.type != "cuda" or interpreter_enabled():
+        return False
+    import triton.language as tl
+
+    cuda_ext = getattr(getattr(tl, "extra", None), "cuda", None)
+    return torch.cuda.get_device_capability(dev)[0] >= 9 and hasattr(cuda_ext, "gdc_wait")

@@ -4,7 +4,7 @@ Legend: M = tokens, K = model dim, N = FFN units, W = row capacity of the packed
 NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity of the by-unit index.
 
     g = x @ W_gate^T (cuBLAS)         h = relu(g) * u,  u = x @ W_up^T only where g > 0
-    y = h @ W_down^T                  l1 = sum |h| / M, l0 = nnz / M
+    y = h @ W_down^T                  l1 = sum |h| / M, l0 = active entries / M
 
 Kept for the backward (no dense [M, N] tensor):
   ``cols``    int32 [M, W]       the first min(count, W) active units of each row, by unit
@@ -51,7 +51,7 @@ import triton.language as tl
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
-from ._triton import can_run_triton, interpreter_enabled, num_sms
+from ._triton import can_run_triton, interpreter_enabled, num_sms, pdl_ok
 from .ffn_ref import tile_overflow_rows
 
 __all__ = [
@@ -93,15 +93,17 @@ class TrainConfig:
     #: paper shape); 128 0.279, 64 0.380, 512 0.335, 1024 0.417; 2 warps 0.344
     pack_block: int = 256
     pack_warps: int = 1
-    #: the pack kernel loads a row's next block of g before scanning the current one
-    #: (0.146-0.147 ms against 0.160-0.161, H100, paper shape, M = 16384)
-    pack_prefetch: bool = True
+    #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.146-0.147 ms against
+    #: 0.160-0.161 for 0 (H100, paper shape, M = 16384)
+    pack_prefetch: int = 1
     row_group: int = 2
     row_warps: int = 4
     #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
     #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
     #: M = 16384; Nsight Compute: one pass 58 % L2 hit rate, 1.18 GB read from DRAM)
     fwd_two_passes: bool = True
+    #: programmatic dependent launch of the forward's pack, row and statistics kernels (sm_90+)
+    pdl: bool = True
     #: warps of the dx row kernel (8: 0.568-0.569 ms against 0.573 at M = 16384, H100)
     dx_warps: int = 4
     #: entries per step of the dx row kernel (4: 0.530 ms against 0.546-0.547 for 2, H100, paper
@@ -224,6 +226,7 @@ def _popc(v):
 @triton.jit
 def _pack_words_kernel(
     g_ptr,
+    gs_ptr,
     cols_ptr,
     cnt_ptr,
     bits_ptr,
@@ -238,13 +241,17 @@ def _pack_words_kernel(
     BW: tl.constexpr,
     ASM_RED: tl.constexpr,
     PREFETCH: tl.constexpr,
+    GBITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
-    # load: active set (g > 0 or NaN), the first W active units in order (cols), the row count,
+    # load: active set (g > 0 or NaN), the first W active units in order (cols) and their g (gs,
+    # read by the forward's first row pass instead of a gather from g), the row count,
     # the bitmask words and the active units before each word, per-unit counts (int atomics),
     # the TwELL tile-overflow flag. Rank of an active unit = active units before its word + those
-    # before it in the word. 0.262 ms at M = 16384, N = 5632 (H100, 30 active/token) against
-    # 0.317 for the earlier one-dimensional scan with a second [BN / 32, 32] load for the words
+    # before it in the word. 0.130 ms at M = 16384, N = 5632 (H100, 30 active/token; 0.262 with
+    # tl.store for the slots and no g, 0.317 for an earlier one-dimensional scan)
+    _after_previous(PDL)
     i_m = tl.program_id(0).to(tl.int64)
     p_g = g_ptr + i_m * N
     o_l = tl.arange(0, 32)
@@ -252,13 +259,22 @@ def _pack_words_kernel(
     ovf = n_act
     run = n_act
     o_b = tl.arange(0, BW)[:, None] * 32 + o_l[None, :]
-    if PREFETCH:
+    if PREFETCH >= 1:
         b_nxt = tl.load(p_g + o_b, mask=o_b < N, other=0.0)
+    if PREFETCH >= 2:
+        o_f2 = o_b + BW * 32
+        b_nxt2 = tl.load(p_g + o_f2, mask=o_f2 < N, other=0.0)
     for w0 in range(0, NW, BW):
         o_w = w0 + tl.arange(0, BW)
         o_n = w0 * 32 + o_b
         m_n = o_n < N
-        if PREFETCH:
+        if PREFETCH >= 2:
+            # the blocks of the next two steps are loaded before this one is scanned
+            b_g = b_nxt
+            b_nxt = b_nxt2
+            o_f = o_n + 2 * BW * 32
+            b_nxt2 = tl.load(p_g + o_f, mask=o_f < N, other=0.0)
+        elif PREFETCH == 1:
             # the next step's block is loaded before this one is scanned (two loads in flight)
             b_g = b_nxt
             o_f = o_n + BW * 32
@@ -272,20 +288,48 @@ def _pack_words_kernel(
         word = tl.sum(a_i << o_l[None, :], axis=1)
         pre = n_act + tl.cumsum(c_w, axis=0) - c_w
         rank = pre[:, None] + tl.cumsum(a_i, axis=1) - a_i
-        tl.store(cols_ptr + i_m * W + rank, o_n, mask=b_a & (rank < W))
+        m_c = b_a & (rank < W)
+        p_c = i_m * W + rank
         if ASM_RED:
-            # a predicated PTX reduction: tl.atomic_add emits atom, whose unused result register
-            # the next step's reuse waits for
+            # predicated PTX: the unit count as a reduction (tl.atomic_add emits atom, whose unused
+            # result register the next step's reuse waits for) and the slot stores (tl.store of
+            # scattered ranks gets a shared-memory layout conversion of its [BW, 32] pointers and
+            # mask before it, every step: 0.148 -> 0.099 ms at M = 16384, H100, paper shape)
+            # the g slot's address from the cols slot's (same slot index, half or the same
+            # element size): one 64-bit value per column instead of two
+            d_g = gs_ptr.to(tl.int64) - (cols_ptr.to(tl.int64) >> (1 if GBITS == 16 else 0))
+            if GBITS == 16:
+                g_asm: tl.constexpr = (
+                    "shr.b64 %a0, $2, 1; add.s64 %a0, %a0, $6; @%p1 st.global.b16 [%a0], $7;"
+                )
+                g_con: tl.constexpr = "h"
+                g_bits = b_g.to(tl.int16, bitcast=True)
+            else:
+                g_asm: tl.constexpr = "add.s64 %a0, $2, $6; @%p1 st.global.b32 [%a0], $7;"
+                g_con: tl.constexpr = "r"
+                g_bits = b_g.to(tl.int32, bitcast=True)
             tl.inline_asm_elementwise(
-                "{ .reg .pred %p<1>; setp.ne.b32 %p0, $2, 0; @%p0 red.relaxed.gpu.global.add.u32 [$1], 1; "
-                "mov.b32 $0, 0; }",
-                "=r,l,r",
-                [(ucnt_ptr + o_n).to(tl.int64), a_i],
+                "{ .reg .pred %p<2>; .reg .b64 %a<1>; setp.ne.b32 %p0, $3, 0; setp.ne.b32 %p1, $4, 0; "
+                "@%p0 red.relaxed.gpu.global.add.u32 [$1], 1; @%p1 st.global.b32 [$2], $5; "
+                + g_asm
+                + " mov.b32 $0, 0; }",
+                "=r,l,l,r,r,r,l," + g_con,
+                [
+                    (ucnt_ptr + o_n).to(tl.int64),
+                    (cols_ptr + p_c).to(tl.int64),
+                    a_i,
+                    m_c.to(tl.int32),
+                    o_n,
+                    d_g,
+                    g_bits,
+                ],
                 dtype=tl.int32,
                 is_pure=False,
                 pack=1,
             )
         else:
+            tl.store(cols_ptr + p_c, o_n, mask=m_c)
+            tl.store(gs_ptr + p_c, b_g, mask=m_c)
             tl.atomic_add(ucnt_ptr + o_n, a_i, mask=b_a, sem="relaxed")
         m_w = o_w < NW
         tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
@@ -305,6 +349,38 @@ def _pack_words_kernel(
         n_act += tl.sum(c_w, axis=0)
     tl.store(cnt_ptr + i_m, n_act)
     tl.store(ovf_ptr + i_m, ovf)
+
+
+@triton.jit
+def _after_previous(PDL: tl.constexpr):
+    # kernels launched with programmatic dependent launch start while the previous kernel's
+    # grid drains: wait here until it has completed and its writes are visible
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _fwd_stats_kernel(
+    l1_ptr, cnt_ptr, ovf_ptr, out_l1_ptr, out_l0_ptr, out_over_ptr, M, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    # one program, fixed order: per-row sum |h|, active counts and overflow flags -> l1 and l0
+    # (means over the rows), overflowing rows. Replaces 8 small torch kernels (reductions, dtype
+    # conversions, divisions: about 25 us of device time at M = 16384 on the H100)
+    _after_previous(PDL)
+    o = tl.arange(0, BLOCK)
+    a_l1 = tl.zeros([BLOCK], dtype=tl.float32)
+    a_cnt = tl.zeros([BLOCK], dtype=tl.int64)
+    a_ovf = tl.zeros([BLOCK], dtype=tl.int64)
+    for m0 in range(0, M, BLOCK):
+        i = m0 + o
+        m = i < M
+        a_l1 += tl.load(l1_ptr + i, mask=m, other=0.0)
+        a_cnt += tl.load(cnt_ptr + i, mask=m, other=0).to(tl.int64)
+        a_ovf += tl.load(ovf_ptr + i, mask=m, other=0).to(tl.int64)
+    denom = tl.maximum(M, 1).to(tl.float32)
+    tl.store(out_l1_ptr, tl.sum(a_l1, axis=0) / denom)
+    tl.store(out_l0_ptr, tl.sum(a_cnt, axis=0).to(tl.float32) / denom)
+    tl.store(out_over_ptr, tl.sum(a_ovf, axis=0))
 
 
 @triton.jit
@@ -350,12 +426,15 @@ def _fwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
     PART: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # rows within W also store g and u per packed slot (x's dtype, as dense autograd keeps them):
-    # the backward then needs no dot product for them. (The pack kernel storing g there instead,
-    # read back here: rows 0.581 ms but pack 0.265 against 0.632 / 0.174, H100 at 34aa2e7.)
+    # rows within W also store u per packed slot (x's dtype, as dense autograd keeps it; the pack
+    # stored g there): the backward then needs no dot product for them. g from the pack instead
+    # of a gather from the dense g: rows 0.530 ms against 0.575, pack 0.130 against 0.099 (H100,
+    # paper shape, M = 16384, iid; skewed rows 0.469 against 0.523)
     # PART 0: one pass. 1: g and u of the slots only (rows within W; W_up in L2); 2: y and l1 from
     # the stored g and u (W_down^T in L2), and the rows above W, which walk their bitmask.
+    _after_previous(PDL)
     i_m = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -377,11 +456,10 @@ def _fwd_rows_kernel(
                 b_gv = tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
                 b_u = tl.load(us_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
             else:
-                b_gv = tl.load(g_row + i_n, mask=m_g, other=0.0).to(tl.float32)
+                b_gv = tl.load(gs_ptr + p_s, mask=m_g, other=0.0).to(tl.float32)
                 # [G, BK] rows of W_up
                 b_wu = tl.load(wu_ptr + i_n[:, None] * K + o_k[None, :], mask=m_t, other=0.0).to(tl.float32)
                 b_u = tl.sum(b_wu * b_x[None, :], axis=1)
-                tl.store(gs_ptr + p_s, b_gv, mask=m_g)
                 tl.store(us_ptr + p_s, b_u, mask=m_g)
             if PART != 1:
                 b_h = b_gv * b_u
@@ -884,6 +962,7 @@ def _multi_rows_kernel(
 _KERNELS = {
     "multi": _multi_rows_kernel,
     "pack": _pack_words_kernel,
+    "fwd_stats": _fwd_stats_kernel,
     "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
     "dh": _dh_rows_kernel,
@@ -914,19 +993,28 @@ def _transposed(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dst
 
 
+def _pdl_args(dev: torch.device) -> dict:
+    """Launch arguments of the forward's kernels after the gate GEMM: programmatic dependent
+    launch where available (``TrainConfig.pdl``), which hides the launch gap between them."""
+    on = CONFIG.pdl and pdl_ok(dev)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
 
-def _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
-    """The packed pattern of ``g [M, N]`` into ``cols [M, W]``, ``cnt [M]``, ``bits`` / ``wpre``
-    ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to: zero it first)."""
+def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
+    """The packed pattern of ``g [M, N]`` into ``cols [M, W]`` and ``gs [M, W]`` (g at the
+    slots), ``cnt [M]``, ``bits`` / ``wpre`` ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to:
+    zero it first)."""
     M, N = g.shape
     NW = bits.shape[1]
     bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
     _k("pack")[(M,)](
-        g, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
+        g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
         T=tile, BW=bw, ASM_RED=g.is_cuda and not interpreter_enabled(), PREFETCH=CONFIG.pack_prefetch,
+        GBITS=g.element_size() * 8, **_pdl_args(g.device),
         num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
@@ -937,11 +1025,13 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     W = _row_capacity(N)
     NW = (N + 31) // 32
     dev = x.device
-    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
-    cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
+    # launched before the gate GEMM, so that the kernels after it form one chain (see _pdl_args)
+    wdt = _transposed(w_down, w_down.dtype) if M > 0 else None  # [N, K]: rows of W_down^T contiguous
     # counts: [M] active units per row, then [N] rows per unit (kept for the backward's index)
     counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
     cnt, ucnt = counts[:M], counts[M:]
+    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
+    cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
     pat = _alloc.empty(
         (2, M, NW), dtype=torch.int32, device=dev
     )  # bitmask words, active units before each word
@@ -951,19 +1041,19 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
-        _launch_pack(g, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
-        wdt = _transposed(w_down, w_down.dtype)  # [N, K]: row n of W_down^T is contiguous
+        _launch_pack(g, gu[0], cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         bk = triton.next_power_of_2(K)
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
                 x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
-                G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.row_warps,
+                G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.row_warps, **_pdl_args(dev),
             )  # fmt: skip
-    l1 = l1_rows.sum() / max(M, 1)
-    nnz = cnt.sum(dtype=torch.int64)
-    over = ovf.sum(dtype=torch.int64)
+    l1 = _alloc.empty((), dtype=torch.float32, device=dev)
+    l0 = _alloc.empty((), dtype=torch.float32, device=dev)
+    over = _alloc.empty((), dtype=torch.int64, device=dev)
+    _k("fwd_stats")[(1,)](l1_rows, cnt, ovf, l1, l0, over, M, BLOCK=8192, num_warps=16, **_pdl_args(dev))
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
-    return y, l1, nnz, over, uc, cols, counts, pat, gu
+    return y, l1, l0, over, uc, cols, counts, pat, gu
 
 
 def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
@@ -1123,7 +1213,7 @@ def _(x, w_gate, w_up, w_down, tile, slots, unit_counts, deterministic):
     return (
         x.new_empty((M, K)),
         x.new_empty((), dtype=torch.float32),
-        x.new_empty((), dtype=torch.int64),
+        x.new_empty((), dtype=torch.float32),
         x.new_empty((), dtype=torch.int64),
         x.new_empty((N if unit_counts else 0,), dtype=torch.int64),
         x.new_empty((M, W), dtype=i32),
@@ -1314,8 +1404,7 @@ def ffn_train(
             # per call) only for a weight with no measurement yet
             _record_density(key, st.l0 / N)
         return y, st
-    y, l1, nnz, over, uc, *_ = _fwd_op(x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic))
-    l0 = nnz.to(torch.float32) / max(M, 1)
+    y, l1, l0, over, uc, *_ = _fwd_op(x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic))
     if dispatch:
         _record_density(key, l0 / N)
     stats = FFNStats(l0=l0, l1=l1, overflow_rows=over, unit_counts=uc if unit_counts else None, tokens=M)
