@@ -237,7 +237,6 @@ def profile_case(K, N, M, a, pattern="iid"):
 SWEEP = [
     {},
     {"pack_prefetch": 2},
-    {"pack_block": 128},
 ]
 
 
