@@ -1244,24 +1244,27 @@ class _Density:
     def __init__(self):
         self.host = None
         self.event = None
+        self.scale = 1.0
         self.known: float | None = None
         self.last_dense = False  # the last decision, replayed by a checkpoint's recomputation
 
     def read(self) -> float | None:
         if self.event is not None and self.event.query():
-            self.known = float(self.host)
+            self.known = float(self.host) * self.scale
             self.event = None
         return self.known
 
-    def record(self, density: torch.Tensor):
-        if not density.is_cuda:
-            self.known = float(density)
+    def record(self, value: torch.Tensor, scale: float):
+        """Records ``value * scale`` (the scale applied on the host: no device kernel for it)."""
+        if not value.is_cuda:
+            self.known = float(value) * scale
             return
         if self.event is not None:  # previous copy still in flight: keep it
             return
         if self.host is None:
             self.host = torch.zeros((), dtype=torch.float32, pin_memory=True)
-        self.host.copy_(density.detach(), non_blocking=True)
+        self.scale = scale
+        self.host.copy_(value.detach(), non_blocking=True)
         self.event = torch.cuda.Event()
         self.event.record()
 
@@ -1302,10 +1305,11 @@ def _dispatch_dense(w_gate: torch.Tensor) -> bool:
     return state.last_dense
 
 
-def _record_density(w_gate: torch.Tensor, density: torch.Tensor):
+def _record_density(w_gate: torch.Tensor, l0: torch.Tensor, N: int):
+    """Records the density l0 / N measured on ``w_gate``'s layer for the dispatcher."""
     if torch.compiler.is_compiling() or _in_backward():
         return
-    _density_state(w_gate, create=True).record(density)
+    _density_state(w_gate, create=True).record(l0, 1.0 / max(N, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1370,10 +1374,10 @@ def ffn_train(
         if not small or _density_state(key, create=False) is None:
             # small calls run dense whatever the density: they measure it (a copy and an event
             # per call) only for a weight with no measurement yet
-            _record_density(key, st.l0 / N)
+            _record_density(key, st.l0, N)
         return y, st
     y, l1, l0, over, uc, *_ = _fwd_op(x, w_gate, w_up, w_down, tile, slots, unit_counts, bool(deterministic))
     if dispatch:
-        _record_density(key, l0 / N)
+        _record_density(key, l0, N)
     stats = FFNStats(l0=l0, l1=l1, overflow_rows=over, unit_counts=uc if unit_counts else None, tokens=M)
     return y, stats
