@@ -89,12 +89,12 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    #: columns per step and warps of the pack kernel: 256 x 1 warp 0.262 ms at M = 16384 (H100,
-    #: paper shape); 128 0.279, 64 0.380, 512 0.335, 1024 0.417; 2 warps 0.344
+    #: columns per step and warps of the pack kernel: 256 x 1 warp 0.091 ms at M = 16384 (H100,
+    #: paper shape, 9b1b374); 128 0.135, 512 0.102; 2 warps (512 columns) 0.200
     pack_block: int = 256
     pack_warps: int = 1
-    #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.146-0.147 ms against
-    #: 0.160-0.161 for 0 (H100, paper shape, M = 16384)
+    #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.091 ms against 0.094 for
+    #: 2 (9b1b374); 0.146 against 0.160 for 0 in an earlier form of the kernel
     pack_prefetch: int = 1
     row_group: int = 2
     row_warps: int = 4
