@@ -401,7 +401,7 @@ def _fwd_rows_kernel(
     # stored g there): the backward then needs no dot product for them. g from the pack instead
     # of a gather from the dense g: rows 0.530 ms against 0.575 (H100, paper shape, M = 16384,
     # iid; skewed 0.469 against 0.523), for 0.031 ms more in the per-column form of the pack
-    # (0.130 against 0.099) and about none in its per-set-bit form
+    # (0.130 against 0.099; the per-set-bit form was not timed without the g store)
     # PART 0: one pass. 1: g and u of the slots only (rows within W; W_up in L2); 2: y and l1 from
     # the stored g and u (W_down^T in L2), and the rows above W, which walk their bitmask.
     _after_previous(PDL)
