@@ -89,19 +89,24 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    #: columns per step and warps of the pack kernel: 256 x 1 warp 0.091 ms at M = 16384 (H100,
-    #: paper shape, 9b1b374); 128 0.135, 512 0.102; 2 warps (512 columns) 0.200
+    #: columns per step of the pack kernel (32 lanes x 8, 16 or 32 columns; at least 256) and its
+    #: warps. H100, paper shape, M = 16384, torch.profiler, _pack_lanes_kernel: 256 columns
+    #: 0.090 ms, 512 0.097, 1024 0.089
     pack_block: int = 256
     pack_warps: int = 1
-    #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.091 ms against 0.094 for
-    #: 2 (9b1b374); 0.146 against 0.160 for 0 in an earlier form of the kernel
+    #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.090 ms, 2 0.091, 0 0.099
     pack_prefetch: int = 1
+    #: the pack walks the rows last to first, so that its first programs read the rows of g that
+    #: the gate GEMM wrote last, while they are still in L2
+    pack_reverse: bool = True
     row_group: int = 2
     row_warps: int = 4
     #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
     #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
     #: M = 16384; Nsight Compute: one pass 58 % L2 hit rate, 1.18 GB read from DRAM)
     fwd_two_passes: bool = True
+    #: the two passes read 16-bit rows (x, W_up, W_down^T) as int32 pairs of elements
+    fwd_pairs: bool = True
     #: programmatic dependent launch of the forward's pack, row and statistics kernels (sm_90+)
     pdl: bool = True
     #: warps of the dx row kernel (8: 0.568-0.569 ms against 0.573 at M = 16384, H100)
@@ -224,7 +229,14 @@ def _popc(v):
 
 
 @triton.jit
-def _pack_words_kernel(
+def _ctz_pow2(lsb):
+    # index of the single set bit of the int32 lsb (bit 31 included): the exponent of its float
+    # value, exact for every power of two (4 instructions against 10-15 for a bisection)
+    return ((lsb.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _pack_lanes_kernel(
     g_ptr,
     gs_ptr,
     cols_ptr,
@@ -238,84 +250,93 @@ def _pack_words_kernel(
     W,
     S,
     T: tl.constexpr,
-    BW: tl.constexpr,
+    E: tl.constexpr,
     PREFETCH: tl.constexpr,
+    REVERSE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # one program per row of g, BW bitmask words (32 columns each) per step, from one [BW, 32]
-    # load: active set (g > 0 or NaN), the bitmask words and the active units before each word,
-    # the first W active units in order (cols) and their g (gs, read by the forward's first row
-    # pass instead of a gather from g), the row count, per-unit counts (relaxed int atomics), the
-    # TwELL tile-overflow flag. The slots are written per set bit of the step's words (a loop of
-    # about one turn per step at 30 active units of 5632), not by every column: 0.091 ms at
-    # M = 16384, N = 5632 (H100) against 0.130 with per-column predicated PTX stores (66
-    # registers, 281 instructions per step) and 0.148 with tl.store (a shared-memory layout
-    # conversion of the [BW, 32] pointers and mask every step)
+    # one program (one warp) per row of g; a step is 32 lanes x E consecutive columns (one
+    # vector load per lane), so every per-step quantity stays inside a lane: the lane's E active
+    # flags as an E-bit chunk of the bitmask (stored as is: E = 8 / 16 / 32 bits are a byte / half
+    # word / word of the little-endian int32 words), its count, and one warp scan of the counts
+    # for the ranks. Lanes then write their active units' slots (cols, g at the slot, the per-unit
+    # count) one set bit per turn, almost always one turn. No layout conversion or cross-lane
+    # reduction per word. H100, paper shape, M = 16384 (Nsight Compute): 46.1 M instructions
+    # against 63.6 M for the earlier form, which held a 32-column word over 4 lanes, and the same
+    # time (0.090 ms): what bounds it is memory, the read of g (a plain read of g took 0.072 ms
+    # with a cold L2) and the bitmask / word-count stores (0.010 ms)
     _after_previous(PDL)
     i_m = tl.program_id(0).to(tl.int64)
+    if REVERSE:
+        i_m = tl.num_programs(0) - 1 - i_m
+    C: tl.constexpr = 32 * E
     p_g = g_ptr + i_m * N
-    o_l = tl.arange(0, 32)
-    n_act = tl.sum(tl.zeros([BW], dtype=tl.int32), axis=0)
+    o_t = tl.arange(0, 32)
+    o_e = tl.arange(0, E)
+    o_b = o_t[:, None] * E + o_e[None, :]  # [32, E] columns of a step
+    if E == 8:
+        p_bits = bits_ptr.to(tl.pointer_type(tl.uint8), bitcast=True) + i_m * NW * 4
+    elif E == 16:
+        p_bits = bits_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + i_m * NW * 2
+    else:
+        p_bits = bits_ptr + i_m * NW
+    n_act = tl.sum(tl.zeros([32], dtype=tl.int32), axis=0)
     ovf = n_act
     run = n_act
-    o_b = tl.arange(0, BW)[:, None] * 32 + o_l[None, :]
     if PREFETCH >= 1:
         b_nxt = tl.load(p_g + o_b, mask=o_b < N, other=0.0)
     if PREFETCH >= 2:
-        o_f2 = o_b + BW * 32
-        b_nxt2 = tl.load(p_g + o_f2, mask=o_f2 < N, other=0.0)
-    for w0 in range(0, NW, BW):
-        o_w = w0 + tl.arange(0, BW)
-        o_n = w0 * 32 + o_b
+        b_nxt2 = tl.load(p_g + C + o_b, mask=C + o_b < N, other=0.0)
+    for n0 in range(0, N, C):
+        o_n = n0 + o_b
         m_n = o_n < N
         if PREFETCH >= 2:
-            # the blocks of the next two steps are loaded before this one is scanned
             b_g = b_nxt
             b_nxt = b_nxt2
-            o_f = o_n + 2 * BW * 32
-            b_nxt2 = tl.load(p_g + o_f, mask=o_f < N, other=0.0)
+            b_nxt2 = tl.load(p_g + 2 * C + o_n, mask=2 * C + o_n < N, other=0.0)
         elif PREFETCH == 1:
             # the next step's block is loaded before this one is scanned (two loads in flight)
             b_g = b_nxt
-            o_f = o_n + BW * 32
-            b_nxt = tl.load(p_g + o_f, mask=o_f < N, other=0.0)
+            b_nxt = tl.load(p_g + C + o_n, mask=C + o_n < N, other=0.0)
         else:
             b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
-        b_a = ((b_g > 0) | (b_g != b_g)) & m_n
-        a_i = b_a.to(tl.int32)
-        c_w = tl.sum(a_i, axis=1)
+        a_i = (((b_g > 0) | (b_g != b_g)) & m_n).to(tl.int32)
         # distinct bits: the sum is the bitwise or (bit 31 lands on the int32 sign, no carries)
-        word = tl.sum(a_i << o_l[None, :], axis=1)
-        pre = n_act + tl.cumsum(c_w, axis=0) - c_w
-        # rank of the next set bit of each word = active units before the word + bits taken
-        rem = word
-        slot = pre
-        while tl.max((rem != 0).to(tl.int32), axis=0) > 0:
-            act = rem != 0
-            lsb = rem & (-rem)
-            col = o_w * 32 + _ctz(lsb.to(tl.int64) & 0xFFFFFFFF).to(tl.int32)
-            keep = act & (slot < W)
-            tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
-            tl.store(gs_ptr + i_m * W + slot, tl.load(p_g + col, mask=keep, other=0.0), mask=keep)
-            tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
-            slot += act.to(tl.int32)
-            rem = rem ^ lsb
-        m_w = o_w < NW
-        tl.store(bits_ptr + i_m * NW + o_w, word, mask=m_w)
-        tl.store(wpre_ptr + i_m * NW + o_w, pre, mask=m_w)
+        chunk = tl.sum(a_i << o_e[None, :], axis=1)  # [32]
+        c_t = tl.sum(a_i, axis=1)
+        below = n_act + tl.cumsum(c_t, axis=0) - c_t  # active units of the row before each lane
+        s = tl.sum(c_t, axis=0)
+        o_c = n0 // E + o_t  # chunk index of each lane in the row
+        tl.store(p_bits + o_c, chunk.to(p_bits.dtype.element_ty), mask=o_c < NW * (32 // E))
+        # a word starts every 32 // E lanes
+        m_w = ((o_t % (32 // E)) == 0) & (o_c < NW * (32 // E))
+        tl.store(wpre_ptr + i_m * NW + o_c // (32 // E), below, mask=m_w)
+        if s > 0:
+            rem = chunk
+            slot = below
+            while tl.max((rem != 0).to(tl.int32), axis=0) > 0:
+                act = rem != 0
+                lsb = rem & (-rem)
+                col = n0 + o_t * E + _ctz_pow2(lsb)
+                keep = act & (slot < W)
+                tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
+                tl.store(gs_ptr + i_m * W + slot, tl.load(p_g + col, mask=keep, other=0.0), mask=keep)
+                tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
+                slot += act.to(tl.int32)
+                rem = rem ^ lsb
         # TwELL overflow statistic: a tile of T columns with more than S active units
-        if T <= 32:
-            t_c = tl.sum(tl.reshape(a_i, (BW, 32 // T, T)), axis=2)
+        if T < E:
+            t_c = tl.sum(tl.reshape(a_i, (32, E // T, T)), axis=2)
             ovf = ovf | (tl.max(tl.max(t_c, axis=1), axis=0) > S).to(tl.int32)
-        elif T <= BW * 32:
-            t_c = tl.sum(tl.reshape(c_w, (BW * 32 // T, T // 32)), axis=1)
+        elif T < C:
+            t_c = tl.sum(tl.reshape(c_t, (C // T, T // E)), axis=1)
             ovf = ovf | (tl.max(t_c, axis=0) > S).to(tl.int32)
         else:
-            run += tl.sum(c_w, axis=0)
-            if (((w0 + BW) * 32) % T == 0) | ((w0 + BW) * 32 >= N):
+            run += s
+            if ((n0 + C) % T == 0) | (n0 + C >= N):
                 ovf = ovf | (run > S).to(tl.int32)
                 run = run * 0
-        n_act += tl.sum(c_w, axis=0)
+        n_act += s
     tl.store(cnt_ptr + i_m, n_act)
     tl.store(ovf_ptr + i_m, ovf)
 
@@ -366,6 +387,110 @@ def _ids(ptr, j, n, G: tl.constexpr):
 
 
 @triton.jit
+def _pairs_f32(v, BF16: tl.constexpr):
+    # an int32 holding two 16-bit floats (the even element in the low half) -> two fp32: for bf16
+    # a shift and a mask, one instruction per element where the [.., BK] bf16 tile took two
+    # (unpack, then shift)
+    if BF16:
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _row_pairs(p32, n, K, o_p, m_p, EVEN_K: tl.constexpr, BF16: tl.constexpr):
+    # row n of a [*, K] 16-bit matrix seen as int32 pairs, as its even and odd elements in fp32
+    if EVEN_K:
+        v = tl.load(p32 + n * (K // 2) + o_p)
+    else:
+        v = tl.load(p32 + n * (K // 2) + o_p, mask=m_p, other=0)
+    return _pairs_f32(v, BF16)
+
+
+@triton.jit
+def _fwd_slots_pairs(
+    x_ptr,
+    wu_ptr,
+    wdt_ptr,
+    cols_ptr,
+    y_ptr,
+    l1_ptr,
+    gs_ptr,
+    us_ptr,
+    i_m,
+    n_act,
+    K,
+    W,
+    G: tl.constexpr,
+    BK: tl.constexpr,
+    PART: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BF16: tl.constexpr,
+):
+    # the rows within W of the two-pass forward for 16-bit x and weights and an even K: every row
+    # is read as int32 pairs (even / odd elements). H100, paper shape, M = 16384: the [G, BK] bf16
+    # tiles issued ~100 instructions per (entry, thread) in the second pass (bf16 unpack in two
+    # instructions per element, products summed over G before the accumulation), against ~65 here
+    HK: tl.constexpr = BK // 2
+    o_p = tl.arange(0, HK)
+    m_p = o_p < K // 2
+    if PART == 1:
+        # u of the slots: G entries per step; past the row's count the row index is 0 (a valid
+        # row) and the dot product is not stored
+        x_e, x_o = _row_pairs(
+            x_ptr.to(tl.pointer_type(tl.int32), bitcast=True), i_m, K, o_p, m_p, EVEN_K, BF16
+        )
+        wu32 = wu_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        o_g = tl.arange(0, G)
+        row_cols = cols_ptr + i_m * W
+        for j0 in range(0, n_act, G):
+            i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
+            p_v = wu32 + i_n[:, None] * (K // 2) + o_p[None, :]
+            if EVEN_K:
+                v = tl.load(p_v)
+            else:
+                v = tl.load(p_v, mask=m_p[None, :], other=0)
+            lo, hi = _pairs_f32(v, BF16)
+            b_u = tl.sum(lo * x_e[None, :] + hi * x_o[None, :], axis=1)
+            tl.store(us_ptr + i_m * W + j0 + o_g, b_u, mask=j0 + o_g < n_act)
+    else:
+        # y = sum of h W_down^T rows, two entries per step, one FMA per element and entry (the
+        # second entry's row is masked past the count: h = 0 must not meet a non-finite weight)
+        wdt32 = wdt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        b_ye = tl.zeros([HK], dtype=tl.float32)
+        b_yo = tl.zeros([HK], dtype=tl.float32)
+        l1 = tl.sum(b_ye, axis=0)
+        for j0 in range(0, n_act, 2):
+            p_s = i_m * W + j0
+            ok1 = j0 + 1 < n_act
+            n0 = tl.load(cols_ptr + p_s).to(tl.int64)
+            n1 = tl.load(cols_ptr + p_s + 1, mask=ok1, other=0).to(tl.int64)
+            h0 = tl.load(gs_ptr + p_s).to(tl.float32) * tl.load(us_ptr + p_s).to(tl.float32)
+            h1 = tl.load(gs_ptr + p_s + 1, mask=ok1, other=0.0).to(tl.float32) * tl.load(
+                us_ptr + p_s + 1, mask=ok1, other=0.0
+            ).to(tl.float32)
+            lo0, hi0 = _row_pairs(wdt32, n0, K, o_p, m_p, EVEN_K, BF16)
+            m_1 = o_p < tl.where(ok1, K // 2, 0)  # (m_p & ok1 as one comparison)
+            lo1, hi1 = _pairs_f32(tl.load(wdt32 + n1 * (K // 2) + o_p, mask=m_1, other=0), BF16)
+            b_ye += h0 * lo0
+            b_yo += h0 * hi0
+            b_ye += h1 * lo1
+            b_yo += h1 * hi1
+            l1 += tl.abs(h0) + tl.abs(h1)
+        # y rounded to x's dtype and stored as int32 pairs
+        dt = y_ptr.dtype.element_ty
+        lo16 = b_ye.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi16 = b_yo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        tl.store(
+            y_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + i_m * (K // 2) + o_p, lo16 | hi16, mask=m_p
+        )
+        tl.store(l1_ptr + i_m, l1)
+
+
+@triton.jit
 def _fwd_entry(n, g_row, b_x, b_y, l1, wu_ptr, wdt_ptr, o_k, m_k, K):
     b_g = tl.load(g_row + n).to(tl.float32)
     b_wu = tl.load(wu_ptr + n * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -395,6 +520,9 @@ def _fwd_rows_kernel(
     G: tl.constexpr,
     BK: tl.constexpr,
     PART: tl.constexpr,
+    PAIRS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BF16: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # rows within W also store u per packed slot (x's dtype, as dense autograd keeps it; the pack
@@ -412,7 +540,12 @@ def _fwd_rows_kernel(
     l1 = tl.sum(b_y, axis=0)
     g_row = g_ptr + i_m * N
     n_act = tl.load(cnt_ptr + i_m)
-    if n_act <= W:
+    if PAIRS and (PART != 0) and (n_act <= W):
+        _fwd_slots_pairs(
+            x_ptr, wu_ptr, wdt_ptr, cols_ptr, y_ptr, l1_ptr, gs_ptr, us_ptr, i_m, n_act, K, W,
+            G, BK, PART, EVEN_K, BF16,
+        )  # fmt: skip
+    elif n_act <= W:
         if PART != 2:
             b_x = tl.load(x_ptr + i_m * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         o_g = tl.arange(0, G)
@@ -931,7 +1064,7 @@ def _multi_rows_kernel(
 
 _KERNELS = {
     "multi": _multi_rows_kernel,
-    "pack": _pack_words_kernel,
+    "pack": _pack_lanes_kernel,
     "fwd_stats": _fwd_stats_kernel,
     "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
@@ -980,10 +1113,10 @@ def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     zero it first)."""
     M, N = g.shape
     NW = bits.shape[1]
-    bw = max(1, min(triton.next_power_of_2(NW), CONFIG.pack_block // 32))
+    e = max(8, min(32, CONFIG.pack_block // 32))
     _k("pack")[(M,)](
         g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
-        T=tile, BW=bw, PREFETCH=CONFIG.pack_prefetch, **_pdl_args(g.device),
+        T=tile, E=e, PREFETCH=CONFIG.pack_prefetch, REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
         num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
@@ -1012,10 +1145,13 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     if M > 0:
         _launch_pack(g, gu[0], cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         bk = triton.next_power_of_2(K)
+        # 16-bit rows as int32 pairs (TrainConfig.fwd_pairs)
+        pairs = CONFIG.fwd_pairs and K % 2 == 0 and x.element_size() == 2
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
                 x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
-                G=CONFIG.row_group, BK=bk, PART=part, num_warps=CONFIG.row_warps, **_pdl_args(dev),
+                G=CONFIG.row_group, BK=bk, PART=part, PAIRS=pairs, EVEN_K=K == bk, BF16=x.dtype == torch.bfloat16,
+                num_warps=CONFIG.row_warps, **_pdl_args(dev),
             )  # fmt: skip
     l1 = _alloc.empty((), dtype=torch.float32, device=dev)
     l0 = _alloc.empty((), dtype=torch.float32, device=dev)
