@@ -51,6 +51,7 @@ import triton.language as tl
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
+from ._pairs import pairs_f32, row_pairs, store_pairs
 from ._triton import can_run_triton, num_sms, pdl_ok
 from .ffn_ref import tile_overflow_rows
 
@@ -387,30 +388,6 @@ def _ids(ptr, j, n, G: tl.constexpr):
 
 
 @triton.jit
-def _pairs_f32(v, BF16: tl.constexpr):
-    # an int32 holding two 16-bit floats (the even element in the low half) -> two fp32: for bf16
-    # a shift and a mask, one instruction per element where the [.., BK] bf16 tile took two
-    # (unpack, then shift)
-    if BF16:
-        lo = (v << 16).to(tl.float32, bitcast=True)
-        hi = (v & -65536).to(tl.float32, bitcast=True)
-    else:
-        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _row_pairs(p32, n, K, o_p, m_p, EVEN_K: tl.constexpr, BF16: tl.constexpr):
-    # row n of a [*, K] 16-bit matrix seen as int32 pairs, as its even and odd elements in fp32
-    if EVEN_K:
-        v = tl.load(p32 + n * (K // 2) + o_p)
-    else:
-        v = tl.load(p32 + n * (K // 2) + o_p, mask=m_p, other=0)
-    return _pairs_f32(v, BF16)
-
-
-@triton.jit
 def _fwd_slots_pairs(
     x_ptr,
     wu_ptr,
@@ -440,7 +417,7 @@ def _fwd_slots_pairs(
     if PART == 1:
         # u of the slots: G entries per step; past the row's count the row index is 0 (a valid
         # row) and the dot product is not stored
-        x_e, x_o = _row_pairs(
+        x_e, x_o = row_pairs(
             x_ptr.to(tl.pointer_type(tl.int32), bitcast=True), i_m, K, o_p, m_p, EVEN_K, BF16
         )
         wu32 = wu_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -453,7 +430,7 @@ def _fwd_slots_pairs(
                 v = tl.load(p_v)
             else:
                 v = tl.load(p_v, mask=m_p[None, :], other=0)
-            lo, hi = _pairs_f32(v, BF16)
+            lo, hi = pairs_f32(v, BF16)
             b_u = tl.sum(lo * x_e[None, :] + hi * x_o[None, :], axis=1)
             tl.store(us_ptr + i_m * W + j0 + o_g, b_u, mask=j0 + o_g < n_act)
     else:
@@ -472,21 +449,16 @@ def _fwd_slots_pairs(
             h1 = tl.load(gs_ptr + p_s + 1, mask=ok1, other=0.0).to(tl.float32) * tl.load(
                 us_ptr + p_s + 1, mask=ok1, other=0.0
             ).to(tl.float32)
-            lo0, hi0 = _row_pairs(wdt32, n0, K, o_p, m_p, EVEN_K, BF16)
+            lo0, hi0 = row_pairs(wdt32, n0, K, o_p, m_p, EVEN_K, BF16)
             m_1 = o_p < tl.where(ok1, K // 2, 0)  # (m_p & ok1 as one comparison)
-            lo1, hi1 = _pairs_f32(tl.load(wdt32 + n1 * (K // 2) + o_p, mask=m_1, other=0), BF16)
+            lo1, hi1 = pairs_f32(tl.load(wdt32 + n1 * (K // 2) + o_p, mask=m_1, other=0), BF16)
             b_ye += h0 * lo0
             b_yo += h0 * hi0
             b_ye += h1 * lo1
             b_yo += h1 * hi1
             l1 += tl.abs(h0) + tl.abs(h1)
         # y rounded to x's dtype and stored as int32 pairs
-        dt = y_ptr.dtype.element_ty
-        lo16 = b_ye.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        hi16 = b_yo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) << 16
-        tl.store(
-            y_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + i_m * (K // 2) + o_p, lo16 | hi16, mask=m_p
-        )
+        store_pairs(y_ptr, i_m * (K // 2) + o_p, b_ye, b_yo, m_p)
         tl.store(l1_ptr + i_m, l1)
 
 
