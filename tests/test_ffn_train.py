@@ -204,6 +204,11 @@ def test_forward_16bit_rows(kdevice, monkeypatch, dtype, K, pairs):
     # (row index 0, h = 0) must not reach it
     wg[0] = 0.0
     wd[:, 0] = float("inf")
+    if K == 64:
+        # x as a view that starts 2 bytes into its storage: no int32 pairs from it
+        buf = torch.empty(x.numel() + 1, dtype=dtype, device=x.device)
+        buf[1:] = x.flatten()
+        x = buf[1:].view(x.shape)
     y, st = ft.ffn_train(x, wg, wu, wd, dispatch=False)
     g = (x @ wg.t()).double()
     u = (x @ wu.t()).to(dtype).double()

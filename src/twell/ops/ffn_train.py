@@ -1096,7 +1096,7 @@ def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     zero it first)."""
     M, N = g.shape
     NW = bits.shape[1]
-    e = max(8, min(32, CONFIG.pack_block // 32))
+    e = max(8, min(32, triton.next_power_of_2(CONFIG.pack_block // 32)))
     _k("pack")[(M,)](
         g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
         T=tile, E=e, PREFETCH=CONFIG.pack_prefetch, REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
@@ -1135,7 +1135,13 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
         _launch_pack(g, gu[0], cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         bk = triton.next_power_of_2(K)
         # 16-bit rows as int32 pairs (TrainConfig.fwd_pairs)
-        pairs = CONFIG.fwd_pairs and K % 2 == 0 and x.element_size() == 2
+        pairs = (
+            CONFIG.fwd_pairs
+            and K % 2 == 0
+            and x.element_size() == 2
+            and x.data_ptr() % 4 == 0
+            and w_up.data_ptr() % 4 == 0
+        )
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
                 x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
