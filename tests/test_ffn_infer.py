@@ -4,6 +4,7 @@ CPU runs go through Triton's interpreter in float32 at small odd shapes; bf16/fp
 shapes, CUDA graphs and torch.compile are in test_infer_gpu.py.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -14,7 +15,16 @@ from twell.ops.ffn_infer import choose_path, down_t, ffn_infer
 from twell.ops.ffn_ref import sparse_ffn_ref
 from twell.testing import assert_close, make_sparse_ffn, poison_allocations
 
-SPARSE_PATHS = ["prefill", "decode", "dense"]
+# "prefill-tiles": the prefill through gate_pack and the per-token up/down over TwELL
+# (InferConfig.prefill_rows off); "prefill" runs the row kernels shared with the training forward
+SPARSE_PATHS = ["prefill", "prefill-tiles", "decode", "dense"]
+
+
+def _path(path):
+    """(ffn_infer path, config context) of a test path name."""
+    if path == "prefill-tiles":
+        return "prefill", override("infer", prefill_rows=False)
+    return path, contextlib.nullcontext()
 
 
 def _ref(x, wg, wu, wd, tile, slots):
@@ -29,7 +39,9 @@ def _ref(x, wg, wu, wd, tile, slots):
 def _check(x, wg, wu, wd, tile, slots, path, stats=True, reduce=1):
     # reduce: terms of the longest sum behind an output element whose order the kernel does not
     # fix (fp32 atomics add in arrival order on a GPU): the bound grows with its square root
-    y, st = ffn_infer(x, wg, wu, wd, tile=tile, slots=slots, path=path, unit_counts=True)
+    run, ctx = _path(path)
+    with ctx:
+        y, st = ffn_infer(x, wg, wu, wd, tile=tile, slots=slots, path=run, unit_counts=True)
     y64, sr, y_torch = _ref(x, wg, wu, wd, tile, slots)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert_close(y, y64, name=f"y[{path}]", dtype=x.dtype, baseline=y_torch, reduce=reduce)
@@ -79,7 +91,7 @@ def test_prefill_one_and_two_passes(kdevice, poison, two_passes):
     # tokens, a token activating every unit (its tiles overflow and are recomputed whole), NaN
     x, wg, wu, wd = make_sparse_ffn(9, 32, 200, 4, device=kdevice, seed=5)
     x[4, 0] = -30.0
-    with override("infer", prefill_two_passes=two_passes):
+    with override("infer", prefill_two_passes=two_passes, prefill_rows=False):
         y, st = _check(x, wg, wu, wd, 64, 8, "prefill")
         assert int(st.overflow_rows) >= 1
         x[2, 5] = float("nan")
@@ -87,23 +99,37 @@ def test_prefill_one_and_two_passes(kdevice, poison, two_passes):
     assert torch.isnan(y2[2]).all() and not torch.isnan(y2[[0, 1, 3, 4, 5, 6, 7, 8]]).any()
 
 
+def test_prefill_rows_in_chunks(kdevice, poison):
+    # the row-kernel prefill in chunks of 4 tokens (3 calls for 9): y, l0, l1, overflow rows and
+    # unit counts combined across the chunks, a token activating every unit in the middle chunk
+    x, wg, wu, wd = make_sparse_ffn(9, 32, 200, 4, device=kdevice, seed=5)
+    x[5, 0] = -30.0
+    with override("infer", prefill_rows_chunk=4):
+        _, st = _check(x, wg, wu, wd, 64, 8, "prefill")
+    assert int(st.overflow_rows) >= 1
+
+
 @pytest.mark.parametrize("path", SPARSE_PATHS)
 def test_nan_token_stays_in_its_row(kdevice, poison, path):
     x, wg, wu, wd = make_sparse_ffn(6, 32, 100, 5, device=kdevice, seed=7)
     x[3, 7] = float("nan")
-    y, _ = ffn_infer(x, wg, wu, wd, tile=32, slots=4, path=path)
+    run, ctx = _path(path)
+    with ctx:
+        y, _ = ffn_infer(x, wg, wu, wd, tile=32, slots=4, path=run)
     assert torch.isnan(y[3]).all()
     keep = torch.tensor([0, 1, 2, 4, 5])
     y64, _, y_torch = _ref(x[keep], wg, wu, wd, 32, 4)
     assert_close(y[keep], y64, name=f"y[{path}] without the NaN token", dtype=x.dtype, baseline=y_torch)
 
 
-@pytest.mark.parametrize("path", ["prefill", "decode"])
+@pytest.mark.parametrize("path", ["prefill", "prefill-tiles", "decode"])
 def test_noncontiguous_inputs(kdevice, poison, path):
     x, wg, wu, wd = make_sparse_ffn(7, 48, 120, 6, device=kdevice, seed=11)
     xs = torch.stack([x, x], dim=2).reshape(7, 96)[:, ::2]  # stride 2 along K, same values
     wds = wd.t().contiguous().t()  # W_down stored transposed (already [N, K] contiguous underneath)
-    y, _ = ffn_infer(xs, wg, wu, wds, tile=64, slots=8, path=path)
+    run, ctx = _path(path)
+    with ctx:
+        y, _ = ffn_infer(xs, wg, wu, wds, tile=64, slots=8, path=run)
     y64, _, y_torch = _ref(x, wg, wu, wd, 64, 8)
     assert_close(y, y64, name="y", dtype=x.dtype, baseline=y_torch)
 

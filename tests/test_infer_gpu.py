@@ -1,11 +1,14 @@
 """GPU-only tests of the inference kernels: bf16/fp16 at model shapes, CUDA graphs, opcheck,
 torch.compile. Run on the H100 with ``pytest -m gpu tests/test_infer_gpu.py``."""
 
+import contextlib
+
 import pytest
 import torch
 
 from twell.format import TwELL
 from twell.ops import gate_pack as gp_mod
+from twell.ops.configs import override
 from twell.ops.ffn_infer import ffn_infer
 from twell.ops.ffn_ref import sparse_ffn_ref
 from twell.ops.gate_pack import gate_pack
@@ -18,6 +21,14 @@ SHAPES = {"paper": (2048, 5632), "llama3-8b": (4096, 14336), "qwen2-0.5b": (896,
 
 def _inputs(M, K, N, active, dtype, pattern="iid", seed=0):
     return make_sparse_ffn(M, K, N, active, pattern=pattern, dtype=dtype, device="cuda", seed=seed)
+
+
+def _path(path):
+    """(ffn_infer path, config context): "prefill-tiles" is the prefill through gate_pack and the
+    per-token up/down over TwELL (InferConfig.prefill_rows off)."""
+    if path == "prefill-tiles":
+        return "prefill", override("infer", prefill_rows=False)
+    return path, contextlib.nullcontext()
 
 
 def _ref(x, wg, wu, wd, tile=256, slots=32):
@@ -34,10 +45,12 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
     K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, dtype, seed=M)
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    for path in ("prefill", "decode", "dense", "auto"):
+    for path in ("prefill", "prefill-tiles", "decode", "dense", "auto"):
         if path == "decode" and M > 64:
             continue
-        y, st = ffn_infer(x, wg, wu, wd, path=path)
+        run, ctx = _path(path)
+        with ctx:
+            y, st = ffn_infer(x, wg, wu, wd, path=run)
         assert_close(y.float(), y32, name=f"y[{path}, {shape}, M={M}]", dtype=dtype, baseline=y_t.float())
         assert int(st.overflow_rows) == int(sr.overflow_rows), f"overflow_rows[{path}]"
         # l0 from the kernels' own gate (rounding may flip a unit sitting at 0)
@@ -165,20 +178,38 @@ def test_patterns_with_overflow_bf16(pattern, M):
     x, wg, wu, wd = _inputs(M, K, N, 39, torch.bfloat16, pattern=pattern, seed=3)
     x[M // 2, 0] = -20.0  # one token with every unit active: all its tiles overflow
     y32, sr, y_t = _ref(x, wg, wu, wd)
-    for path in ("prefill", "decode", "dense"):
+    for path in ("prefill", "prefill-tiles", "decode", "dense"):
         if path == "decode" and M > 64:
             continue
-        y, st = ffn_infer(x, wg, wu, wd, path=path)
+        run, ctx = _path(path)
+        with ctx:
+            y, st = ffn_infer(x, wg, wu, wd, path=run)
         assert_close(y.float(), y32, name=f"y[{path}, {pattern}]", dtype=torch.bfloat16, baseline=y_t.float())
         assert int(st.overflow_rows) == int(sr.overflow_rows) >= 1
 
 
-@pytest.mark.parametrize("path", ["prefill", "decode", "dense"])
+def test_prefill_rows_two_chunks_bf16():
+    # 17000 tokens: two rows_forward calls (16384 + 616) into one y, statistics combined
+    K, N = SHAPES["paper"]
+    x, wg, wu, wd = _inputs(17000, K, N, 30, torch.bfloat16, seed=9)
+    x[16500, 0] = -20.0  # a token of the second chunk with every unit active
+    y32, sr, y_t = _ref(x, wg, wu, wd)
+    y, st = ffn_infer(x, wg, wu, wd, path="prefill", unit_counts=True)
+    assert_close(y.float(), y32, name="y", dtype=torch.bfloat16, baseline=y_t.float())
+    assert int(st.overflow_rows) == int(sr.overflow_rows) >= 1
+    assert abs(float(st.l0) - float(sr.l0)) <= 0.01 * float(sr.l0) + 0.05
+    assert float(st.l1) == pytest.approx(float(sr.l1), rel=2e-2)
+    assert abs(int(st.unit_counts.sum()) - float(st.l0) * 17000) <= 2
+
+
+@pytest.mark.parametrize("path", ["prefill", "prefill-tiles", "decode", "dense"])
 def test_nan_token_bf16(path):
     K, N = SHAPES["paper"]
     x, wg, wu, wd = _inputs(16, K, N, 30, torch.bfloat16)
     x[5, 100] = float("nan")
-    y, _ = ffn_infer(x, wg, wu, wd, path=path)
+    run, ctx = _path(path)
+    with ctx:
+        y, _ = ffn_infer(x, wg, wu, wd, path=run)
     assert torch.isnan(y[5]).all()
     rows = [i for i in range(16) if i != 5]
     assert not torch.isnan(y[rows]).any()

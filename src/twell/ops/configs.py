@@ -61,6 +61,15 @@ class InferConfig:
     #: prefill up/down in two launches (h = g u of the packed entries, written over g; then y), one
     #: weight matrix in L2 per launch, as the training forward rows
     prefill_two_passes: bool = False
+    #: prefill on the training forward's kernels (``ffn_train.rows_forward``: cuBLAS gate, the row
+    #: pack, two row passes) instead of gate_pack + the per-token up/down over TwELL. H100, paper
+    #: shape, one process (scratch probe at b3feda7; the rows form with the cached W_down^T):
+    #: M = 1024 1.28x against 1.08x, 2048 1.45x / 1.35x at 24 units iid, 1.33x / 1.26x at 30 iid,
+    #: 1.42x / 1.30x at 30 skewed, 4096 1.45x / 1.34x, 16384 1.70x / 1.54x at 24, 1.55x / 1.43x
+    #: at 30. The dense gate [rows, N] lives while a chunk runs.
+    prefill_rows: bool = True
+    #: tokens per rows_forward call (bounds the dense gate's memory: 184 MiB at N = 5632, bf16)
+    prefill_rows_chunk: int = 16384
     #: decode stage 1 (gate + up), GEMV form (M <= decode_gemv_max_m): units and warps per program,
     #: 0 = by K: 2 units at M = 1 when K > 2048, else 4; 2 warps when K <= 1024, else 4. From the
     #: bf7277f sweep (H100, 30 active/token, device time, atomic down form; units x warps in

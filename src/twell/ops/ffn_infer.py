@@ -71,6 +71,7 @@ from ..stats import FFNStats
 from ._triton import can_run_triton, num_sms, pdl_ok
 from .configs import get_config
 from .ffn_ref import sparse_ffn_ref
+from .ffn_train import rows_forward
 from .gate_pack import _dtype_consts, launch_gate_pack
 
 __all__ = ["ffn_infer", "ffn_infer_checked", "ffn_infer_ref", "down_t", "PATHS", "choose_path"]
@@ -1173,7 +1174,33 @@ def _launch_updown(x, counts, values, columns, w_gate, w_up, wdt, y, tok, tile, 
         )  # fmt: skip
 
 
+def _prefill_rows(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    """Prefill on the training forward's kernels, in chunks of ``prefill_rows_chunk`` tokens;
+    the chunks' statistics are combined on the device."""
+    M, K = x.shape
+    x = x.contiguous()
+    wdt = down_t(w_down)
+    step = max(1, get_config("infer").prefill_rows_chunk)
+    if M <= step:
+        return rows_forward(x, w_gate, w_up, wdt, tile=tile, slots=slots, unit_counts=unit_counts)
+    y = _alloc.empty((M, K), dtype=x.dtype, device=x.device)
+    parts = []
+    for m0 in range(0, M, step):
+        m1 = min(M, m0 + step)
+        _, l0, l1, over, uc = rows_forward(
+            x[m0:m1], w_gate, w_up, wdt, tile=tile, slots=slots, unit_counts=unit_counts, out=y[m0:m1]
+        )
+        parts.append((m1 - m0, l0, l1, over, uc))
+    l0 = sum(n * v for n, v, *_ in parts) / M
+    l1 = sum(n * v for n, _, v, *_ in parts) / M
+    over = sum(p[3] for p in parts)
+    uc = sum(p[4] for p in parts) if unit_counts else None
+    return y, l0, l1, over, uc
+
+
 def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+    if get_config("infer").prefill_rows:
+        return _prefill_rows(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     M, K = x.shape
     N = w_gate.shape[0]
     NT = _cdiv(N, tile)

@@ -60,6 +60,7 @@ __all__ = [
     "CONFIG",
     "ffn_train",
     "ffn_train_ref",
+    "rows_forward",
 ]
 
 
@@ -1104,7 +1105,10 @@ def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     )  # fmt: skip
 
 
-def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
+def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=None):
+    """The forward kernels. ``wdt``: W_down^T [N, K] contiguous when the caller has it (the
+    inference prefill's cached copy; ``w_down`` is then unused), else made here; ``y``: a
+    contiguous [M, K] output to write into."""
     M, K = x.shape
     N = w_gate.shape[0]
     W = _row_capacity(N)
@@ -1114,12 +1118,11 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     # counts: [M] active units per row, then [N] rows per unit (kept for the backward's index),
     # zeroed by the W_down^T transpose's launch (H100, paper shape, M = 16384: the gate GEMM
     # starts 1.5 us earlier than after a separate fill, training forward 1.3-1.9 us shorter)
-    counts = (
-        _alloc.empty((M + N,), dtype=torch.int32, device=dev)
-        if M > 0
-        else torch.zeros(N, dtype=torch.int32, device=dev)
-    )
-    wdt = _transposed(w_down, w_down.dtype, counts) if M > 0 else None  # [N, K]: W_down^T rows contiguous
+    if M > 0 and wdt is None:
+        counts = _alloc.empty((M + N,), dtype=torch.int32, device=dev)
+        wdt = _transposed(w_down, w_down.dtype, counts)  # [N, K]: W_down^T rows contiguous
+    else:
+        counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
     cnt, ucnt = counts[:M], counts[M:]
     g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
@@ -1128,7 +1131,8 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     )  # bitmask words, active units before each word
     bits, wpre = pat[0], pat[1]
     ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
-    y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+    if y is None:
+        y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
@@ -1154,6 +1158,18 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     _k("fwd_stats")[(1,)](l1_rows, cnt, ovf, l1, l0, over, M, BLOCK=8192, num_warps=16, **_pdl_args(dev))
     uc = ucnt.to(torch.int64) if unit_counts else ucnt.new_zeros((0,), dtype=torch.int64)
     return y, l1, l0, over, uc, cols, counts, pat, gu
+
+
+def rows_forward(x, w_gate, w_up, w_down_t, *, tile: int, slots: int, unit_counts: bool, out=None):
+    """Forward only (no autograd, nothing kept) on the training forward's kernels: cuBLAS gate,
+    the row pack, the two row passes, the statistics kernel. ``x [M, K]`` contiguous,
+    ``w_down_t`` = W_down^T [N, K] contiguous, ``out``: optional contiguous [M, K] for y. Returns
+    ``(y, l0, l1, overflow_rows, unit_counts int32 [N] or None)``; the inference prefill's kernels.
+    Holds the dense gate [M, N] while it runs (the caller bounds M)."""
+    y, l1, l0, over, _, _, counts, _, _ = _fwd_impl(
+        x, w_gate, w_up, None, tile, slots, False, wdt=w_down_t, y=out
+    )
+    return y, l0, l1, over, (counts[x.shape[0] :] if unit_counts else None)
 
 
 def _wgrad_rows(rows, w_gate, w_up, wdt, c1, ucnt, outs, acc, deterministic):
