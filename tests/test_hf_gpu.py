@@ -2,7 +2,7 @@
 torch.compile + static cache), training gradients, SparseLM loading, the model benchmark.
 
 That the kernel path ran is read from the profiler, without patching: the Triton kernels of each
-path (``_updown_kernel`` for prefill, ``_decode_gate_up_kernel`` for decode at M = 1,
+path (``_fwd_rows_kernel`` for prefill, ``_decode_gate_up_kernel`` for decode at M = 1,
 ``_relu_mul_stats_kernel`` for the dense path the dispatch picks between them).
 """
 
@@ -69,7 +69,7 @@ def test_prefill_and_decode_logits_on_kernel_path(dtype):
     # the dispatch of twell.ops.configs: prefill from M = 1024, decode up to M = 16 (while the batch's
     # union of active units is small), dense path between
     cases = (
-        (4, 300, "_updown_kernel"),
+        (4, 300, "_fwd_rows_kernel"),
         (1, 1, "_decode_gate_up_kernel"),
         (3, 1, "_decode_gate_up_kernel"),
         (2, 32, "_relu_mul_stats_kernel"),
@@ -100,7 +100,7 @@ def test_greedy_generate_fp32_identical_to_dense(cache):
     with torch.no_grad():
         expected = dense.generate(prompt, **kw)
         tokens, names = _profiled(lambda: sparse.generate(prompt, **kw))
-    assert _has(names, "_updown_kernel") and _has(names, "_decode_gate_up_kernel")
+    assert _has(names, "_fwd_rows_kernel") and _has(names, "_decode_gate_up_kernel")
     assert torch.equal(tokens, expected)
 
 
@@ -188,7 +188,7 @@ def test_sparselm_checkpoint_bf16_on_cuda(tmp_path):
     ids = _ids(2, 600, seed=5)  # M = 1200: the prefill kernels run
     with torch.no_grad():
         y, names = _profiled(lambda: model(ids).logits)
-        assert _has(names, "_updown_kernel")
+        assert _has(names, "_fwd_rows_kernel")
         assert_close(y, ref(ids).logits.double(), name="SparseLM bf16 logits", baseline=dense(ids).logits)
 
 
