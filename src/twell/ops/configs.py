@@ -54,10 +54,12 @@ class InferConfig:
     #: 42.7-45.8 dense; the tl.dot atomic form with 8 warps at M > 32 reached M = 48 1.23x and 64
     #: 1.13-1.22x at e41cef6 / f39b736; the dense path runs M = 65..1023)
     decode_max_m: int = 64
-    #: below this M (and above decode_max_m) the dense path runs: the per-token prefill stage is
-    #: latency-bound at small M (M = 256: gate_pack 28.0 us + up/down 42.4 us, 0.66x dense;
-    #: M = 1024: 1.06x; M = 2048: 1.22x)
-    prefill_min_m: int = 1024
+    #: below this M (and above decode_max_m) the dense path runs. Rows-form prefill against dense
+    #: (H100, paper shape, 30 units/token iid, device time, one process, c7b37d4): M = 256 0.78x,
+    #: 512 1.07x, 768 1.29x, 1024 1.25x, where the dense path (with its statistics) runs
+    #: 0.93-0.95x. With the tiles form: M = 256 0.66x (gate_pack 28.0 us + up/down 42.4 us),
+    #: 1024 1.06x, 2048 1.22x
+    prefill_min_m: int = 512
     #: prefill up/down in two launches (h = g u of the packed entries, written over g; then y), one
     #: weight matrix in L2 per launch, as the training forward rows
     prefill_two_passes: bool = False

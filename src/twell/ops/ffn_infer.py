@@ -4,8 +4,12 @@ Legend: M = tokens, K = model dim, N = FFN units, T = TwELL tile, NT = ceil(N / 
     g = x @ W_gate^T  [M, N],  u = x @ W_up^T  [M, N],  h = relu(g) * u,  y = h @ W_down^T  [M, K]
 
 Paths (one entry point, :func:`ffn_infer`, picks one per call):
-  * prefill (M >= ``prefill_min_m``): ``gate_pack`` (gate GEMM with the TwELL epilogue), then
-    ``_updown_kernel``, one program per token: x's row stays in registers; for every packed
+  * prefill (M >= ``prefill_min_m``), rows form (default, ``prefill_rows``): the training
+    forward's kernels without autograd state (:func:`twell.ops.ffn_train.rows_forward`): cuBLAS
+    gate GEMM, a row pack of the active units, two row passes (u of the slots with W_up in L2,
+    then y with W_down^T in L2), in chunks of ``prefill_rows_chunk`` tokens, with the cached
+    W_down^T of :func:`down_t`. Tiles form: ``gate_pack`` (gate GEMM with the TwELL epilogue),
+    then ``_updown_kernel``, one program per token: x's row stays in registers; for every packed
     entry (n, g) it reads W_up[n, :] and W_down^T[n, :] (8 KB at K = 2048 in bf16), computes
     u = x . W_up[n], h = g u, y += h W_down^T[n]. A (token, tile) whose count exceeds S is
     recomputed exactly from x and W_gate (all T columns of the tile) and counted in

@@ -92,9 +92,11 @@ class TrainConfig:
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
     #: columns per step of the pack kernel (32 lanes x 8, 16 or 32 columns; at least 256) and its
-    #: warps. H100, paper shape, M = 16384, torch.profiler, _pack_lanes_kernel: 256 columns
-    #: 0.090 ms, 512 0.097, 1024 0.089
-    pack_block: int = 256
+    #: warps. H100, paper shape, torch.profiler, _pack_lanes_kernel: M = 16384 256 columns
+    #: 0.090 ms, 512 0.097, 1024 0.089 (0.0888 / 0.0888 in the prefill probe); M = 2048 17.0 /
+    #: 16.9 / 14.6 us, M = 512 8.8 / 9.9 / 8.0 us (fewer, longer steps: more bytes in flight per
+    #: warp where the grid is too small to fill the SMs)
+    pack_block: int = 1024
     pack_warps: int = 1
     #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.090 ms, 2 0.091, 0 0.099
     pack_prefetch: int = 1
