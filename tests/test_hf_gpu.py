@@ -66,7 +66,7 @@ def _ids(B, S, V=512, seed=1):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_and_decode_logits_on_kernel_path(dtype):
     ref, dense, sparse = _models(dtype)
-    # the dispatch of twell.ops.configs: prefill from M = 1024, decode up to M = 16 (while the batch's
+    # the dispatch of twell.ops.configs: prefill from M = 512, decode up to M = 16 (while the batch's
     # union of active units is small), dense path between
     cases = (
         (4, 300, "_fwd_rows_kernel"),
@@ -90,7 +90,7 @@ def test_prefill_and_decode_logits_on_kernel_path(dtype):
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_greedy_generate_fp32_identical_to_dense(cache):
     _, dense, sparse = _models(torch.float32)
-    # batch 1 with a 1100-token prompt: prefill (M >= 1024) and decode (M = 1) kernels both run
+    # batch 1 with a 1100-token prompt: prefill (M >= 512) and decode (M = 1) kernels both run
     prompt = _ids(1, 1100, seed=2)
     kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     if cache:
