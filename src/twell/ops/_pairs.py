@@ -29,7 +29,8 @@ def pairs_f32(v, BF16: tl.constexpr):
 @triton.jit
 def row_pairs(p32, n, K, o_p, m_p, EVEN_K: tl.constexpr, BF16: tl.constexpr):
     """Row ``n`` of a [*, K] 16-bit matrix at ``p32`` (seen as int32) -> (even, odd) in fp32;
-    ``o_p`` = arange(BK // 2), ``m_p`` = o_p < K // 2 (unused when EVEN_K: K is the block)."""
+    ``o_p`` = arange(BK // 2), ``m_p`` = o_p < K // 2 (unused when EVEN_K: K is the block). With
+    ``n`` a [G, 1] column of row ids and ``o_p`` / ``m_p`` as [1, BK // 2], a [G, BK // 2] tile."""
     if EVEN_K:
         v = tl.load(p32 + n * (K // 2) + o_p)
     else:

@@ -428,12 +428,7 @@ def _fwd_slots_pairs(
         row_cols = cols_ptr + i_m * W
         for j0 in range(0, n_act, G):
             i_n = _ids(row_cols, j0, n_act, G).to(tl.int64)
-            p_v = wu32 + i_n[:, None] * (K // 2) + o_p[None, :]
-            if EVEN_K:
-                v = tl.load(p_v)
-            else:
-                v = tl.load(p_v, mask=m_p[None, :], other=0)
-            lo, hi = pairs_f32(v, BF16)
+            lo, hi = row_pairs(wu32, i_n[:, None], K, o_p[None, :], m_p[None, :], EVEN_K, BF16)
             b_u = tl.sum(lo * x_e[None, :] + hi * x_o[None, :], axis=1)
             tl.store(us_ptr + i_m * W + j0 + o_g, b_u, mask=j0 + o_g < n_act)
     else:
@@ -1140,13 +1135,14 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=Non
     if M > 0:
         _launch_pack(g, gu[0], cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
         bk = triton.next_power_of_2(K)
-        # 16-bit rows as int32 pairs (TrainConfig.fwd_pairs)
+        # 16-bit rows as int32 pairs (TrainConfig.fwd_pairs): even K, rows on 4-byte boundaries
         pairs = (
             CONFIG.fwd_pairs
             and K % 2 == 0
             and x.element_size() == 2
             and x.data_ptr() % 4 == 0
             and w_up.data_ptr() % 4 == 0
+            and wdt.data_ptr() % 4 == 0
         )
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
