@@ -237,10 +237,10 @@ def profile_case(K, N, M, a, pattern="iid"):
 SWEEP = [
     {},
     {"pack_prefetch": 2},
+    {"pack_block": 256},
     {"pack_block": 512},
-    {"pack_block": 512, "pack_prefetch": 2},
-    {"pack_block": 128, "pack_prefetch": 2},
-    {"pack_warps": 2, "pack_block": 512},
+    {"pack_reverse": False},
+    {"fwd_pairs": False},
 ]
 
 
