@@ -340,17 +340,31 @@ def _pack_expected(g, W, tile, slots):
 
 
 @pytest.mark.parametrize(
-    "N, tile, block",
-    [(100, 16, 256), (300, 64, 256), (1000, 256, 256), (1000, 512, 256), (1000, 256, 1024), (33, 16, 64)],
+    "N, tile, block, warps",
+    [
+        (100, 16, 256, 1),
+        (300, 64, 256, 1),
+        (1000, 256, 256, 1),
+        (1000, 512, 256, 1),
+        (1000, 256, 1024, 1),
+        (33, 16, 64, 1),
+        (300, 16, 256, 2),  # 64 lanes x 8 columns
+        (1000, 256, 4096, 4),  # 128 lanes x 32 columns
+        (1000, 64, 1024, 4),  # 128 lanes x 8 columns
+    ],
 )
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, prefetch):
+def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, warps, prefetch):
     # tiles of up to 32 columns (within a word), within a step of `block` columns, and spanning
-    # several steps; bit 31 of the words, NaN, an empty and a fully active row (past W = 40);
-    # g at the slots
-    # rows walked last to first (the default) and first to last
+    # several steps; 1, 2 and 4 warps (32 lanes each); bit 31 of the words, NaN, an empty and a
+    # fully active row (past W = 40); g at the slots; rows walked last to first (the default) and
+    # first to last
     cfg = ft.TrainConfig(
-        pack_block=block, row_capacity=40, pack_prefetch=prefetch, pack_reverse=prefetch != 2
+        pack_block=block,
+        pack_warps=warps,
+        row_capacity=40,
+        pack_prefetch=prefetch,
+        pack_reverse=prefetch != 2,
     )
     monkeypatch.setattr(ft, "CONFIG", cfg)
     M, W, slots = 7, 40, 5

@@ -91,11 +91,14 @@ class TrainConfig:
     #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
     dense_below_m: int = 4096
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
-    #: columns per step of the pack kernel (32 lanes x 8, 16 or 32 columns; at least 256) and its
-    #: warps. H100, paper shape, torch.profiler, _pack_lanes_kernel: M = 16384 256 columns
-    #: 0.090 ms, 512 0.097, 1024 0.089 (0.0888 / 0.0888 in the prefill probe); M = 2048 17.0 /
-    #: 16.9 / 14.6 us, M = 512 8.8 / 9.9 / 8.0 us (fewer, longer steps: more bytes in flight per
-    #: warp where the grid is too small to fill the SMs)
+    #: columns per step of the pack kernel (32 x warps lanes x 8, 16 or 32 columns) and its warps.
+    #: H100, paper shape, torch.profiler, _pack_lanes_kernel: M = 16384 256 columns 0.090 ms, 512
+    #: 0.097, 1024 0.089 (0.0888 / 0.0888 in the prefill probe); M = 2048 17.0 / 16.9 / 14.6 us,
+    #: M = 512 8.8 / 9.9 / 8.0 us (fewer, longer steps: more bytes in flight per warp where the
+    #: grid is too small to fill the SMs). More warps per row were slower (the scan and the
+    #: set-bit loop then cross warps): M = 2048 / 16384, 1024 columns, 2 warps 21.5 / 140 us,
+    #: 4 warps 18.1-18.8 / 117 us, 4 warps x 4096 columns 24.2 / 164 us, against 15.1-15.6 / 88-91
+    #: at 1 warp (benchmarks/results/prefill-rows-sweep-h100-2026-11-26i.log)
     pack_block: int = 1024
     pack_warps: int = 1
     #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.090 ms, 2 0.091, 0 0.099
@@ -255,36 +258,63 @@ def _pack_lanes_kernel(
     S,
     T: tl.constexpr,
     E: tl.constexpr,
+    L: tl.constexpr,
     PREFETCH: tl.constexpr,
     REVERSE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # one program (one warp) per row of g; a step is 32 lanes x E consecutive columns (one
-    # vector load per lane), so every per-step quantity stays inside a lane: the lane's E active
-    # flags as an E-bit chunk of the bitmask (stored as is: E = 8 / 16 / 32 bits are a byte / half
-    # word / word of the little-endian int32 words), its count, and one warp scan of the counts
-    # for the ranks. Lanes then write their active units' slots (cols, g at the slot, the per-unit
-    # count) one set bit per turn, almost always one turn. No layout conversion or cross-lane
-    # reduction per word. H100, paper shape, M = 16384 (Nsight Compute): 46.1 M instructions
-    # against 63.6 M for the earlier form, which held a 32-column word over 4 lanes, and the same
-    # time (0.090 ms): what bounds it is memory, the read of g (a plain read of g took 0.072 ms
-    # with a cold L2) and the bitmask / word-count stores (0.010 ms)
+    # one program per row of g, L = 32 x its warps lanes. H100, paper shape, M = 16384 (Nsight Compute): 46.1 M
+    # instructions against 63.6 M for the earlier form, which held a 32-column word over 4 lanes,
+    # and the same time (0.090 ms): what bounds it is memory, the read of g (a plain read of g took
+    # 0.072 ms with a cold L2) and the bitmask / word-count stores (0.010 ms)
     _after_previous(PDL)
     i_m = tl.program_id(0).to(tl.int64)
     if REVERSE:
         i_m = tl.num_programs(0) - 1 - i_m
-    C: tl.constexpr = 32 * E
+    n_act, ovf = _pack_row(
+        g_ptr, gs_ptr, cols_ptr, bits_ptr, wpre_ptr, ucnt_ptr, i_m, N, NW, W, S, T, E, L, PREFETCH
+    )
+    tl.store(cnt_ptr + i_m, n_act)
+    tl.store(ovf_ptr + i_m, ovf)
+
+
+@triton.jit
+def _pack_row(
+    g_ptr,
+    gs_ptr,
+    cols_ptr,
+    bits_ptr,
+    wpre_ptr,
+    ucnt_ptr,
+    i_m,
+    N,
+    NW,
+    W,
+    S,
+    T: tl.constexpr,
+    E: tl.constexpr,
+    L: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    # the packed pattern of row i_m of g; returns (active units, TwELL overflow flag). A step is
+    # L lanes (the program's threads) x E consecutive columns (one vector load per lane), so every
+    # per-step quantity stays inside a lane: the lane's E active flags as an E-bit chunk of the
+    # bitmask (stored as is: E = 8 / 16 / 32 bits are a byte / half word / word of the
+    # little-endian int32 words), its count, and one scan of the counts for the ranks. Lanes then
+    # write their active units' slots (cols, g at the slot, the per-unit count) one set bit per
+    # turn, almost always one turn. No layout conversion or cross-lane reduction per word.
+    C: tl.constexpr = L * E
     p_g = g_ptr + i_m * N
-    o_t = tl.arange(0, 32)
+    o_t = tl.arange(0, L)
     o_e = tl.arange(0, E)
-    o_b = o_t[:, None] * E + o_e[None, :]  # [32, E] columns of a step
+    o_b = o_t[:, None] * E + o_e[None, :]  # [L, E] columns of a step
     if E == 8:
         p_bits = bits_ptr.to(tl.pointer_type(tl.uint8), bitcast=True) + i_m * NW * 4
     elif E == 16:
         p_bits = bits_ptr.to(tl.pointer_type(tl.uint16), bitcast=True) + i_m * NW * 2
     else:
         p_bits = bits_ptr + i_m * NW
-    n_act = tl.sum(tl.zeros([32], dtype=tl.int32), axis=0)
+    n_act = tl.sum(tl.zeros([L], dtype=tl.int32), axis=0)
     ovf = n_act
     run = n_act
     if PREFETCH >= 1:
@@ -306,7 +336,7 @@ def _pack_lanes_kernel(
             b_g = tl.load(p_g + o_n, mask=m_n, other=0.0)
         a_i = (((b_g > 0) | (b_g != b_g)) & m_n).to(tl.int32)
         # distinct bits: the sum is the bitwise or (bit 31 lands on the int32 sign, no carries)
-        chunk = tl.sum(a_i << o_e[None, :], axis=1)  # [32]
+        chunk = tl.sum(a_i << o_e[None, :], axis=1)  # [L]
         c_t = tl.sum(a_i, axis=1)
         below = n_act + tl.cumsum(c_t, axis=0) - c_t  # active units of the row before each lane
         s = tl.sum(c_t, axis=0)
@@ -330,7 +360,7 @@ def _pack_lanes_kernel(
                 rem = rem ^ lsb
         # TwELL overflow statistic: a tile of T columns with more than S active units
         if T < E:
-            t_c = tl.sum(tl.reshape(a_i, (32, E // T, T)), axis=2)
+            t_c = tl.sum(tl.reshape(a_i, (L, E // T, T)), axis=2)
             ovf = ovf | (tl.max(tl.max(t_c, axis=1), axis=0) > S).to(tl.int32)
         elif T < C:
             t_c = tl.sum(tl.reshape(c_t, (C // T, T // E)), axis=1)
@@ -341,8 +371,7 @@ def _pack_lanes_kernel(
                 ovf = ovf | (run > S).to(tl.int32)
                 run = run * 0
         n_act += s
-    tl.store(cnt_ptr + i_m, n_act)
-    tl.store(ovf_ptr + i_m, ovf)
+    return n_act, ovf
 
 
 @triton.jit
@@ -1094,10 +1123,11 @@ def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
     zero it first)."""
     M, N = g.shape
     NW = bits.shape[1]
-    e = max(8, min(32, triton.next_power_of_2(CONFIG.pack_block // 32)))
+    lanes = 32 * CONFIG.pack_warps
+    e = max(8, min(32, triton.next_power_of_2(CONFIG.pack_block // lanes)))
     _k("pack")[(M,)](
         g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
-        T=tile, E=e, PREFETCH=CONFIG.pack_prefetch, REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
+        T=tile, E=e, L=lanes, PREFETCH=CONFIG.pack_prefetch, REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
         num_warps=CONFIG.pack_warps,
     )  # fmt: skip
 
