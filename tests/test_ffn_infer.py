@@ -389,12 +389,52 @@ def test_decode_chunk_form(kdevice, poison, M, K, chunk, split, progs):
         _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
 
 
+@pytest.mark.parametrize(
+    "M,K,bk,chd,split,progs",
+    [(20, 48, 16, 16, 0, 0), (33, 40, 32, 32, 3, 0), (7, 96, 64, 16, 1, 5), (60, 40, 16, 64, 2, 0)],
+)
+def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
+    # decode_union_min_m <= M <= decode_union_max_m: the chunk kernel stores h of the batch's
+    # compacted active units and their unit ids, and a third kernel runs y = h W_down^T over them
+    # split in bk-column blocks x `split` ranges of units (0: programs / blocks), chd units per
+    # tl.dot, one atomic add per program. Sparse, none active, every unit active, a NaN token,
+    # repeated calls on the reused accumulator; deterministic mode and capture keep it off
+    from twell.ops import ffn_infer as fi
+
+    plan = dict(
+        decode_union_min_m=3,
+        decode_union_max_m=64,
+        decode_union_min_k=0,
+        decode_chunk_max_m=0,
+        decode_chunk_long_max_m=0,
+        decode_union_bk=bk,
+        decode_union_chunk=chd,
+        decode_union_split=split,
+        decode_chunk_programs=progs,
+        decode_union_up_bk=16,
+    )
+    with override("infer", **plan):
+        cfg = fi.get_config("infer")
+        p = fi._decode_plan(M, K, 300, cfg)
+        assert p["union"] and p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
+        assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["union"]
+        assert not fi._decode_plan(2, K, 300, cfg)["union"]  # CUDA-core gate at M <= 2
+        with override("infer", decode_union_max_m=M - 1):
+            assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["union"]
+        with override("infer", decode_union_min_k=K + 1):
+            assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["union"]
+        # K-term dot products summed in another order than torch's, and each program's sums
+        # reaching the accumulator by atomics in arrival order
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+
+
 def test_decode_plan_compact_and_warps():
     # the unit form up to decode_units_max_m tokens; the chunk form from decode_chunk_min_m to
     # decode_chunk_max_m (decode_chunk_long_max_m at K >= decode_chunk_long_k), its down split in
     # 64 / M column ranges and its W_up loop in K / 8 steps; the atomic tl.dot form compacts up to
     # decode_atomic_compact_max_m tokens (off with decode_atomic_compact=False); 64 token rows
-    # take decode_warps_m64 warps
+    # take decode_warps_m64 warps; the union form (chunk kernel, then a split down GEMM) from
+    # decode_union_min_m to decode_union_max_m at K >= decode_union_min_k
     from twell.ops import ffn_infer as fi
 
     cfg = fi.get_config("infer")
@@ -405,7 +445,7 @@ def test_decode_plan_compact_and_warps():
         (7, 2048, True),
         (8, 2048, False),
         (16, 4096, True),
-        (17, 4096, False),
+        (17, 2048, False),
     ):
         p = fi._decode_plan(M, K, 14336, cfg)
         assert p["chunk"] == chunk and p["compact"] == (not chunk and M <= 16), (M, K)
@@ -416,11 +456,24 @@ def test_decode_plan_compact_and_warps():
         assert fi._decode_plan(8, 4096, 14336, fi.get_config("infer"))["compact"]
     # M = 17..32 at K >= 4096 only with a measured density whose expected union of active units
     # fits one 16-unit chunk per program (30 per token: ~930 units at M = 32; 100: ~2,900)
-    assert not fi._decode_plan(24, 4096, 14336, cfg)["chunk"]
+    with override("infer", decode_union_max_m=0):
+        assert not fi._decode_plan(24, 4096, 14336, fi.get_config("infer"))["chunk"]
     assert fi._decode_plan(24, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
+    # the union form from M = 17 to 64 at K >= 4096 where the chunk form is not chosen
+    for M, K, union in (
+        (16, 4096, False),
+        (17, 4096, True),
+        (48, 4096, True),
+        (64, 4096, True),
+        (48, 2048, False),
+    ):
+        p = fi._decode_plan(M, K, 14336, cfg)
+        assert p["union"] == union and p["chunk"] == (union or M <= 16) and not p["compact"], (M, K)
+    assert not fi._decode_plan(24, 4096, 14336, cfg, active=30.0, programs=132)["union"]
     assert fi._decode_plan(32, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
-    assert not fi._decode_plan(32, 4096, 14336, cfg, active=100.0, programs=132)["chunk"]
-    assert not fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
+    # past the chunk form's reach (more active units, more tokens), the union form
+    assert fi._decode_plan(32, 4096, 14336, cfg, active=100.0, programs=132)["union"]
+    assert fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["union"]
     assert not fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)["chunk"]
     assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]

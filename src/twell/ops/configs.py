@@ -159,6 +159,29 @@ class InferConfig:
     decode_chunk_stages: int = 4
     decode_chunk_long_stages: int = 5
     decode_atomic_bk: int = 256
+    #: union form at decode_union_min_m <= M <= decode_union_max_m and K >= decode_union_min_k,
+    #: where the chunk form is not chosen (atomic, so not in deterministic mode or capture): the
+    #: chunk kernel stores h of the batch's compacted active units, and _decode_union_down_kernel
+    #: runs y = h W_down^T over them as a GEMM split over (decode_union_bk output columns,
+    #: decode_union_split ranges of units; 0: programs / column blocks), decode_union_chunk units
+    #: per tl.dot, one atomic add of each program's tile. H100, bf16, 24 / 30 active units per
+    #: token iid, against the tl.dot atomic form (BENCHMARKS.md section 1r): Llama-3-8B M = 48
+    #: 87.3 / 88.6 us against 131.5 / 131.4, M = 64 91.2 / 93.4 against 131.5 / 133.2; paper
+    #: shape M = 64 40.1 / 41.4 against 39.1 / 39.5 and slower at M = 16..48 (so not below
+    #: K = 4096); split 16 against the auto split (4 at K = 4096): Llama-3-8B M = 64 91.2 / 93.4
+    #: against 94.3-95.3 / 94.6-94.8
+    decode_union_min_m: int = 17
+    decode_union_max_m: int = 64
+    decode_union_min_k: int = 4096
+    decode_union_bk: int = 128
+    #: K step of the union form's up loop (the chunk kernel's decode_chunk_bk there): Llama-3-8B,
+    #: 30 active units per token iid, M = 48 / 64: 81.1 / 85.5 us at 128, 82.0 / 87.2 at 256,
+    #: 88.0 / 92.2 at K / 8 = 512 (fewer pipeline stages fit: 2 of [80, 512] bf16 tiles)
+    decode_union_up_bk: int = 128
+    decode_union_chunk: int = 32
+    decode_union_split: int = 16
+    decode_union_stages: int = 3
+    decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
     #: decode_atomic_bkc) and W_down^T (decode_atomic_bk) instead of [64, K step] tiles with most

@@ -31,6 +31,11 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     ``decode_chunk_wide_max_m`` there at a low measured density; same conditions): the gate
     kernel stores g and lists each block's active units, and ``_decode_chunk_kernel`` compacts
     the batch's active units into chunks of 16 run as tl.dot tiles into the same accumulator.
+    Union form (``decode_union_min_m`` <= M <= ``decode_union_max_m`` at K >=
+    ``decode_union_min_k`` where the chunk form is not chosen; same conditions): the chunk kernel
+    runs only the up of each chunk and stores h by rank, then ``_decode_union_down_kernel`` runs
+    y = h W_down^T over the batch's active units as a GEMM split over (output columns, ranges of
+    units), one atomic add per program instead of one per chunk and column step.
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
@@ -436,6 +441,53 @@ def _up_down_atomic(
 
 
 @triton.jit
+def _chunk_up(
+    x_ptr,
+    wu_ptr,
+    g_ptr,
+    idx,
+    v_c,
+    i_m,
+    m_m,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    OUT_DTYPE: tl.constexpr,
+    BM: tl.constexpr,
+    CHU: tl.constexpr,
+    BKC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # up of CHU units idx (valid where v_c) for the BM token rows as dense tl.dot tiles: g [BM, CHU]
+    # from g_ptr (unit-major [N, M], 0 where inactive), u = x @ W_up[idx]^T over K in BKC steps;
+    # returns h = g u rounded to the activation dtype (0 where inactive, whatever u is) and the
+    # tokens that activate one of the units [BM, 1]
+    g_c = tl.load(
+        g_ptr + idx[None, :] * M + i_m[:, None],
+        mask=m_m[:, None] & v_c[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    ).to(tl.float32)
+    a_c = (g_c != 0.0) | (g_c != g_c)
+    m_x = (tl.max(a_c.to(tl.int32), axis=1) > 0)[:, None]
+    o_kc = tl.arange(0, BKC)
+    acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
+    for k in range(0, K, BKC):
+        m_k = (k + o_kc) < K
+        b_x = tl.load(
+            x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
+            mask=m_m[:, None] & m_k[None, :],
+            other=0.0,
+        )
+        b_w = tl.load(
+            wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
+        )
+        acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+    return tl.where(a_c, g_c * acc_u, 0.0).to(OUT_DTYPE), m_x
+
+
+@triton.jit
 def _chunk_up_down(
     x_ptr,
     wu_ptr,
@@ -460,13 +512,10 @@ def _chunk_up_down(
     DOT_PREC: tl.constexpr,
     ONE_DOWN: tl.constexpr = False,
 ):
-    # up and down of CHU units idx (valid where v_c) for the BM token rows, as dense tl.dot tiles:
-    # g [BM, CHU] from g_ptr (unit-major [N, M], 0 where inactive), u = x @ W_up[idx]^T over K in
-    # BKC steps, h = g u rounded to the activation dtype (0 where inactive, whatever u is), then
-    # acc[:, k_lo:k_hi] += h @ W_down^T[idx, k_lo:k_hi] by atomic adds into the rows of the tokens
-    # that activate one of the units. Returns h [BM, CHU]. ONE_DOWN: when the range is one BKD
-    # step (decided at run time), its W_down^T tile is loaded before the up loop, so its round
-    # trip overlaps the loop's.
+    # _chunk_up, then acc[:, k_lo:k_hi] += h @ W_down^T[idx, k_lo:k_hi] by atomic adds into the
+    # rows of the tokens that activate one of the units. Returns h [BM, CHU]. ONE_DOWN: when the
+    # range is one BKD step (decided at run time), its W_down^T tile is loaded before the up loop,
+    # so its round trip overlaps the loop's.
     if ONE_DOWN:
         one = (k_hi - k_lo) <= BKD
         o_kd = k_lo + tl.arange(0, BKD)
@@ -474,28 +523,9 @@ def _chunk_up_down(
         b_d = tl.load(
             wdt_ptr + idx[:, None] * K + o_kd[None, :], mask=v_c[:, None] & m_kd[None, :], other=0.0
         )
-    g_c = tl.load(
-        g_ptr + idx[None, :] * M + i_m[:, None],
-        mask=m_m[:, None] & v_c[None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    ).to(tl.float32)
-    a_c = (g_c != 0.0) | (g_c != g_c)
-    m_x = (tl.max(a_c.to(tl.int32), axis=1) > 0)[:, None]
-    o_kc = tl.arange(0, BKC)
-    acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
-    for k in range(0, K, BKC):
-        m_k = (k + o_kc) < K
-        b_x = tl.load(
-            x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        b_w = tl.load(
-            wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
-        )
-        acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
-    h_c = tl.where(a_c, g_c * acc_u, 0.0).to(OUT_DTYPE)
+    h_c, m_x = _chunk_up(
+        x_ptr, wu_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, DOT_PREC,
+    )  # fmt: skip
     if ONE_DOWN:
         if one:
             c = tl.dot(h_c, b_d, input_precision=DOT_PREC)
@@ -765,6 +795,8 @@ def _decode_chunk_kernel(
     lst_ptr,
     acc_ptr,
     bl1_ptr,
+    hc_ptr,
+    ids_ptr,
     M,
     K,
     NB,
@@ -780,6 +812,7 @@ def _decode_chunk_kernel(
     BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
+    STORE_H: tl.constexpr = False,
 ):
     # decode stage 2 of the chunk form: the batch's active units, compacted in unit order from
     # the gate kernel's per-block lists, are cut into chunks of CHU; each chunk's down projection
@@ -788,7 +821,9 @@ def _decode_chunk_kernel(
     # active units mean fewer, longer ranges instead of items queueing behind each other. Each
     # item is dense tl.dot tiles (_chunk_up_down): the active units of the whole batch fill them,
     # not only those of one gate program; the items are spread over the programs by a loop (their
-    # number is known only here)
+    # number is known only here). STORE_H (union form): no down projection here; each chunk's h
+    # goes to hc [rank, M] (unit-major, in the order of the compacted units) and its units to
+    # ids [rank], for _decode_union_down_kernel
     _middle_of_chain(PDL)  # the gate kernel has completed: g and the lists are visible
     pid = tl.program_id(0)
     o_b = tl.arange(0, NB_P2)
@@ -799,7 +834,7 @@ def _decode_chunk_kernel(
     m_m = i_m < M
     o_c = tl.arange(0, CHU)
     n_ch = tl.cdiv(total, CHU)
-    split = tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_ch, 1), 1), SPLIT)
+    split = 1 if STORE_H else tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_ch, 1), 1), SPLIT)
     k_step = tl.cdiv(tl.cdiv(K, split), BKD) * BKD
     n_rng = tl.cdiv(K, k_step)
     for w in tl.range(pid, n_ch * n_rng, tl.num_programs(0), num_stages=1):
@@ -810,16 +845,86 @@ def _decode_chunk_kernel(
         start = tl.sum(tl.where(o_b[None, :] < blk[:, None], c_b[None, :], 0), axis=1)
         idx = tl.load(lst_ptr + blk * BN_G + r - start, mask=v_c, other=0, cache_modifier=".cg").to(tl.int64)
         s = w % n_rng
-        h_c = _chunk_up_down(
-            x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, s * k_step,
-            tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC, True,
-        )  # fmt: skip
+        if STORE_H:
+            h_c, _ = _chunk_up(
+                x_ptr, wu_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC,
+                DOT_PREC,
+            )  # fmt: skip
+            tl.store(hc_ptr + r[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
+            tl.store(ids_ptr + r, idx.to(tl.int32), mask=v_c)
+        else:
+            h_c = _chunk_up_down(
+                x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, s * k_step,
+                tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC,
+                True,
+            )  # fmt: skip
         if s == 0:
             a_h = tl.abs(h_c.to(tl.float32))
             tl.atomic_add(
                 bl1_ptr + i_m[:, None] * NB + (idx // BN_G)[None, :], a_h,
                 mask=m_m[:, None] & v_c[None, :] & (a_h != 0.0), sem="relaxed",
             )  # fmt: skip
+
+
+@triton.jit
+def _decode_union_down_kernel(
+    hc_ptr,
+    ids_ptr,
+    lst_ptr,
+    wdt_ptr,
+    acc_ptr,
+    M,
+    K,
+    NB,
+    BM: tl.constexpr,
+    BN_G: tl.constexpr,
+    NB_P2: tl.constexpr,
+    CHD: tl.constexpr,
+    BKD: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STAGES: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
+    # unit of each rank from _decode_chunk_kernel with STORE_H) as a GEMM split over (BKD output
+    # columns, one of SPLIT ranges of ranks): each program accumulates its [BM, BKD] tile in
+    # registers, CHD ranks per tl.dot, and adds it into acc once (relaxed atomics), instead of one
+    # atomic add per chunk and column step in the chunk form
+    _middle_of_chain(PDL)  # the up kernel has completed: hc and ids are visible
+    pid = tl.program_id(0)
+    n_kb = tl.cdiv(K, BKD)
+    kb = pid % n_kb
+    sp = pid // n_kb
+    o_b = tl.arange(0, NB_P2)
+    total = tl.sum(tl.load(lst_ptr + NB * BN_G + o_b, mask=o_b < NB, other=0, cache_modifier=".cg"), axis=0)
+    per = tl.cdiv(tl.cdiv(total, SPLIT), CHD) * CHD
+    lo = sp * per
+    hi = tl.minimum(lo + per, total)
+    if lo < hi:
+        i_m = tl.arange(0, BM)
+        m_m = i_m < M
+        o_k = kb * BKD + tl.arange(0, BKD)
+        m_k = o_k < K
+        o_c = tl.arange(0, CHD)
+        acc = tl.zeros((BM, BKD), dtype=tl.float32)
+        for r0 in tl.range(lo, hi, CHD, num_stages=STAGES):
+            r = r0 + o_c
+            v = r < hi
+            idx = tl.load(ids_ptr + r, mask=v, other=0, cache_modifier=".cg").to(tl.int64)
+            b_h = tl.load(
+                hc_ptr + r[None, :] * M + i_m[:, None],
+                mask=m_m[:, None] & v[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            b_d = tl.load(
+                wdt_ptr + idx[:, None] * K + o_k[None, :], mask=v[:, None] & m_k[None, :], other=0.0
+            )
+            acc = tl.dot(b_h, b_d, acc, input_precision=DOT_PREC)
+        tl.atomic_add(
+            acc_ptr + i_m[:, None] * K + o_k[None, :], acc, mask=m_m[:, None] & m_k[None, :], sem="relaxed"
+        )
 
 
 @triton.jit
@@ -1267,14 +1372,23 @@ def _decode_plan(
     chu, bm_chunk = _p2(max(16, cfg.decode_chunk_units)), max(16, _p2(M))
     if K >= cfg.decode_chunk_long_k and active is not None and chunk_top < M <= cfg.decode_chunk_wide_max_m:
         # wider batches while the expected union of active units fills at most one chunk per program
-        union = N * (1.0 - (1.0 - min(1.0, active / max(N, 1))) ** M)
-        if union <= chu * programs:
+        expected = N * (1.0 - (1.0 - min(1.0, active / max(N, 1))) ** M)
+        if expected <= chu * programs:
             chunk_top = M
     chunk_range = use_dot and cfg.decode_chunk_min_m <= M <= chunk_top
-    chunk = chunk_range and free
+    # union form: the chunk form's up, then the down projection as one split GEMM over the batch's
+    # active units (no atomic add per chunk)
+    union = (
+        use_dot
+        and free
+        and not chunk_range
+        and K >= cfg.decode_union_min_k
+        and cfg.decode_union_min_m <= M <= cfg.decode_union_max_m
+    )
+    chunk = (chunk_range and free) or union
     units = units_range and free and not chunk
-    atomic = (in_range or units_range or chunk_range) and free
-    bk_chunk = max(16, min(_p2(K), cfg.decode_chunk_bk or _p2(K) // 8))
+    atomic = (in_range or units_range or chunk_range or union) and free
+    bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
@@ -1299,6 +1413,9 @@ def _decode_plan(
         and M <= cfg.decode_atomic_compact_max_m,
         "units": units,
         "chunk": chunk,
+        "union": union,
+        "bk_union": max(16, min(_p2(K), cfg.decode_union_bk)),
+        "chd_union": max(16, _p2(cfg.decode_union_chunk)),
         "bm_chunk": bm_chunk,
         "chu_chunk": chu,
         "programs_chunk": programs,
@@ -1341,14 +1458,26 @@ _SCRATCH: dict[tuple, tuple] = {}
 
 
 def _decode_scratch(
-    M: int, N: int, NB: int, BN: int, KC: int, nsplit: int, K: int, dtype, dev, reuse: bool, atomic: bool
+    M: int,
+    N: int,
+    NB: int,
+    BN: int,
+    KC: int,
+    nsplit: int,
+    K: int,
+    dtype,
+    dev,
+    reuse: bool,
+    atomic: bool,
+    union: bool = False,
 ):
     """Scratch of the two decode kernels: h (M x N values, in the layout the plan picks),
     per-(token, unit block) counts and l1, per-unit counts, the K-block tickets and the fp32
     partials of the split down projection (or None); with ``atomic``, the partials' place holds
     the fp32 [M, K] accumulator of the atomic form, zero between calls (the finishing kernel
     zeroes it after reading); the statistics sums of the finishing kernel's programs; the lists of
-    active units per block of BN units and their lengths (chunk form).
+    active units per block of BN units and their lengths (chunk form); with ``union``, h of the
+    batch's active units by rank [N, M] and the unit of each rank [N] (union form), else None twice.
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -1360,7 +1489,7 @@ def _decode_scratch(
     key = None
     if reuse and not _alloc.poisoning():
         stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, BN, KC, nsplit, K, atomic)
+        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, BN, KC, nsplit, K, atomic, union)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
@@ -1378,6 +1507,8 @@ def _decode_scratch(
         # per-program statistics sums of the atomic form's second kernel (at most 3 x M)
         _alloc.empty((3 * max(1, M),), dtype=torch.int32, device=dev) if atomic else None,
         _alloc.empty((NB * (BN + 1),), dtype=torch.int32, device=dev),
+        _alloc.empty((N, M), dtype=dtype, device=dev) if union else None,
+        _alloc.empty((N,), dtype=torch.int32, device=dev) if union else None,
     )
     if key is not None:
         if len(_SCRATCH) >= 16:  # at most 16 sets (a few MiB each at most): the oldest goes
@@ -1407,8 +1538,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
     atomic = p["atomic"]
-    h, bcnt, bl1, nact, sem, part, spart, lst = _decode_scratch(
-        M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic
+    h, bcnt, bl1, nact, sem, part, spart, lst, hc, ids = _decode_scratch(
+        M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic, p["union"]
     )
     pdl = cfg.decode_pdl and x.is_cuda and pdl_ok(dev)
     wdt = down_t(w_down)
@@ -1464,12 +1595,22 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     if p["chunk"]:
-        chu, split = p["chu_chunk"], p["split_chunk"]
+        chu, split = p["chu_chunk"], 1 if p["union"] else p["split_chunk"]
         _decode_chunk_kernel[(min(_cdiv(N, chu) * split, p["programs_chunk"]),)](
-            x, w_up, wdt, h, lst, part, bl1, M, K, NB, x.stride(0), x.stride(1),
+            x, w_up, wdt, h, lst, part, bl1, hc, ids, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
             BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, PDL=pdl, num_warps=p["warps_chunk"],
-            num_stages=p["stages_chunk"], **({"launch_pdl": True} if pdl else {}),
+            num_stages=p["stages_chunk"], STORE_H=p["union"], **({"launch_pdl": True} if pdl else {}),
+        )  # fmt: skip
+    if p["union"]:
+        bku = p["bk_union"]
+        n_kb = _cdiv(K, bku)
+        su = cfg.decode_union_split or max(1, progs // n_kb)
+        _decode_union_down_kernel[(n_kb * su,)](
+            hc, ids, lst, wdt, part, M, K, NB,
+            BM=p["bm_chunk"], BN_G=bn, NB_P2=_p2(NB), CHD=p["chd_union"], BKD=bku, SPLIT=su,
+            STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, num_warps=cfg.decode_union_warps,
+            **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l0, l1, over = _stats_bufs(dev)
