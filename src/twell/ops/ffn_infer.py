@@ -47,9 +47,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     pass), 1 cuBLAS GEMM; chosen when the measured density makes the sparse paths slower.
 
 Measured (H100, bf16, K=2048, N=5632, ~30 active units per token, device time, dense = 3 cuBLAS
-GEMMs), twell bench at ce99430: M = 1 2.49-2.59x, M = 8 1.75-1.84x, M = 64 1.21x (1.14x
-skewed), M = 2048 1.32x, M = 16384 1.54x, M = 131072 1.55x; Llama-3-8B shape 2.82x at M = 1, 1.12x
-at M = 64 and 1.61x at M = 16384.
+GEMMs), twell bench at 9167e36 (24 units iid): M = 1 2.55x, M = 8 1.83x, M = 64 1.19x (1.15x
+at 30 skewed), M = 2048 1.47x, M = 16384 1.71x, M = 131072 1.71x; Llama-3-8B shape (30 units)
+2.84x at M = 1, 1.73x at M = 64 and 1.81x at M = 16384.
 Numbers and what bounds them: docs/kernels.md.
 
 Exactness: every path equals the dense reference up to floating-point rounding for every input
