@@ -60,7 +60,7 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
-@pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32, 64])
+@pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32, 64, 128])
 @pytest.mark.parametrize("form", ["default", "chunk", "union"])
 def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
@@ -68,7 +68,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
     # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..32
     # with `chunk`), or the chunk kernel's up and a split down GEMM over the batch's active units
-    # (union form: by default at M = 17..64 and K >= 4096; at 8..64 on every shape with
+    # (union form: by default at M = 17..128 and K >= 4096; at 8..128 on every shape with
     # `union`); the finishing kernel rounds it into y and zeroes it
     from twell.ops.configs import override
 
@@ -79,9 +79,12 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_chunk_max_m": 0,
             "decode_chunk_long_max_m": 0,
             "decode_union_min_m": 8,
+            "decode_union_max_m": 128,
             "decode_union_min_k": 0,
         },
     }
+    if M > 64 and form == "default" and shape != "llama3-8b":
+        pytest.skip("decode runs M > 64 in the union form only (K >= 4096 by default)")
     if (form == "chunk" and not 5 <= M <= 32) or (form == "union" and M < 8):
         pytest.skip(f"the {form} form is switched on at M = {'5..32' if form == 'chunk' else '8..64'} here")
     with override("infer", **plans[form]):
@@ -116,6 +119,7 @@ def _check_atomic_model_shape(dtype, shape, M):
         (32, {}),
         (48, {}),
         (64, {}),
+        (128, {}),
     ],
     ids=[
         "1",
@@ -131,6 +135,7 @@ def _check_atomic_model_shape(dtype, shape, M):
         "32",
         "48-union",
         "64-union",
+        "128-union",
     ],
 )
 def test_decode_fully_active_token_repeats(M, plan):

@@ -170,8 +170,14 @@ class InferConfig:
     #: shape M = 64 40.1 / 41.4 against 39.1 / 39.5 and slower at M = 16..48 (so not below
     #: K = 4096); split 16 against the auto split (4 at K = 4096): Llama-3-8B M = 64 91.2 / 93.4
     #: against 94.3-95.3 / 94.6-94.8
+    #: At K >= decode_union_min_k the decode path runs to decode_union_max_m tokens where the form
+    #: may run (the dense path ran M = 65..128 before): Llama-3-8B, 30 units per token iid, M = 96
+    #: / 128 112.6 / 119.0 us (1.33x / 1.30x) against 149.0 / 155.1 dense, split 8
+    #: (decode-union-m128-h100-6285ced.jsonl); at ~100 units the density rule keeps them dense.
+    #: Split 8 against 16 in the same call: M = 64 / 96 / 128 80.8 / 112.6 / 119.0 us against
+    #: 84.3 / 118.7 / 124.2
     decode_union_min_m: int = 17
-    decode_union_max_m: int = 64
+    decode_union_max_m: int = 128
     decode_union_min_k: int = 4096
     decode_union_bk: int = 128
     #: K step of the union form's up loop (the chunk kernel's decode_chunk_bk there): Llama-3-8B,
@@ -179,7 +185,7 @@ class InferConfig:
     #: 88.0 / 92.2 at K / 8 = 512 (fewer pipeline stages fit: 2 of [80, 512] bf16 tiles)
     decode_union_up_bk: int = 128
     decode_union_chunk: int = 32
-    decode_union_split: int = 16
+    decode_union_split: int = 8
     decode_union_stages: int = 3
     decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,

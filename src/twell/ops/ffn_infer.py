@@ -14,7 +14,8 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     u = x . W_up[n], h = g u, y += h W_down^T[n]. A (token, tile) whose count exceeds S is
     recomputed exactly from x and W_gate (all T columns of the tile) and counted in
     ``overflow_rows``. W_down^T is a cached transposed copy of W_down (see :func:`down_t`).
-  * decode (M <= ``decode_max_m``, while the batch's union of active units is small):
+  * decode (M <= ``decode_max_m``, to ``decode_union_max_m`` at K >= ``decode_union_min_k`` where
+    the union form may run, while the batch's union of active units is small):
     unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
     (on CUDA cores at M <= ``decode_gemv_max_m``; above it tl.dot with the units on the MMA's M
@@ -1760,13 +1761,18 @@ def _record(d: _Density, l0: torch.Tensor) -> None:
     d.event.record()
 
 
-def choose_path(M: int, N: int, active_per_token: float | None) -> str:
+def choose_path(M: int, N: int, active_per_token: float | None, K: int = 0, union_ok: bool = False) -> str:
     """``"prefill"``, ``"decode"`` or ``"dense"`` for M tokens, given the estimated active units
-    per token (None before any measurement: sparse)."""
+    per token (None before any measurement: sparse). ``union_ok``: the union decode form may run
+    (not in deterministic mode or under capture); decode then reaches ``decode_union_max_m``
+    tokens at K >= ``decode_union_min_k``."""
     cfg = get_config("infer")
-    if cfg.decode_max_m < M < cfg.prefill_min_m:
+    top = cfg.decode_max_m
+    if union_ok and K >= cfg.decode_union_min_k:
+        top = max(top, cfg.decode_union_max_m)
+    if top < M < cfg.prefill_min_m:
         return "dense"
-    sparse = "decode" if M <= cfg.decode_max_m else "prefill"
+    sparse = "decode" if M <= top else "prefill"
     if active_per_token is None:
         return sparse
     if sparse == "prefill":
@@ -1797,7 +1803,8 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     if not capturing:
         _poll(d)
     if path == "auto":
-        path = choose_path(M, N, d.est)
+        union_ok = not capturing and not torch.are_deterministic_algorithms_enabled()
+        path = choose_path(M, N, d.est, x.shape[1], union_ok)
     if M == 0:
         z = torch.zeros((), dtype=torch.float32, device=x.device)
         uc = torch.zeros(N, dtype=torch.int64, device=x.device) if unit_counts else None
