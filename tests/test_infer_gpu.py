@@ -86,7 +86,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     if M > 64 and form == "default" and shape != "llama3-8b":
         pytest.skip("decode runs M > 64 in the union form only (K >= 4096 by default)")
     if (form == "chunk" and not 5 <= M <= 32) or (form == "union" and M < 8):
-        pytest.skip(f"the {form} form is switched on at M = {'5..32' if form == 'chunk' else '8..64'} here")
+        pytest.skip(f"the {form} form is switched on at M = {'5..32' if form == 'chunk' else '8..128'} here")
     with override("infer", **plans[form]):
         _check_atomic_model_shape(dtype, shape, M)
 
