@@ -435,6 +435,7 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
         cfg = fi.get_config("infer")
         p = fi._decode_plan(M, K, 300, cfg)
         assert p["union"] and p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
+        assert p["split_chunk"] == 1  # the chunk kernel runs each chunk's up once
         assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["union"]
         assert not fi._decode_plan(2, K, 300, cfg)["union"]  # CUDA-core gate at M <= 2
         with override("infer", decode_union_max_m=M - 1):

@@ -258,10 +258,7 @@ def _dispatch(op: str, device: torch.device, M: int, N: int, w_gate: torch.Tenso
         from twell.ops import ffn_infer as fi
 
         d = fi._DENSITY.get(id(w_gate))
-        K = w_gate.shape[1]
-        return fi.choose_path(
-            M, N, None if d is None else d.est, K, not torch.are_deterministic_algorithms_enabled()
-        )
+        return fi.choose_path(M, N, None if d is None else d.est, w_gate.shape[1], fi.atomics_allowed(False))
     except (ImportError, AttributeError, TypeError):
         return None
 

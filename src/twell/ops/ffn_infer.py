@@ -822,7 +822,8 @@ def _decode_chunk_kernel(
     # active units mean fewer, longer ranges instead of items queueing behind each other. Each
     # item is dense tl.dot tiles (_chunk_up_down): the active units of the whole batch fill them,
     # not only those of one gate program; the items are spread over the programs by a loop (their
-    # number is known only here). STORE_H (union form): no down projection here; each chunk's h
+    # number is known only here). STORE_H (union form, launched with SPLIT = 1): no down
+    # projection here; each chunk's h
     # goes to hc [rank, M] (unit-major, in the order of the compacted units) and its units to
     # ids [rank], for _decode_union_down_kernel
     _middle_of_chain(PDL)  # the gate kernel has completed: g and the lists are visible
@@ -835,7 +836,7 @@ def _decode_chunk_kernel(
     m_m = i_m < M
     o_c = tl.arange(0, CHU)
     n_ch = tl.cdiv(total, CHU)
-    split = 1 if STORE_H else tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_ch, 1), 1), SPLIT)
+    split = tl.minimum(tl.maximum(tl.num_programs(0) // tl.maximum(n_ch, 1), 1), SPLIT)
     k_step = tl.cdiv(tl.cdiv(K, split), BKD) * BKD
     n_rng = tl.cdiv(K, k_step)
     for w in tl.range(pid, n_ch * n_rng, tl.num_programs(0), num_stages=1):
@@ -1327,6 +1328,13 @@ def _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts):
     return y, l0, l1, over, ucounts
 
 
+def atomics_allowed(capturing: bool) -> bool:
+    """Whether the atomic decode forms may run: not in deterministic mode, where the split down
+    kernel sums its partials in a fixed order, and not while a CUDA graph is captured (their fresh
+    accumulator would need a zero fill in the graph on every replay)."""
+    return not capturing and not torch.are_deterministic_algorithms_enabled()
+
+
 def _decode_plan(
     M: int,
     K: int,
@@ -1361,13 +1369,11 @@ def _decode_plan(
     # partials (one [M, K] slab per split) stay under cfg.decode_partial_mib
     max_split = max(1, (cfg.decode_partial_mib << 20) // max(1, 4 * M * K))
     nps = _cdiv(_cdiv(N, max_split), sub) * sub
-    # the gate + up programs also run the down projection (fp32 atomics): not in deterministic
-    # mode, where the split down kernel sums its partials in a fixed order, and not while a CUDA
-    # graph is captured (its fresh accumulator would need a zero fill in the graph on every replay)
+    # the gate + up programs also run the down projection (fp32 atomics; see atomics_allowed)
     # unit form (tl.dot gate, small M): the up/down of the active units in a second kernel
     units_range = use_dot and M <= cfg.decode_units_max_m
     in_range = M >= cfg.decode_atomic_dot_min_m > 0 if use_dot else M <= cfg.decode_atomic_max_m
-    free = not capturing and not torch.are_deterministic_algorithms_enabled()
+    free = atomics_allowed(capturing)
     # chunk form: the batch's active units compacted into dense tl.dot tiles in a second kernel
     chunk_top = cfg.decode_chunk_long_max_m if K >= cfg.decode_chunk_long_k else cfg.decode_chunk_max_m
     chu, bm_chunk = _p2(max(16, cfg.decode_chunk_units)), max(16, _p2(M))
@@ -1421,7 +1427,8 @@ def _decode_plan(
         "chu_chunk": chu,
         "programs_chunk": programs,
         "bk_chunk": bk_chunk,
-        "split_chunk": cfg.decode_chunk_split or max(1, 64 // _p2(M)),
+        # the union form's chunk kernel runs each chunk's up once (no down column ranges)
+        "split_chunk": 1 if union else cfg.decode_chunk_split or max(1, 64 // _p2(M)),
         "bkd_chunk": max(16, min(_p2(K), cfg.decode_atomic_bk)),
         # as many stages as keep the [BM + chunk, K step] tiles within 192 KiB of shared memory
         "stages_chunk": max(
@@ -1596,7 +1603,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             PDL=pdl, num_warps=cfg.decode_units_warps, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     if p["chunk"]:
-        chu, split = p["chu_chunk"], 1 if p["union"] else p["split_chunk"]
+        chu, split = p["chu_chunk"], p["split_chunk"]
         _decode_chunk_kernel[(min(_cdiv(N, chu) * split, p["programs_chunk"]),)](
             x, w_up, wdt, h, lst, part, bl1, hc, ids, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
@@ -1803,8 +1810,7 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     if not capturing:
         _poll(d)
     if path == "auto":
-        union_ok = not capturing and not torch.are_deterministic_algorithms_enabled()
-        path = choose_path(M, N, d.est, x.shape[1], union_ok)
+        path = choose_path(M, N, d.est, x.shape[1], atomics_allowed(capturing))
     if M == 0:
         z = torch.zeros((), dtype=torch.float32, device=x.device)
         uc = torch.zeros(N, dtype=torch.int64, device=x.device) if unit_counts else None
