@@ -255,9 +255,17 @@ def test_decode_batches_and_split_plans(kdevice, poison, M, plan):
     # W_up loop with a longer K step than the gate loop (K = 32: 2 gate steps, 1 up step). gemv: the
     # gate + up stage on CUDA cores, one token at a time; decode_partial_mib=0 forces a single
     # split whose walk spans many compacted sub-ranges of `sub` units
+    # (every atomic form off, the unit, chunk and union forms included: the split form's sums run
+    # in a fixed order, which the error bound assumes; the unit form ran here at M = 2 with the
+    # gate on tensor cores, and its arrival-order sums went past the bound in 1 of a few GPU runs)
+    from twell.ops import ffn_infer as fi
+
     x, wg, wu, wd = make_sparse_ffn(M, 32, 300, 6, device=kdevice, seed=M)
     x[M // 2, 0] = -30.0  # one fully active token: every unit is in the batch's union
-    with override("infer", decode_down_chunk=16, decode_atomic_max_m=0, decode_atomic_dot_min_m=0, **plan):
+    off = dict(decode_atomic_max_m=0, decode_atomic_dot_min_m=0, decode_units_max_m=0, decode_chunk_max_m=0)
+    off.update(decode_chunk_long_max_m=0, decode_union_max_m=0)
+    with override("infer", decode_down_chunk=16, **off, **plan):
+        assert not fi._decode_plan(M, 32, 300, fi.get_config("infer"))["atomic"]
         _check(x, wg, wu, wd, 64, 8, "decode")
 
 
