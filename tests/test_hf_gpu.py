@@ -135,13 +135,17 @@ def test_generate_under_torch_compile_static_cache(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_training_gradients_on_kernel_path(dtype):
+def test_training_gradients_on_kernel_path(dtype, monkeypatch):
+    from twell.ops import ffn_train as ft
+
+    # M = 4096 tokens per FFN call: below CONFIG.dense_below_m, which would run the dense path
+    monkeypatch.setattr(ft.CONFIG, "dense_below_m", 0)
     ref, dense, sparse = _models(dtype)
     coeff = 1e-2
     twell.sparsify_(sparse, twell.SparsityConfig(l1_coeff=coeff))
     for m in (ref, dense, sparse):
         m.train()
-    ids = _ids(4, 1024, seed=4)  # M = 4096: below CONFIG.dense_below_m training runs dense
+    ids = _ids(4, 1024, seed=4)
 
     def dense_loss(model):
         hs = []

@@ -87,9 +87,15 @@ class TrainConfig:
     dense_density: float = 0.05
     #: on CUDA, calls with fewer tokens run the dense path (launch and fixed costs dominate there):
     #: H100, paper shape, ~30 active units/token (twell bench at 2288833): sparse fwd+bwd ran at
-    #: 0.27-0.33x dense for M = 1..256, 0.92x at M = 2048 and 1.66x at M = 16384; the crossover
-    #: between 2048 and 16384 was not measured. The interpreter (CPU) ignores it: it runs for tests.
-    dense_below_m: int = 4096
+    #: 0.27-0.33x dense for M = 1..256, 0.92x at M = 2048 and 1.66x at M = 16384. Between them,
+    #: whole training steps of the 0.5b preset (twell train, 4 H200s, b1260e8, BENCHMARKS.md
+    #: section 6; 6-110 active units per token): at 4096 tokens per call the steps on the kernels
+    #: ran 0.86x those of a run on the dense torch reference over the same steps (140k against
+    #: 163k tokens/s); at 8192 the sparse run's steps on the kernels ran 8 % slower than its
+    #: earlier steps on the dense path (245k against 267k; the dense model's changed by 1 %); at
+    #: 16384, 12 % faster (325k against 290k; the dense model 311k). Was 4096. The interpreter
+    #: (CPU) ignores it: it runs for tests.
+    dense_below_m: int = 16384
     #: launch shapes (see docs/training-kernels.md for the measurements behind them)
     #: columns per step of the pack kernel (32 x warps lanes x 8, 16 or 32 columns) and its warps.
     #: H100, paper shape, torch.profiler, _pack_lanes_kernel: M = 16384 256 columns 0.090 ms, 512
