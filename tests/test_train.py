@@ -110,6 +110,22 @@ def test_l1_schedule():
 # ---------------------------------------------------------------- acceptance runs
 
 
+def test_small_ffn_calls_warn_on_cuda_only(monkeypatch):
+    # a sparse run whose FFN calls are below the training op's small-call rule says so at start
+    from twell.ops import ffn_train as ft
+    from twell.train.loop import _small_calls_note
+
+    monkeypatch.setattr(ft.CONFIG, "dense_below_m", 16384)
+    cfg = get_preset("0.5b")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    note = _small_calls_note(4096, cuda, cfg)
+    assert note is not None and "4,096" in note and "16,384" in note and "--micro-batch-size" in note
+    assert _small_calls_note(16384, cuda, cfg) is None  # the kernels run from 16384 tokens
+    assert _small_calls_note(4096, cpu, cfg) is None  # the rule is CUDA-only
+    for change in ({"sparse_mlp": False, "l1_coeff": 0.0}, {"backend": "reference"}):
+        assert _small_calls_note(4096, cuda, dataclasses.replace(cfg, **change)) is None
+
+
 def test_tiny_preset_20_steps_loss_and_l1_fall(tmp_path):
     """Acceptance: `twell train --preset tiny --max-steps 20` on CPU; CE and the L1 statistic fall."""
     out = tmp_path / "tiny"

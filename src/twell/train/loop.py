@@ -191,6 +191,25 @@ def _console_line(r: dict) -> str:
     )
 
 
+def _small_calls_note(tokens_per_call: int, device: torch.device, cfg: TrainConfig) -> str | None:
+    """A warning when every FFN call of a sparse run is too small for the training kernels: on
+    CUDA the training op runs its dense path below ``TrainConfig.dense_below_m`` tokens per call
+    (``twell.ops.ffn_train``), whatever the density. None when the kernels can run."""
+    if device.type != "cuda" or not cfg.sparse_mlp or cfg.backend == "reference":
+        return None
+    from ..ops import ffn_train as ft
+
+    need = ft.CONFIG.dense_below_m
+    if tokens_per_call >= need:
+        return None
+    return (
+        f"each FFN call sees {tokens_per_call:,} tokens (micro_batch_size x seq_len), below the "
+        f"{need:,} from which the training kernels run: every call takes the dense path "
+        "(statistics and L1 included). Raise --micro-batch-size (and lower --grad-accum to keep "
+        "the batch) for the sparse kernels' speed"
+    )
+
+
 def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> TrainResult:
     """Train ``cfg`` to ``cfg.max_steps`` (resuming first if ``cfg.resume``); see the module docstring.
 
@@ -288,6 +307,9 @@ def train(cfg: TrainConfig, *, console=None, data: DataBundle | None = None) -> 
     )
     if data.val is None:
         say("[yellow]no validation blocks: evaluation is skipped[/]")
+    note = _small_calls_note(B * L, accelerator.device, cfg)
+    if note:
+        say(f"[yellow]{note}[/]")
 
     progress = None
     if main and cfg.progress:
