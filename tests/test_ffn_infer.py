@@ -150,14 +150,17 @@ def test_auto_dispatch_and_choose_path(kdevice, poison):
         assert choose_path(16, 5632, 100.0) == "dense"
         assert choose_path(1, 5632, 600.0) == "decode" and choose_path(1, 5632, 800.0) == "dense"
     with override(
-        "infer", decode_max_m=64, decode_union_max_m=128, decode_union_min_k=4096, prefill_min_m=512
+        "infer", decode_max_m=64, decode_union_max_m=128, decode_union_reach_k=4096, prefill_min_m=512
     ):
         # decode to 128 tokens at K >= 4096 where the union form may run (not in deterministic
-        # mode or under capture), else dense
+        # mode or under capture), else dense; below K = 4096 (where the form also runs) decode
+        # stops at decode_max_m
         assert choose_path(128, 14336, None, 4096, True) == "decode"
         assert choose_path(128, 14336, 30.0, 4096, True) == "decode"
         assert choose_path(129, 14336, None, 4096, True) == "dense"
         assert choose_path(128, 14336, None, 4096, False) == "dense"
+        assert choose_path(65, 5632, None, 2048, True) == "dense"
+        assert choose_path(64, 5632, None, 2048, True) == "decode"
         assert choose_path(128, 5632, None, 2048, True) == "dense"
         assert choose_path(64, 5632, None, 2048, False) == "decode"
     with override("infer", decode_max_m=4, prefill_min_m=5, dense_above_prefill=20.0):
@@ -436,6 +439,11 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
         decode_union_bk=bk,
         decode_union_chunk=chd,
         decode_union_split=split,
+        # these K are below decode_chunk_long_k: the short-K choices apply, with a 16-column gate
+        # K step (several steps at every K here)
+        decode_union_short_chunk=chd,
+        decode_union_short_split=split,
+        decode_union_short_gate_bk=16,
         decode_chunk_programs=progs,
         decode_union_up_bk=16,
     )
@@ -444,6 +452,7 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
         p = fi._decode_plan(M, K, 300, cfg)
         assert p["union"] and p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
         assert p["split_chunk"] == 1  # the chunk kernel runs each chunk's up once
+        assert (p["bk"], p["chd_union"], p["split_union"]) == (16, max(16, chd), split)
         assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["union"]
         assert not fi._decode_plan(2, K, 300, cfg)["union"]  # CUDA-core gate at M <= 2
         with override("infer", decode_union_max_m=M - 1):
@@ -461,7 +470,8 @@ def test_decode_plan_compact_and_warps():
     # 64 / M column ranges and its W_up loop in K / 8 steps; the atomic tl.dot form compacts up to
     # decode_atomic_compact_max_m tokens (off with decode_atomic_compact=False); 64 token rows
     # take decode_warps_m64 warps; the union form (chunk kernel, then a split down GEMM) from
-    # decode_union_min_m to decode_union_max_m at K >= decode_union_min_k
+    # decode_union_min_m to decode_union_max_m at K >= decode_union_min_k, with its own down
+    # tiles and gate K step / stages below decode_chunk_long_k
     from twell.ops import ffn_infer as fi
 
     cfg = fi.get_config("infer")
@@ -472,7 +482,7 @@ def test_decode_plan_compact_and_warps():
         (7, 2048, True),
         (8, 2048, False),
         (16, 4096, True),
-        (17, 2048, False),
+        (17, 1024, False),
     ):
         p = fi._decode_plan(M, K, 14336, cfg)
         assert p["chunk"] == chunk and p["compact"] == (not chunk and M <= 16), (M, K)
@@ -486,23 +496,36 @@ def test_decode_plan_compact_and_warps():
     with override("infer", decode_union_max_m=0):
         assert not fi._decode_plan(24, 4096, 14336, fi.get_config("infer"))["chunk"]
     assert fi._decode_plan(24, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
-    # the union form from M = 17 to 128 at K >= 4096 where the chunk form is not chosen
+    # the union form from M = 17 to 128 at K >= 2048 where the chunk form is not chosen
     for M, K, union in (
         (16, 4096, False),
         (17, 4096, True),
         (48, 4096, True),
         (64, 4096, True),
         (128, 4096, True),
-        (48, 2048, False),
+        (48, 2048, True),
     ):
         p = fi._decode_plan(M, K, 14336, cfg)
         assert p["union"] == union and p["chunk"] == (union or M <= 16) and not p["compact"], (M, K)
+    assert not fi._decode_plan(16, 2048, 5632, cfg)["union"]
+    assert not fi._decode_plan(48, 1024, 4864, cfg)["union"]
     assert not fi._decode_plan(24, 4096, 14336, cfg, active=30.0, programs=132)["union"]
     assert fi._decode_plan(32, 4096, 14336, cfg, active=30.0, programs=132)["chunk"]
     # past the chunk form's reach (more active units, more tokens), the union form
     assert fi._decode_plan(32, 4096, 14336, cfg, active=100.0, programs=132)["union"]
     assert fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["union"]
-    assert not fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)["chunk"]
+    p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
+    assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
+    # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges, the gate in 128-column
+    # K steps with 4 stages (its up K step is unused there); the long-K choices at K = 4096
+    for M, K, want in (
+        (24, 2048, (128, 16, 128, 4)),
+        (64, 2048, (128, 16, 128, 4)),
+        (64, 4096, (32, 8, 128, 3)),
+        (48, 4096, (32, 8, 128, 3)),
+    ):
+        p = fi._decode_plan(M, K, 14336, cfg)
+        assert (p["chd_union"], p["split_union"], p["bk"], p["stages"]) == want, (M, K)
     assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64

@@ -68,7 +68,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
     # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..32
     # with `chunk`), or the chunk kernel's up and a split down GEMM over the batch's active units
-    # (union form: by default at M = 17..128 and K >= 4096; at 8..128 on every shape with
+    # (union form: by default at M = 17..64 and K >= 2048, to 128 at K >= 4096; at 8..128 on every shape with
     # `union`); the finishing kernel rounds it into y and zeroes it
     from twell.ops.configs import override
 
@@ -143,9 +143,25 @@ def test_decode_fully_active_token_repeats(M, plan):
     # units active; checked after the last call. Before the barrier in _decode_finish_kernel,
     # 1-13 of 250 such calls at M = 8 came back with whole 128-column blocks of that token's row
     # at 0 (the kernel's zeroing of the accumulator raced its reads)
+    _repeat_fully_active("llama3-8b", M, plan)
+
+
+@pytest.mark.parametrize("M", [17, 48, 64])
+def test_decode_union_short_k_fully_active_repeats(M):
+    # the union form on the paper shape (K below decode_chunk_long_k: 128 units per tl.dot, 16
+    # unit ranges, the gate in 128-column K steps), 250 calls with a token that has all 5,632
+    # units active
+    from twell.ops import ffn_infer as fi
+
+    K, N = SHAPES["paper"]
+    assert fi._decode_plan(M, K, N, fi.get_config("infer"))["union"]
+    _repeat_fully_active("paper", M, {})
+
+
+def _repeat_fully_active(shape, M, plan):
     from twell.ops.configs import override
 
-    K, N = SHAPES["llama3-8b"]
+    K, N = SHAPES[shape]
     x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 11)
     x[M - 1, 0] = -40.0
     y32, _, y_t = _ref(x, wg, wu, wd)

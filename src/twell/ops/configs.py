@@ -170,15 +170,22 @@ class InferConfig:
     #: shape M = 64 40.1 / 41.4 against 39.1 / 39.5 and slower at M = 16..48 (so not below
     #: K = 4096); split 16 against the auto split (4 at K = 4096): Llama-3-8B M = 64 91.2 / 93.4
     #: against 94.3-95.3 / 94.6-94.8
-    #: At K >= decode_union_min_k the decode path runs to decode_union_max_m tokens where the form
-    #: may run (the dense path ran M = 65..128 before): Llama-3-8B, 30 units per token iid, M = 96
-    #: / 128 112.6 / 119.0 us (1.33x / 1.30x) against 149.0 / 155.1 dense, split 8
+    #: At K >= decode_union_reach_k the decode path runs to decode_union_max_m tokens where the
+    #: form may run (the dense path ran M = 65..128 before): Llama-3-8B, 30 units per token iid,
+    #: M = 96 / 128 112.6 / 119.0 us (1.33x / 1.30x) against 149.0 / 155.1 dense, split 8
     #: (decode-union-m128-h100-6285ced.jsonl); at ~100 units the density rule keeps them dense.
     #: Split 8 against 16 in the same call: M = 64 / 96 / 128 80.8 / 112.6 / 119.0 us against
-    #: 84.3 / 118.7 / 124.2
+    #: 84.3 / 118.7 / 124.2. Below it decode stops at decode_max_m (M = 65..128 not measured there).
+    #: On the paper shape (K = 2048, below decode_chunk_long_k) the form runs with the short_*
+    #: choices below since 2026-11-27 (H100, 30 active units per token iid, two runs, against the
+    #: tl.dot atomic form; decode-union-splitk-h100-2026-11-27/sweep5.jsonl): M = 17 31.2 us against
+    #: 32.5, 24 31.8-32.0 / 32.6-32.9, 32 32.5-32.8 / 32.7-32.8, 48 35.4-35.7 / 39.5 (1.32x / 1.19x),
+    #: 64 38.0 / 40.8-40.9 (1.23x / 1.15x); skewed M = 48 33.7 / 41.1, 64 35.3 / 42.8. At K = 896
+    #: (Qwen2-0.5B shape) the form lost (M = 32 23.3 against 21.5, M = 64 26.8 against 26.0)
     decode_union_min_m: int = 17
     decode_union_max_m: int = 128
-    decode_union_min_k: int = 4096
+    decode_union_min_k: int = 2048
+    decode_union_reach_k: int = 4096
     decode_union_bk: int = 128
     #: K step of the union form's up loop (the chunk kernel's decode_chunk_bk there): Llama-3-8B,
     #: 30 active units per token iid, M = 48 / 64: 81.1 / 85.5 us at 128, 82.0 / 87.2 at 256,
@@ -186,6 +193,16 @@ class InferConfig:
     decode_union_up_bk: int = 128
     decode_union_chunk: int = 32
     decode_union_split: int = 8
+    #: the union form at K < decode_chunk_long_k: units per tl.dot and unit ranges of the down
+    #: GEMM, and the gate kernel's K step and stages (it computes the gate only there, so the
+    #: up loop's K step does not bound its stages). Paper shape, M = 64, same call: 38.0 us with
+    #: all four, 39.6-39.8 with the down choices only, 40.8-40.9 for the tl.dot atomic form; on
+    #: the Llama-3-8B shape they were no faster (M = 48 / 64 83.1-83.6 / 86.1 us against 78.9-79.0
+    #: / 83.1-83.2 with the long-K choices)
+    decode_union_short_chunk: int = 128
+    decode_union_short_split: int = 16
+    decode_union_short_gate_bk: int = 128
+    decode_union_short_gate_stages: int = 4
     decode_union_stages: int = 3
     decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,

@@ -14,7 +14,7 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     u = x . W_up[n], h = g u, y += h W_down^T[n]. A (token, tile) whose count exceeds S is
     recomputed exactly from x and W_gate (all T columns of the tile) and counted in
     ``overflow_rows``. W_down^T is a cached transposed copy of W_down (see :func:`down_t`).
-  * decode (M <= ``decode_max_m``, to ``decode_union_max_m`` at K >= ``decode_union_min_k`` where
+  * decode (M <= ``decode_max_m``, to ``decode_union_max_m`` at K >= ``decode_union_reach_k`` where
     the union form may run, while the batch's union of active units is small):
     unit-parallel, so M = 1 still fills the GPU.
     ``_decode_gate_up_kernel``: one program per block of units computes the gate for all tokens
@@ -1393,6 +1393,10 @@ def _decode_plan(
         and cfg.decode_union_min_m <= M <= cfg.decode_union_max_m
     )
     chunk = (chunk_range and free) or union
+    # the union form below decode_chunk_long_k: its own down tiles and gate K step / stages
+    short_union = union and K < cfg.decode_chunk_long_k
+    if short_union:
+        bk = max(16, min(cfg.decode_union_short_gate_bk, _p2(K), 8192 // bm))
     units = units_range and free and not chunk
     atomic = (in_range or units_range or chunk_range or union) and free
     bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
@@ -1408,7 +1412,9 @@ def _decode_plan(
         # pipeline stages of the tl.dot loops: as many as decode_stages that keep the [BN + BM, K
         # step] tiles within 192 KiB of shared memory (4 at M <= 32 in bf16, fewer for larger M
         # or fp32)
-        "stages": max(1, min(cfg.decode_stages, (192 << 10) // ((bn + bm) * max(bk, bk_up) * elsize))),
+        "stages": max(1, min(cfg.decode_stages, (192 << 10) // ((bn + bm) * max(bk, bk_up) * elsize)))
+        if not short_union
+        else max(1, min(cfg.decode_union_short_gate_stages, (192 << 10) // ((bn + bm) * bk * elsize))),
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
@@ -1422,7 +1428,9 @@ def _decode_plan(
         "chunk": chunk,
         "union": union,
         "bk_union": max(16, min(_p2(K), cfg.decode_union_bk)),
-        "chd_union": max(16, _p2(cfg.decode_union_chunk)),
+        "chd_union": max(16, _p2(cfg.decode_union_short_chunk if short_union else cfg.decode_union_chunk)),
+        # ranges of units of the down GEMM (0: programs / column blocks)
+        "split_union": cfg.decode_union_short_split if short_union else cfg.decode_union_split,
         "bm_chunk": bm_chunk,
         "chu_chunk": chu,
         "programs_chunk": programs,
@@ -1613,7 +1621,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     if p["union"]:
         bku = p["bk_union"]
         n_kb = _cdiv(K, bku)
-        su = cfg.decode_union_split or max(1, progs // n_kb)
+        su = p["split_union"] or max(1, progs // n_kb)
         _decode_union_down_kernel[(n_kb * su,)](
             hc, ids, lst, wdt, part, M, K, NB,
             BM=p["bm_chunk"], BN_G=bn, NB_P2=_p2(NB), CHD=p["chd_union"], BKD=bku, SPLIT=su,
@@ -1772,10 +1780,10 @@ def choose_path(M: int, N: int, active_per_token: float | None, K: int = 0, unio
     """``"prefill"``, ``"decode"`` or ``"dense"`` for M tokens, given the estimated active units
     per token (None before any measurement: sparse). ``union_ok``: the union decode form may run
     (not in deterministic mode or under capture); decode then reaches ``decode_union_max_m``
-    tokens at K >= ``decode_union_min_k``."""
+    tokens at K >= ``decode_union_reach_k``."""
     cfg = get_config("infer")
     top = cfg.decode_max_m
-    if union_ok and K >= cfg.decode_union_min_k:
+    if union_ok and K >= max(cfg.decode_union_min_k, cfg.decode_union_reach_k):
         top = max(top, cfg.decode_union_max_m)
     if top < M < cfg.prefill_min_m:
         return "dense"
