@@ -178,7 +178,7 @@ class InferConfig:
     #: 84.3 / 118.7 / 124.2. Below it decode stops at decode_max_m (M = 65..128 not measured there).
     #: On the paper shape (K = 2048, below decode_chunk_long_k) the form runs with the short_*
     #: choices below since 2026-11-27 (H100, 30 active units per token iid, two runs, against the
-    #: tl.dot atomic form; decode-union-splitk-h100-2026-11-27/sweep5.jsonl): M = 17 31.2 us against
+    #: tl.dot atomic form; decode-union-paper-h100-2026-11-27/sweep5.jsonl): M = 17 31.2 us against
     #: 32.5, 24 31.8-32.0 / 32.6-32.9, 32 32.5-32.8 / 32.7-32.8, 48 35.4-35.7 / 39.5 (1.32x / 1.19x),
     #: 64 38.0 / 40.8-40.9 (1.23x / 1.15x); skewed M = 48 33.7 / 41.1, 64 35.3 / 42.8. At K = 896
     #: (Qwen2-0.5B shape) the form lost (M = 32 23.3 against 21.5, M = 64 26.8 against 26.0)
