@@ -526,6 +526,11 @@ def test_decode_plan_compact_and_warps():
     ):
         p = fi._decode_plan(M, K, 14336, cfg)
         assert (p["chd_union"], p["split_union"], p["bk"], p["stages"]) == want, (M, K)
+    # the gate's K step is kept to decode_tile_elems x elements: 256 columns at 64 rows with 16384,
+    # and then 3 stages of [128, 256] bf16 tiles in 192 KiB
+    with override("infer", decode_tile_elems=16384, decode_union_short_gate_bk=256):
+        p = fi._decode_plan(64, 2048, 5632, fi.get_config("infer"))
+        assert (p["bk"], p["stages"]) == (256, 3)
     assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64

@@ -239,6 +239,11 @@ class InferConfig:
     decode_bn_dot: int = 64
     decode_dot_swap: bool = True
     decode_bk: int = 256
+    #: the gate loop's K step is also kept to this many x elements per tile (BK <= this / BM,
+    #: 128 columns at 64 token rows). 256 columns with 3 stages at 64 rows fit the union form's
+    #: gate kernel in 192 KiB of shared memory (offline compile for sm_90, 85 registers, no
+    #: spills); not measured on a GPU
+    decode_tile_elems: int = 8192
     #: K step of the W_up loop of the tl.dot form (0: decode_bk). That loop reads only the rows of
     #: units some token activates (a few of 64 at M = 8), so it is latency-bound: fewer, longer
     #: steps may hide more of it (not measured on a GPU yet: 0)

@@ -1356,7 +1356,7 @@ def _decode_plan(
     bn_gemv = cfg.decode_bn_gemv or (2 if M == 1 and K > 2048 else 4)
     bn = min(cfg.decode_bn_dot if use_dot else bn_gemv, 256)
     if use_dot:
-        bk = max(16, min(cfg.decode_bk, _p2(K), 8192 // bm))
+        bk = max(16, min(cfg.decode_bk, _p2(K), cfg.decode_tile_elems // bm))
         bk_up = max(16, min(cfg.decode_bk_up or cfg.decode_bk, _p2(K), 16384 // bm))
     else:
         # the whole K row in one load (a K loop without tl.dot is not pipelined, and each step
@@ -1396,7 +1396,7 @@ def _decode_plan(
     # the union form below decode_chunk_long_k: its own down tiles and gate K step / stages
     short_union = union and K < cfg.decode_chunk_long_k
     if short_union:
-        bk = max(16, min(cfg.decode_union_short_gate_bk, _p2(K), 8192 // bm))
+        bk = max(16, min(cfg.decode_union_short_gate_bk, _p2(K), cfg.decode_tile_elems // bm))
     units = units_range and free and not chunk
     atomic = (in_range or units_range or chunk_range or union) and free
     bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
