@@ -49,8 +49,8 @@ def _rows(shape: str, active: float, pattern: str, ms: list[int], cfgs: list[str
                     us=round(ms_ * 1e3, 2),
                     dense_us=round(dense_ms * 1e3, 2),
                     speedup=round(dense_ms / ms_, 3),
+                    relerr=float(err),
                 )
-                row["relerr"] = float(err)
             except Exception as e:  # an override may not compile (shared memory): keep sweeping
                 row["error"] = repr(e)[:300]
             yield row

@@ -1393,10 +1393,14 @@ def _decode_plan(
         and cfg.decode_union_min_m <= M <= cfg.decode_union_max_m
     )
     chunk = (chunk_range and free) or union
-    # the union form below decode_chunk_long_k: its own down tiles and gate K step / stages
+    # the union form below decode_chunk_long_k: its own down tiles, and its gate-only kernel's K
+    # step and stages (no up loop there whose tiles would share the shared memory)
     short_union = union and K < cfg.decode_chunk_long_k
     if short_union:
         bk = max(16, min(cfg.decode_union_short_gate_bk, _p2(K), cfg.decode_tile_elems // bm))
+    k_tile, stages = (
+        (bk, cfg.decode_union_short_gate_stages) if short_union else (max(bk, bk_up), cfg.decode_stages)
+    )
     units = units_range and free and not chunk
     atomic = (in_range or units_range or chunk_range or union) and free
     bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
@@ -1409,12 +1413,10 @@ def _decode_plan(
         "warps": (cfg.decode_warps_m64 if bm >= 64 else cfg.decode_warps)
         if use_dot
         else cfg.decode_gemv_warps or (2 if K <= 1024 else 4),
-        # pipeline stages of the tl.dot loops: as many as decode_stages that keep the [BN + BM, K
-        # step] tiles within 192 KiB of shared memory (4 at M <= 32 in bf16, fewer for larger M
-        # or fp32)
-        "stages": max(1, min(cfg.decode_stages, (192 << 10) // ((bn + bm) * max(bk, bk_up) * elsize)))
-        if not short_union
-        else max(1, min(cfg.decode_union_short_gate_stages, (192 << 10) // ((bn + bm) * bk * elsize))),
+        # pipeline stages of the tl.dot loops: as many as decode_stages (or the short-K union
+        # form's) that keep the [BN + BM, K step] tiles within 192 KiB of shared memory (4 at
+        # M <= 32 in bf16, fewer for larger M or fp32)
+        "stages": max(1, min(stages, (192 << 10) // ((bn + bm) * k_tile * elsize))),
         "atomic": atomic,
         "one_step": atomic and not use_dot and bk_up >= K,
         "bkd_atomic": max(16, min(_p2(K), cfg.decode_atomic_bk if use_dot else bk_up)),
