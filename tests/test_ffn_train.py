@@ -22,17 +22,27 @@ def _inputs(M, K, N, a, *, pattern="iid", seed=0, device="cpu"):
     return [t.float().to(device) for t in (x, wg, wu, wd)]
 
 
-def _check(x, wg, wu, wd, *, deterministic=False, tile=256, slots=32, unit_counts=False):
+def _check(
+    x, wg, wu, wd, *, deterministic=False, tile=256, slots=32, unit_counts=False, reduce=1, dispatch=True
+):
+    # reduce: the longest sum behind an element of y (see assert_close); 1 unless a test makes
+    # a token with many active units. dispatch=False: the kernels whatever M is (on CUDA small
+    # calls otherwise take the dense path)
     leaves = [t.clone().requires_grad_() for t in (x, wg, wu, wd)]
     y, st = ft.ffn_train(
-        *leaves, tile=tile, slots=slots, unit_counts=unit_counts, deterministic=deterministic
+        *leaves,
+        tile=tile,
+        slots=slots,
+        unit_counts=unit_counts,
+        deterministic=deterministic,
+        dispatch=dispatch,
     )
     dy = torch.randn_like(y)
     torch.autograd.backward([y, st.l1], [dy, torch.full_like(st.l1, L1)])
     ref = [t.detach().double().requires_grad_() for t in (x, wg, wu, wd)]
     yr, sr = sparse_ffn_ref(*ref, tile=tile, slots=slots, unit_counts=unit_counts)
     torch.autograd.backward([yr, sr.l1], [dy.double(), torch.full_like(sr.l1, L1)])
-    assert_close(y, yr, name="y")
+    assert_close(y, yr, name="y", reduce=reduce)
     for name, t, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), leaves, ref):
         assert_close(t.grad, r.grad, name=name, dtype=torch.float32, factor=64)
     assert_close(st.l1.detach().reshape(1), sr.l1.detach().reshape(1), name="l1", factor=64)
@@ -53,6 +63,24 @@ def _check(x, wg, wu, wd, *, deterministic=False, tile=256, slots=32, unit_count
 )
 def test_forward_backward_vs_fp64(kdevice, poison, M, K, N, a):
     _check(*_inputs(M, K, N, a, device=kdevice))
+
+
+@pytest.mark.parametrize("M, K, N, a", [(13, 40, 100, 1.0), (7, 32, 72, 35.0), (9, 16, 300, 6.0)])
+def test_forward_backward_with_gate_bits(kdevice, poison, monkeypatch, M, K, N, a):
+    # the forward's gate GEMM writing the bitmask (gate_bits, forced: by default it runs on Hopper
+    # in 16-bit dtypes only) and the pack reading it: the same checks as above, with a row past
+    # the row capacity (its bitmask walked) and NaN in one token
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(gate_bits="always", gate_bits_min_m=0, row_capacity=8))
+    launches = []
+    real = ft.launch_gate_bits
+    monkeypatch.setattr(ft, "launch_gate_bits", lambda *args: launches.append(1) or real(*args))
+    x, wg, wu, wd = _inputs(M, K, N, a, device=kdevice, seed=M)
+    x[M // 2, 0] = -50.0  # column 0 carries the threshold: every unit of this token active
+    _check(x, wg, wu, wd, reduce=N, dispatch=False)  # that token's y sums N terms
+    assert launches
+    x[1] = float("nan")
+    y, st = ft.ffn_train(x, wg, wu, wd, dispatch=False)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
 
 
 def test_zero_and_full_density(kdevice, poison):
@@ -367,6 +395,23 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, warps, prefe
         pack_reverse=prefetch != 2,
     )
     monkeypatch.setattr(ft, "CONFIG", cfg)
+    _pack_case(kdevice, N, tile, from_bits=False)
+
+
+@pytest.mark.parametrize(
+    "N, tile, warps",
+    [(100, 16, 1), (33, 16, 1), (1000, 256, 1), (1000, 512, 1), (300, 64, 2), (1000, 256, 4)],
+)
+@pytest.mark.parametrize("count_units", [True, False])
+def test_pack_kernel_from_bits(kdevice, monkeypatch, N, tile, warps, count_units):
+    # the pack reading the bitmask that gate_bits wrote (one word per lane and step) and g only at
+    # the active entries: the same outputs, the words left as they were; without the per-unit
+    # counts (the inference prefill without unit_counts) they stay 0
+    monkeypatch.setattr(ft, "CONFIG", ft.TrainConfig(pack_bits_warps=warps, row_capacity=40))
+    _pack_case(kdevice, N, tile, from_bits=True, count_units=count_units)
+
+
+def _pack_case(kdevice, N, tile, from_bits, count_units=True):
     M, W, slots = 7, 40, 5
     gen = torch.Generator().manual_seed(N + tile)
     g = torch.randn((M, N), generator=gen) - 2.0  # ~2% active
@@ -380,8 +425,15 @@ def test_pack_kernel_vs_torch(kdevice, monkeypatch, N, tile, block, warps, prefe
     pat = torch.full((2, M, NW), -7, dtype=torch.int32, device=kdevice)
     ovf = torch.full((M,), -7, dtype=torch.int32, device=kdevice)
     gs = torch.full((M, W), -3.0, device=kdevice)
-    ft._launch_pack(g.to(kdevice), gs, cols, counts[:M], pat[0], pat[1], ovf, counts[M:], W, tile, slots)
     cnt, bits, wpre, ovf_r, ucnt, cols_r = _pack_expected(g, W, tile, slots)
+    if from_bits:
+        pat[0] = bits.to(kdevice)
+    u_out = counts[M:] if count_units else None
+    ft._launch_pack(
+        g.to(kdevice), gs, cols, counts[:M], pat[0], pat[1], ovf, u_out, W, tile, slots, from_bits
+    )
+    if not count_units:
+        ucnt = torch.zeros_like(ucnt)
     assert torch.equal(counts[:M].cpu(), cnt)
     assert torch.equal(counts[M:].cpu(), ucnt)
     assert torch.equal(pat[0].cpu(), bits)

@@ -54,6 +54,7 @@ from ..stats import FFNStats
 from ._pairs import pairs_f32, row_pairs, store_pairs
 from ._triton import can_run_triton, num_sms, pdl_ok
 from .ffn_ref import tile_overflow_rows
+from .gate_bits import gate_bits_ok, launch_gate_bits
 
 __all__ = [
     "TrainConfig",
@@ -107,6 +108,15 @@ class TrainConfig:
     #: at 1 warp (benchmarks/results/prefill-rows-sweep-h100-2026-11-26i.log)
     pack_block: int = 1024
     pack_warps: int = 1
+    #: the gate GEMM of the forward: "auto" runs ``gate_bits`` (a Triton GEMM that also writes the
+    #: bitmask of g's active entries, so the pack reads it instead of all of g) on Hopper and newer
+    #: in 16-bit dtypes from gate_bits_min_m rows, cuBLAS otherwise; "never": cuBLAS; "always":
+    #: gate_bits wherever its TMA alignment holds (the CPU interpreter too, for tests)
+    gate_bits: str = "auto"
+    gate_bits_min_m: int = 4096
+    #: warps per row of the pack from the bitmask (H100, paper shape, prefill at 30 units iid:
+    #: M = 16384 1.085 ms with 2 against 1.091-1.095 with 1; 131072 8.95 against 9.02-9.03)
+    pack_bits_warps: int = 2
     #: blocks of g the pack kernel loads ahead of the one it scans: 1 0.090 ms, 2 0.091, 0 0.099
     pack_prefetch: int = 1
     #: the pack walks the rows last to first, so that its first programs read the rows of g that
@@ -268,6 +278,7 @@ def _pack_lanes_kernel(
     PREFETCH: tl.constexpr,
     REVERSE: tl.constexpr,
     PDL: tl.constexpr,
+    UCNT: tl.constexpr = True,
 ):
     # one program per row of g, L = 32 x its warps lanes. H100, paper shape, M = 16384 (Nsight Compute): 46.1 M
     # instructions against 63.6 M for the earlier form, which held a 32-column word over 4 lanes,
@@ -278,7 +289,7 @@ def _pack_lanes_kernel(
     if REVERSE:
         i_m = tl.num_programs(0) - 1 - i_m
     n_act, ovf = _pack_row(
-        g_ptr, gs_ptr, cols_ptr, bits_ptr, wpre_ptr, ucnt_ptr, i_m, N, NW, W, S, T, E, L, PREFETCH
+        g_ptr, gs_ptr, cols_ptr, bits_ptr, wpre_ptr, ucnt_ptr, i_m, N, NW, W, S, T, E, L, PREFETCH, UCNT
     )
     tl.store(cnt_ptr + i_m, n_act)
     tl.store(ovf_ptr + i_m, ovf)
@@ -301,8 +312,10 @@ def _pack_row(
     E: tl.constexpr,
     L: tl.constexpr,
     PREFETCH: tl.constexpr,
+    UCNT: tl.constexpr = True,
 ):
-    # the packed pattern of row i_m of g; returns (active units, TwELL overflow flag). A step is
+    # the packed pattern of row i_m of g; returns (active units, TwELL overflow flag). UCNT: also
+    # add the row's active units into the per-unit counts (the backward's index, unit_counts). A step is
     # L lanes (the program's threads) x E consecutive columns (one vector load per lane), so every
     # per-step quantity stays inside a lane: the lane's E active flags as an E-bit chunk of the
     # bitmask (stored as is: E = 8 / 16 / 32 bits are a byte / half word / word of the
@@ -361,7 +374,8 @@ def _pack_row(
                 keep = act & (slot < W)
                 tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
                 tl.store(gs_ptr + i_m * W + slot, tl.load(p_g + col, mask=keep, other=0.0), mask=keep)
-                tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
+                if UCNT:
+                    tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
                 slot += act.to(tl.int32)
                 rem = rem ^ lsb
         # TwELL overflow statistic: a tile of T columns with more than S active units
@@ -378,6 +392,78 @@ def _pack_row(
                 run = run * 0
         n_act += s
     return n_act, ovf
+
+
+@triton.jit
+def _pack_bits_kernel(
+    g_ptr,
+    gs_ptr,
+    cols_ptr,
+    cnt_ptr,
+    bits_ptr,
+    wpre_ptr,
+    ovf_ptr,
+    ucnt_ptr,
+    N,
+    NW,
+    W,
+    S,
+    T: tl.constexpr,
+    L: tl.constexpr,
+    WPL: tl.constexpr,
+    REVERSE: tl.constexpr,
+    PDL: tl.constexpr,
+    UCNT: tl.constexpr = True,
+):
+    # _pack_lanes_kernel's outputs for one row of g whose bitmask words gate_bits already wrote:
+    # a step loads WPL consecutive words per lane (L x WPL >= 128 words, so no tile of T <= 4096
+    # columns straddles two steps), and g is read only at the active entries. Two dependent round
+    # trips per step (the words, then g at the first set bit of every word; a word with more set
+    # bits takes one more turn) instead of one per 32 x L columns of g.
+    _after_previous(PDL)
+    i_m = tl.program_id(0).to(tl.int64)
+    if REVERSE:
+        i_m = tl.num_programs(0) - 1 - i_m
+    o = tl.arange(0, L)[:, None] * WPL + tl.arange(0, WPL)[None, :]  # [L, WPL] words of a step
+    n_act = tl.sum(tl.zeros([L], dtype=tl.int32), axis=0)
+    ovf = n_act
+    for w0 in range(0, NW, L * WPL):
+        o_w = w0 + o
+        m_w = o_w < NW
+        wd = tl.load(bits_ptr + i_m * NW + o_w, mask=m_w, other=0)
+        w64 = wd.to(tl.int64) & 0xFFFFFFFF
+        c = _popc(w64).to(tl.int32)
+        c_f = tl.reshape(c, (L * WPL,))
+        below = n_act + tl.reshape(tl.cumsum(c_f, axis=0) - c_f, (L, WPL))  # active before each word
+        tl.store(wpre_ptr + i_m * NW + o_w, below, mask=m_w)
+        s = tl.sum(c_f, axis=0)
+        if s > 0:
+            rem = wd
+            slot = below
+            while tl.max(tl.max((rem != 0).to(tl.int32), axis=1), axis=0) > 0:
+                act = rem != 0
+                lsb = rem & (-rem)
+                col = o_w * 32 + _ctz_pow2(lsb)
+                keep = act & (slot < W)
+                tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
+                tl.store(
+                    gs_ptr + i_m * W + slot, tl.load(g_ptr + i_m * N + col, mask=keep, other=0.0), mask=keep
+                )
+                if UCNT:
+                    tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
+                slot += act.to(tl.int32)
+                rem = rem ^ lsb
+        # TwELL overflow statistic: a tile of T columns with more than S active units
+        if T < 32:
+            for j in tl.static_range(32 // T):
+                t_c = _popc((w64 >> (j * T)) & ((1 << T) - 1))
+                ovf = ovf | (tl.max(tl.max(t_c, axis=1), axis=0) > S).to(tl.int32)
+        else:
+            t_c = tl.sum(tl.reshape(c_f, (L * WPL // (T // 32), T // 32)), axis=1)
+            ovf = ovf | (tl.max(t_c, axis=0) > S).to(tl.int32)
+        n_act += s
+    tl.store(cnt_ptr + i_m, n_act)
+    tl.store(ovf_ptr + i_m, ovf)
 
 
 @triton.jit
@@ -1076,6 +1162,7 @@ def _multi_rows_kernel(
 _KERNELS = {
     "multi": _multi_rows_kernel,
     "pack": _pack_lanes_kernel,
+    "pack_bits": _pack_bits_kernel,
     "fwd_stats": _fwd_stats_kernel,
     "fwd": _fwd_rows_kernel,
     "bwd": _bwd_rows_kernel,
@@ -1123,25 +1210,37 @@ def _row_capacity(N: int) -> int:
     return max(1, min(N, CONFIG.row_capacity))
 
 
-def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots):
+def _launch_pack(g, gs, cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots, from_bits=False):
     """The packed pattern of ``g [M, N]`` into ``cols [M, W]`` and ``gs [M, W]`` (g at the
     slots), ``cnt [M]``, ``bits`` / ``wpre`` ``[M, NW]``, ``ovf [M]`` and ``ucnt [N]`` (added to:
-    zero it first)."""
+    zero it first; None: not counted). ``from_bits``: ``bits`` already holds g's bitmask
+    (``gate_bits`` wrote it), which is read instead of g."""
+    u_arg = {"UCNT": ucnt is not None}
+    ucnt = cnt if ucnt is None else ucnt
     M, N = g.shape
     NW = bits.shape[1]
+    if from_bits:
+        lanes = 32 * CONFIG.pack_bits_warps
+        _k("pack_bits")[(M,)](
+            g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
+            T=tile, L=lanes, WPL=max(1, 256 // lanes), REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
+            num_warps=CONFIG.pack_bits_warps, **u_arg,
+        )  # fmt: skip
+        return
     lanes = 32 * CONFIG.pack_warps
     e = max(8, min(32, triton.next_power_of_2(CONFIG.pack_block // lanes)))
     _k("pack")[(M,)](
         g, gs, cols, cnt, bits, wpre, ovf, ucnt, N, NW, W, slots,
         T=tile, E=e, L=lanes, PREFETCH=CONFIG.pack_prefetch, REVERSE=CONFIG.pack_reverse, **_pdl_args(g.device),
-        num_warps=CONFIG.pack_warps,
+        num_warps=CONFIG.pack_warps, **u_arg,
     )  # fmt: skip
 
 
-def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=None):
+def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=None, unit_rows=True):
     """The forward kernels. ``wdt``: W_down^T [N, K] contiguous when the caller has it (the
     inference prefill's cached copy; ``w_down`` is then unused), else made here; ``y``: a
-    contiguous [M, K] output to write into."""
+    contiguous [M, K] output to write into; ``unit_rows=False``: the rows per unit (the
+    backward's index, ``counts[M:]``) are not counted (left 0)."""
     M, K = x.shape
     N = w_gate.shape[0]
     W = _row_capacity(N)
@@ -1157,19 +1256,28 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=Non
     else:
         counts = torch.zeros((M + N,), dtype=torch.int32, device=dev)
     cnt, ucnt = counts[:M], counts[M:]
-    g = torch.matmul(x, w_gate.t())  # [M, N], freed on return
     cols = _alloc.empty((M, W), dtype=torch.int32, device=dev)
     pat = _alloc.empty(
         (2, M, NW), dtype=torch.int32, device=dev
     )  # bitmask words, active units before each word
     bits, wpre = pat[0], pat[1]
+    # g [M, N], freed on return; gate_bits also writes the bitmask, so that the pack reads it and
+    # g at the active entries instead of all of g
+    from_bits = M >= CONFIG.gate_bits_min_m and gate_bits_ok(x, w_gate, CONFIG.gate_bits)
+    if from_bits:
+        g = _alloc.empty((M, N), dtype=x.dtype, device=dev)
+        launch_gate_bits(x, w_gate, g, bits)
+    else:
+        g = torch.matmul(x, w_gate.t())
     ovf = _alloc.empty((M,), dtype=torch.int32, device=dev)
     if y is None:
         y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l1_rows = _alloc.empty((M,), dtype=torch.float32, device=dev)
     gu = _alloc.empty((2, M, W), dtype=x.dtype, device=dev)  # per-slot g, u (rows within W)
     if M > 0:
-        _launch_pack(g, gu[0], cols, cnt, bits, wpre, ovf, ucnt, W, tile, slots)
+        _launch_pack(
+            g, gu[0], cols, cnt, bits, wpre, ovf, ucnt if unit_rows else None, W, tile, slots, from_bits
+        )
         bk = triton.next_power_of_2(K)
         # 16-bit rows as int32 pairs (TrainConfig.fwd_pairs): even K, rows on 4-byte boundaries
         pairs = (
@@ -1201,7 +1309,7 @@ def rows_forward(x, w_gate, w_up, w_down_t, *, tile: int, slots: int, unit_count
     ``(y, l0, l1, overflow_rows, unit_counts int32 [N] or None)``; the inference prefill's kernels.
     Holds the dense gate [M, N] while it runs (the caller bounds M)."""
     y, l1, l0, over, _, _, counts, _, _ = _fwd_impl(
-        x, w_gate, w_up, None, tile, slots, False, wdt=w_down_t, y=out
+        x, w_gate, w_up, None, tile, slots, False, wdt=w_down_t, y=out, unit_rows=unit_counts
     )
     return y, l0, l1, over, (counts[x.shape[0] :] if unit_counts else None)
 
