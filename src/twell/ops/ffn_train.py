@@ -3,7 +3,7 @@
 Legend: M = tokens, K = model dim, N = FFN units, W = row capacity of the packed pattern,
 NW = ceil(N / 32) pattern words per row, MW = ceil(M / 32), E = M * W capacity of the by-unit index.
 
-    g = x @ W_gate^T (cuBLAS)         h = relu(g) * u,  u = x @ W_up^T only where g > 0
+    g = x @ W_gate^T (gate_bits / cuBLAS)   h = relu(g) * u,  u = x @ W_up^T only where g > 0
     y = h @ W_down^T                  l1 = sum |h| / M, l0 = active entries / M
 
 Kept for the backward (no dense [M, N] tensor):
