@@ -284,10 +284,7 @@ def _pack_lanes_kernel(
     # instructions against 63.6 M for the earlier form, which held a 32-column word over 4 lanes,
     # and the same time (0.090 ms): what bounds it is memory, the read of g (a plain read of g took
     # 0.072 ms with a cold L2) and the bitmask / word-count stores (0.010 ms)
-    _after_previous(PDL)
-    i_m = tl.program_id(0).to(tl.int64)
-    if REVERSE:
-        i_m = tl.num_programs(0) - 1 - i_m
+    i_m = _packed_row(REVERSE, PDL)
     n_act, ovf = _pack_row(
         g_ptr, gs_ptr, cols_ptr, bits_ptr, wpre_ptr, ucnt_ptr, i_m, N, NW, W, S, T, E, L, PREFETCH, UCNT
     )
@@ -395,6 +392,17 @@ def _pack_row(
 
 
 @triton.jit
+def _packed_row(REVERSE: tl.constexpr, PDL: tl.constexpr):
+    # the row a pack program takes (rows walked last to first with REVERSE, so that the first
+    # programs read the rows the gate GEMM wrote last), once the previous kernel is done
+    _after_previous(PDL)
+    i_m = tl.program_id(0).to(tl.int64)
+    if REVERSE:
+        i_m = tl.num_programs(0) - 1 - i_m
+    return i_m
+
+
+@triton.jit
 def _pack_bits_kernel(
     g_ptr,
     gs_ptr,
@@ -420,10 +428,7 @@ def _pack_bits_kernel(
     # columns straddles two steps), and g is read only at the active entries. Two dependent round
     # trips per step (the words, then g at the first set bit of every word; a word with more set
     # bits takes one more turn) instead of one per 32 x L columns of g.
-    _after_previous(PDL)
-    i_m = tl.program_id(0).to(tl.int64)
-    if REVERSE:
-        i_m = tl.num_programs(0) - 1 - i_m
+    i_m = _packed_row(REVERSE, PDL)
     o = tl.arange(0, L)[:, None] * WPL + tl.arange(0, WPL)[None, :]  # [L, WPL] words of a step
     n_act = tl.sum(tl.zeros([L], dtype=tl.int32), axis=0)
     ovf = n_act

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._triton import can_run_triton, interpreter_enabled, num_sms
 from .configs import get_config
+from .gate_pack import grouped_tile, tma_tile_dot
 
 __all__ = ["active_bits", "gate_bits_ref", "gate_bits_ok", "launch_gate_bits"]
 
@@ -76,22 +77,15 @@ def _gate_bits_kernel(
 ):
     # persistent: program p takes tiles p, p + NUM_SMS, ...; GROUP_M row blocks per band of
     # columns (W_gate reuse in L2), as gate_pack
-    start = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(N, BN)
     n_k = tl.cdiv(K, BK)
-    n_in_group = GROUP_M * n_n
     o_w = tl.arange(0, BN // 32)
-    for tile_id in tl.range(start, n_m * n_n, NUM_SMS, flatten=FLATTEN):
-        first_m = (tile_id // n_in_group) * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        off_m = (first_m + (tile_id % n_in_group) % size_m) * BM
-        off_n = ((tile_id % n_in_group) // size_m) * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kk in range(n_k):
-            b_x = x_desc.load([off_m, kk * BK])
-            b_w = w_desc.load([off_n, kk * BK])
-            acc = tl.dot(b_x, b_w.T, acc, input_precision=DOT_PREC)
+    for tile_id in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile_id, n_m, n_n, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tma_tile_dot(x_desc, w_desc, off_m, off_n, n_k, BM, BN, BK, DOT_PREC)
         g_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
         # active: g > 0 after rounding to OUT_DTYPE, or NaN; an fp32 value rounds (to nearest
         # even) to a positive one exactly when it exceeds half the smallest positive subnormal

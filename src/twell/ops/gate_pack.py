@@ -49,7 +49,7 @@ from ._triton import can_run_triton, interpreter_enabled
 from .configs import get_config
 from .pack import pack_twell_ref
 
-__all__ = ["gate_pack", "gate_pack_ref", "gate_pack_arrays"]
+__all__ = ["gate_pack", "gate_pack_ref", "gate_pack_arrays", "grouped_tile", "tma_tile_dot"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +63,38 @@ def gate_pack_ref(x: torch.Tensor, w_gate: torch.Tensor, tile: int = 256, slots:
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def grouped_tile(tile_id, n_m, n_n, GROUP_M: tl.constexpr):
+    # (row block, column block) of output tile tile_id when GROUP_M row blocks run per band of
+    # columns (consecutive tiles share W_gate blocks in L2)
+    in_group = GROUP_M * n_n
+    first_m = (tile_id // in_group) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    return first_m + (tile_id % in_group) % size_m, (tile_id % in_group) // size_m
+
+
+@triton.jit
+def tma_tile_dot(
+    x_desc,
+    w_desc,
+    off_m,
+    off_n,
+    n_k,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # fp32 [BM, BN] tile of x @ w^T at (off_m, off_n) from tensor descriptors, n_k steps of BK
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kk in range(n_k):
+        b_x = x_desc.load([off_m, kk * BK])
+        b_w = w_desc.load([off_n, kk * BK])
+        # [BM, BK] @ [BK, BN] -> [BM, BN]
+        acc = tl.dot(b_x, b_w.T, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -575,14 +607,7 @@ def _gate_pack_kernel(
     ASM_STORE: tl.constexpr,
     UNIT_COUNTS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_in_group = GROUP_M * NT
-    i_g = pid // n_in_group
-    first_m = i_g * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % n_in_group) % size_m
-    i_t = (pid % n_in_group) // size_m
+    pid_m, i_t = grouped_tile(tl.program_id(0), tl.cdiv(M, BM), NT, GROUP_M)
     i_m = pid_m * BM + tl.arange(0, BM)
     o_k = tl.arange(0, BK)
     b_base = tl.zeros((BM,), dtype=tl.int32)
@@ -665,21 +690,11 @@ def _gate_pack_tma_kernel(
     n_m = tl.cdiv(M, BM)
     n_tiles = n_m * NT
     n_k = tl.cdiv(K, BK)
-    n_in_group = GROUP_M * NT
     for tile_id in tl.range(start, n_tiles, NUM_SMS, flatten=FLATTEN):
-        i_g = tile_id // n_in_group
-        first_m = i_g * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        pid_m = first_m + (tile_id % n_in_group) % size_m
-        i_t = (tile_id % n_in_group) // size_m
+        pid_m, i_t = grouped_tile(tile_id, n_m, NT, GROUP_M)
         off_m = pid_m * BM
         off_n = i_t * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kk in range(n_k):
-            b_x = x_desc.load([off_m, kk * BK])
-            b_w = w_desc.load([off_n, kk * BK])
-            # [BM, BK] @ [BK, BN] -> [BM, BN]
-            acc = tl.dot(b_x, b_w.T, acc, input_precision=DOT_PREC)
+        acc = tma_tile_dot(x_desc, w_desc, off_m, off_n, n_k, BM, BN, BK, DOT_PREC)
         i_m = off_m + tl.arange(0, BM)
         b_cnt = _pack_tile(
             acc,
