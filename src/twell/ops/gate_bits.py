@@ -14,8 +14,9 @@ and the g values at active entries only (``ffn_train._pack_bits_kernel``).
 
 Measured (H100 80GB HBM3, bf16, K = 2048, N = 5632, M = 16384, ~30 active units per token iid,
 torch.profiler, 4 weight sets rotated; benchmarks/results/prefill-gate-bits-h100-2026-11-27/):
-this kernel 515.8 us against 491.6 for the cuBLAS GEMM, the pack from the words 40.4 us against
-81.4 from g, the whole prefill call 1.085-1.095 ms against 1.114-1.115 (3 % less at M = 131072).
+this kernel 515.6-515.8 us against 491.6 for the cuBLAS GEMM, the pack from the words 30.2 us
+with 2 warps per row (40.4 with 1) against 81.0-81.4 from g, the whole prefill call 1.085 ms
+against 1.114-1.115 (8.95 against 9.20-9.21 ms at M = 131072).
 The same loop storing g alone ran as fast as cuBLAS (0.504 against 0.503 ms): the words cost the
 rest, as the epilogue runs after each tile's MMA loop instead of beside the next one.
 
