@@ -240,9 +240,10 @@ class InferConfig:
     decode_dot_swap: bool = True
     decode_bk: int = 256
     #: the gate loop's K step is also kept to this many x elements per tile (BK <= this / BM,
-    #: 128 columns at 64 token rows). 256 columns with 3 stages at 64 rows fit the union form's
-    #: gate kernel in 192 KiB of shared memory (offline compile for sm_90, 85 registers, no
-    #: spills); not measured on a GPU
+    #: 128 columns at 64 token rows). 16384 with decode_union_short_gate_bk 256 (256-column steps,
+    #: 3 stages at 64 rows) was slower on the H100, paper shape, 30 units iid: M = 24 / 48 / 64
+    #: 32.85 / 36.37 / 38.91 us against 31.30 / 35.65 / 37.90
+    #: (decode-trials-h100-2026-11-27c/m64-gate-steps.jsonl)
     decode_tile_elems: int = 8192
     #: K step of the W_up loop of the tl.dot form (0: decode_bk). That loop reads only the rows of
     #: units some token activates (a few of 64 at M = 8), so it is latency-bound: fewer, longer
