@@ -9,7 +9,8 @@ sleep as ``twell bench kernels`` does. Appends one JSON row per (M, override) to
 override, device time, dense time, their ratio and the largest error against the reference
 relative to the reference's largest value (or the error message, e.g. out of shared memory).
 Keys of an override that start with ``train.`` change the training kernels' ``CONFIG`` (whose
-row kernels the prefill runs); ``--path NAME`` (first) times ``path=NAME`` instead of decode.
+row kernels the prefill runs), ``gate.`` keys the ``GateConfig`` of the gate GEMMs; ``--path
+NAME`` (first) times ``path=NAME`` instead of decode.
 
 Usage: ``PYTHONPATH=src python benchmarks/sweep_decode.py OUT.jsonl 2048,5632 30 iid 48,64 '{}'
 '{"decode_union_min_k": 4096}'``; ``... sweep_decode.py --path prefill OUT.jsonl 2048,5632 30 iid
@@ -35,12 +36,17 @@ from twell.testing import make_sparse_ffn
 
 @contextlib.contextmanager
 def _configs(cfg: dict):
-    """``InferConfig`` fields of ``cfg`` through ``override``; ``train.*`` keys on ffn_train.CONFIG."""
+    """``InferConfig`` fields of ``cfg`` through ``override``; ``train.*`` keys on ffn_train.CONFIG,
+    ``gate.*`` keys on the ``GateConfig`` of gate_pack and gate_bits."""
     train = {k[len("train.") :]: v for k, v in cfg.items() if k.startswith("train.")}
+    gate = {k[len("gate.") :]: v for k, v in cfg.items() if k.startswith("gate.")}
     old = ffn_train.CONFIG
     ffn_train.CONFIG = dataclasses.replace(old, **train)
     try:
-        with override("infer", **{k: v for k, v in cfg.items() if not k.startswith("train.")}):
+        with (
+            override("infer", **{k: v for k, v in cfg.items() if not k.startswith(("train.", "gate."))}),
+            override("gate", **gate),
+        ):
             yield
     finally:
         ffn_train.CONFIG = old
