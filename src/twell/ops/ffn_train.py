@@ -113,9 +113,10 @@ class TrainConfig:
     #: in 16-bit dtypes from gate_bits_min_m rows, cuBLAS otherwise; "never": cuBLAS; "always":
     #: gate_bits wherever its TMA alignment holds (the CPU interpreter too, for tests)
     gate_bits: str = "auto"
-    #: (H100, paper shape, 30 units iid, same process: M = 2048 5 % slower with gate_bits, the tail
-    #: of its 128 x 256 tiles; 4096 303.3-305.7 us against 305.8-306.0; 8192 556.0-556.2 against
-    #: 569.3-569.6; 16384 and 131072 2-3 % faster)
+    #: (H100, paper shape, 30 units iid, same process: M = 2048 167.5-168.0 us against 162.5-164.6,
+    #: the GEMM 74.8 against cuBLAS's 61.1 (the tail of its 128 x 256 tiles; 64-row tiles slower)
+    #: and the pack 5.6 against 13.8; 4096 303.3-305.7 against 305.8-306.0 and 307.7 against
+    #: 307.4-308.0; 8192 556.0-556.2 against 569.3-569.6; 16384 and 131072 2-3 % faster)
     gate_bits_min_m: int = 4096
     #: warps per row of the pack from the bitmask (H100, paper shape, prefill at 30 units iid:
     #: M = 16384 1.085 ms with 2 against 1.091-1.095 with 1; 131072 8.95 against 9.02-9.03)
