@@ -297,6 +297,34 @@ def _pack_lanes_kernel(
 
 
 @triton.jit
+def _any_set(rem):
+    # whether any element of rem ([L] or [L, WPL] bit chunks) still has a bit set
+    a = (rem != 0).to(tl.int32)
+    if len(a.shape) == 2:
+        a = tl.max(a, axis=1)
+    return tl.max(a, axis=0) > 0
+
+
+@triton.jit
+def _write_set_bits(rem, slot, col0, p_g, gs_ptr, cols_ptr, ucnt_ptr, i_m, W, UCNT: tl.constexpr):
+    # the slots of a step's active units, one set bit of every chunk per turn (almost always one
+    # turn): chunk bit j is column col0 + j of row i_m (p_g: that row of g), its rank slot (+ the
+    # set bits below it); the column and g go to the row's slot if it is within W, and with UCNT
+    # the unit's row count is added to
+    while _any_set(rem):
+        act = rem != 0
+        lsb = rem & (-rem)
+        col = col0 + _ctz_pow2(lsb)
+        keep = act & (slot < W)
+        tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
+        tl.store(gs_ptr + i_m * W + slot, tl.load(p_g + col, mask=keep, other=0.0), mask=keep)
+        if UCNT:
+            tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
+        slot += act.to(tl.int32)
+        rem = rem ^ lsb
+
+
+@triton.jit
 def _pack_row(
     g_ptr,
     gs_ptr,
@@ -366,19 +394,7 @@ def _pack_row(
         m_w = ((o_t % (32 // E)) == 0) & (o_c < NW * (32 // E))
         tl.store(wpre_ptr + i_m * NW + o_c // (32 // E), below, mask=m_w)
         if s > 0:
-            rem = chunk
-            slot = below
-            while tl.max((rem != 0).to(tl.int32), axis=0) > 0:
-                act = rem != 0
-                lsb = rem & (-rem)
-                col = n0 + o_t * E + _ctz_pow2(lsb)
-                keep = act & (slot < W)
-                tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
-                tl.store(gs_ptr + i_m * W + slot, tl.load(p_g + col, mask=keep, other=0.0), mask=keep)
-                if UCNT:
-                    tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
-                slot += act.to(tl.int32)
-                rem = rem ^ lsb
+            _write_set_bits(chunk, below, n0 + o_t * E, p_g, gs_ptr, cols_ptr, ucnt_ptr, i_m, W, UCNT)
         # TwELL overflow statistic: a tile of T columns with more than S active units
         if T < E:
             t_c = tl.sum(tl.reshape(a_i, (L, E // T, T)), axis=2)
@@ -447,21 +463,7 @@ def _pack_bits_kernel(
         tl.store(wpre_ptr + i_m * NW + o_w, below, mask=m_w)
         s = tl.sum(c_f, axis=0)
         if s > 0:
-            rem = wd
-            slot = below
-            while tl.max(tl.max((rem != 0).to(tl.int32), axis=1), axis=0) > 0:
-                act = rem != 0
-                lsb = rem & (-rem)
-                col = o_w * 32 + _ctz_pow2(lsb)
-                keep = act & (slot < W)
-                tl.store(cols_ptr + i_m * W + slot, col, mask=keep)
-                tl.store(
-                    gs_ptr + i_m * W + slot, tl.load(g_ptr + i_m * N + col, mask=keep, other=0.0), mask=keep
-                )
-                if UCNT:
-                    tl.atomic_add(ucnt_ptr + col, act.to(tl.int32), mask=act, sem="relaxed")
-                slot += act.to(tl.int32)
-                rem = rem ^ lsb
+            _write_set_bits(wd, below, o_w * 32, g_ptr + i_m * N, gs_ptr, cols_ptr, ucnt_ptr, i_m, W, UCNT)
         # TwELL overflow statistic: a tile of T columns with more than S active units
         if T < 32:
             for j in tl.static_range(32 // T):
