@@ -128,6 +128,12 @@ class TrainConfig:
     pack_reverse: bool = True
     row_group: int = 2
     row_warps: int = 4
+    #: K columns per warp of the forward's first row pass (u of the slots; at least 2 warps, at
+    #: most row_warps): 1024, 2 warps at K = 2048, against 4 (H100, paper shape, 30 units iid,
+    #: whole prefill, same process, two rounds: M = 1024 86.8-86.9 us against 87.4-87.9, 2048
+    #: 156.5-156.6 against 157.1-158.3, 4096 298.3-298.5 against 298.9-300.2, 16384 1076.9-1077.0
+    #: against 1078.8-1079.2; 2 warps in both passes: slower at 1024 / 2048)
+    up_block_k: int = 1024
     #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
     #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
     #: M = 16384; Nsight Compute: one pass 58 % L2 hit rate, 1.18 GB read from DRAM)
@@ -1336,11 +1342,12 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=Non
             and w_up.data_ptr() % 4 == 0
             and wdt.data_ptr() % 4 == 0
         )
+        up_warps = min(CONFIG.row_warps, max(2, bk // max(1, CONFIG.up_block_k)))
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
                 x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
                 G=CONFIG.row_group, BK=bk, PART=part, PAIRS=pairs, EVEN_K=K == bk, BF16=x.dtype == torch.bfloat16,
-                num_warps=CONFIG.row_warps, **_pdl_args(dev),
+                num_warps=up_warps if part == 1 else CONFIG.row_warps, **_pdl_args(dev),
             )  # fmt: skip
     l1 = _alloc.empty((), dtype=torch.float32, device=dev)
     l0 = _alloc.empty((), dtype=torch.float32, device=dev)
