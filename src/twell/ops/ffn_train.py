@@ -129,11 +129,12 @@ class TrainConfig:
     row_group: int = 2
     row_warps: int = 4
     #: K columns per warp of the forward's first row pass (u of the slots; at least 2 warps, at
-    #: most row_warps): 1024, 2 warps at K = 2048, against 4 (H100, paper shape, 30 units iid,
-    #: whole prefill, same process, two rounds: M = 1024 86.8-86.9 us against 87.4-87.9, 2048
+    #: most row_warps): 2 warps up to K = 4096. H100, 30 units iid, whole prefill, same process:
+    #: paper shape, 2 warps against 4, two rounds: M = 1024 86.8-86.9 us against 87.4-87.9, 2048
     #: 156.5-156.6 against 157.1-158.3, 4096 298.3-298.5 against 298.9-300.2, 16384 1076.9-1077.0
-    #: against 1078.8-1079.2; 2 warps in both passes: slower at 1024 / 2048)
-    up_block_k: int = 1024
+    #: against 1078.8-1079.2 (2 warps in both passes: slower at 1024 / 2048); Llama-3-8B shape
+    #: (K = 4096): M = 2048 573.3 against 576.5, 16384 4516 against 4544
+    up_block_k: int = 2048
     #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
     #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
     #: M = 16384; Nsight Compute: one pass 58 % L2 hit rate, 1.18 GB read from DRAM)
