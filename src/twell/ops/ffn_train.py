@@ -128,12 +128,13 @@ class TrainConfig:
     pack_reverse: bool = True
     row_group: int = 2
     row_warps: int = 4
-    #: K columns per warp of the forward's first row pass (u of the slots; at least 2 warps, at
-    #: most row_warps): 2 warps up to K = 4096. H100, 30 units iid, whole prefill, same process:
-    #: paper shape, 2 warps against 4, two rounds: M = 1024 86.8-86.9 us against 87.4-87.9, 2048
-    #: 156.5-156.6 against 157.1-158.3, 4096 298.3-298.5 against 298.9-300.2, 16384 1076.9-1077.0
-    #: against 1078.8-1079.2 (2 warps in both passes: slower at 1024 / 2048); Llama-3-8B shape
-    #: (K = 4096): M = 2048 573.3 against 576.5, 16384 4516 against 4544
+    #: K columns per warp of the forward's first row pass in its int32-pair form (u of the slots;
+    #: at least 2 warps, at most row_warps): 2 warps up to K = 4096. H100, 30 units iid, whole
+    #: prefill, same process: paper shape, 2 warps against 4, two rounds: M = 1024 86.8-86.9 us
+    #: against 87.4-87.9, 2048 156.5-156.6 against 157.1-158.3, 4096 298.3-298.5 against
+    #: 298.9-300.2, 16384 1076.9-1077.0 against 1078.8-1079.2 (2 warps in both passes: slower at
+    #: 1024 / 2048); Llama-3-8B shape (K = 4096), two rounds: M = 2048 570.0-573.4 against
+    #: 576.4-577.8, 16384 4496-4500 against 4492-4505
     up_block_k: int = 2048
     #: the forward's rows in two passes (g and u of the slots, then y), one weight matrix in L2
     #: per pass, as the dx rows: 0.557-0.560 ms against 0.701 in one pass (H100, paper shape,
@@ -1343,7 +1344,10 @@ def _fwd_impl(x, w_gate, w_up, w_down, tile, slots, unit_counts, wdt=None, y=Non
             and w_up.data_ptr() % 4 == 0
             and wdt.data_ptr() % 4 == 0
         )
-        up_warps = min(CONFIG.row_warps, max(2, bk // max(1, CONFIG.up_block_k)))
+        # (the int32-pair form only: the 16-bit / 32-bit tiles were measured at row_warps)
+        up_warps = (
+            min(CONFIG.row_warps, max(2, bk // max(1, CONFIG.up_block_k))) if pairs else CONFIG.row_warps
+        )
         for part in (1, 2) if CONFIG.fwd_two_passes else (0,):
             _k("fwd")[(M,)](
                 x, g, w_up, wdt, cols, cnt, bits, y, l1_rows, gu[0], gu[1], N, K, NW, W,
