@@ -271,21 +271,75 @@ def test_gate_pack_gpu(dtype, M):
     assert not gp_mod._BROKEN, f"kernel variants that failed to compile: {gp_mod._BROKEN}"
 
 
+def _same_packing(P, Q, ucounts=None):
+    assert torch.equal(P[0], Q[0]), "counts"
+    used = torch.arange(Q[1].shape[-1], device="cuda").view(1, 1, -1) < Q[0].clamp(
+        max=Q[1].shape[-1]
+    ).unsqueeze(-1)
+    assert torch.equal(P[2][used], Q[2][used]), "columns"
+    assert torch.equal(P[1][used].view(torch.int16), Q[1][used].view(torch.int16)), "values"
+
+
 def test_gate_pack_tma_vs_plain_bitexact():
     from twell.ops.configs import override
 
     K, N = SHAPES["paper"]
     x, wg, _, _ = _inputs(3000, K, N, 30, torch.bfloat16, seed=2)
-    P1 = gate_pack(x, wg)
-    with override("gate", use_tma="never"):
-        P2 = gate_pack(x, wg)
-    with override("gate", use_asm_store=False):
-        P3 = gate_pack(x, wg)
-    for P in (P2, P3):
-        assert torch.equal(P1.counts, P.counts)
-        used = torch.arange(32, device="cuda").view(1, 1, 32) < P.counts.clamp(max=32).unsqueeze(-1)
-        assert torch.equal(P1.columns[used], P.columns[used])
-        assert torch.equal(P1.values[used], P.values[used])
+    P1 = gate_pack(x, wg)  # the specialised-warps kernel on Hopper
+    with override("gate", use_ws="never"):
+        P4 = gate_pack(x, wg)
+        with override("gate", use_tma="never"):
+            P2 = gate_pack(x, wg)
+        with override("gate", use_asm_store=False):
+            P3 = gate_pack(x, wg)
+    for P in (P2, P3, P4):
+        _same_packing((P1.counts, P1.values, P1.columns), (P.counts, P.values, P.columns))
+
+
+def _launch_pack(x, wg, ucounts, **over):
+    from twell.ops.configs import override
+
+    M, N = x.shape[0], wg.shape[0]
+    NT = (N + 255) // 256
+    counts = torch.full((M, NT), -7, dtype=torch.int32, device="cuda")
+    values = torch.zeros((M, NT, 32), dtype=x.dtype, device="cuda")
+    columns = torch.full((M, NT, 32), -1, dtype=torch.int16, device="cuda")
+    uc = torch.zeros(N, dtype=torch.int32, device="cuda") if ucounts else None
+    with override("gate", **over):
+        gp_mod.launch_gate_pack(x, wg, 256, 32, counts, values, columns, uc)
+    return counts, values, columns, uc
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M,K,N,case",
+    [(1, 2048, 5632, "iid"), (300, 896, 4864, "iid"), (130, 96, 1000, "iid"), (513, 2048, 700, "iid"),
+     (777, 4096, 14336, "iid"), (5000, 2048, 5632, "iid"), (1000, 2048, 5632, "extremes"),
+     (700, 2048, 5632, "random")],
+)  # fmt: skip
+def test_gate_pack_ws_bitexact(dtype, M, K, N, case):
+    """The specialised-warps gate_pack (Gluon, Hopper) writes the Triton kernel's packing bit
+    for bit: odd K and N, row counts off the 128-row tiles, NaN / zero / dense rows, tiles past
+    S active entries, per-unit counts."""
+    from twell.ops.gate_pack_ws import ws_ok
+
+    if case == "random":  # ~50 % active: every tile overflows
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        wg = torch.randn(N, K, dtype=dtype, device="cuda") * 0.02
+    else:
+        x, wg, _, _ = _inputs(M, K, N, 30, dtype, seed=M)
+    if case == "extremes":
+        x[3] = 0.05
+        x[7] = float("nan")
+        x[11] = 0
+    if not ws_ok(x, wg, 256):
+        pytest.skip("needs Hopper and Gluon")
+    a = _launch_pack(x, wg, True, ws_min_m=0)
+    b = _launch_pack(x, wg, True, use_ws="never")
+    assert not gp_mod._BROKEN, f"kernel variants that failed to compile: {gp_mod._BROKEN}"
+    _same_packing(a, b)
+    assert torch.equal(a[3], b[3]), "unit counts"
+    assert (a[0] >= 0).all()
 
 
 @pytest.mark.parametrize("M", [1, 64, 2048])

@@ -19,7 +19,9 @@ Differences from :meth:`TwELL.from_dense`, both by design:
     that tile's gate values from x and W_gate (``ffn_infer`` does), so nothing is lost, but
     :meth:`TwELL.to_dense` raises for such a packing.
 
-Two kernels, one epilogue:
+On Hopper in 16-bit dtypes with T = 256, from ``GateConfig.ws_min_m`` rows, the Gluon kernel of
+``gate_pack_ws`` runs instead (the same output, bitwise; its packing warps run beside the next
+tile's MMAs: 1.05x the cuBLAS gate GEMM at M = 16384). Otherwise two Triton kernels, one epilogue:
   * ``_gate_pack_tma_kernel``: persistent, TMA tensor descriptors, 128x256x64, 3 stages (the
     form that matched cuBLAS on the H100: 1.01-1.02x at M = 16384); Hopper and newer, 16-byte
     aligned rows of x and W_gate, T <= 256.
@@ -47,6 +49,7 @@ from .._checks import MAX_COLUMNS, check_tensor, check_tile_slots
 from ..format import TwELL
 from ._triton import can_run_triton, interpreter_enabled
 from .configs import get_config
+from .gate_pack_ws import launch_gate_pack_ws, ws_ok
 from .pack import pack_twell_ref
 
 __all__ = ["gate_pack", "gate_pack_ref", "gate_pack_arrays", "grouped_tile", "tma_tile_dot"]
@@ -790,6 +793,21 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         UNIT_COUNTS=ucounts is not None,
     )
     plain, tma = _gate_pack_kernel, _gate_pack_tma_kernel
+    if (
+        on_gpu
+        and cfg.use_ws != "never"
+        and M >= cfg.ws_min_m
+        and "ws" not in _BROKEN
+        and ws_ok(x, w_gate, tile)
+    ):
+        try:
+            launch_gate_pack_ws(
+                x, w_gate, slots, counts, values, columns, ucounts, (out_dt, bits_dt, inf_bits, mag),
+                cfg.group_m, _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()),
+            )  # fmt: skip
+            return
+        except Exception as e:  # compile failure: the Triton kernels run
+            _BROKEN["ws"] = repr(e)[:500]
     asm_choices = [True, False] if (on_gpu and cfg.use_asm_store and torch.version.hip is None) else [False]
     if (on_gpu or cfg.use_tma == "always") and bn == tile and _tma_ok(x, w_gate, tile, cfg):
         from triton.tools.tensor_descriptor import TensorDescriptor
