@@ -91,3 +91,30 @@ def test_gate_bits_ok_rules():
     assert not gate_bits_ok(torch.zeros(0, 16), w, "always")
     with pytest.raises(ValueError, match="gate_bits mode"):
         gate_bits_ok(x, w, "sometimes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "M, K, N", [(16384, 2048, 5632), (300, 4096, 14336), (77, 896, 4864), (1000, 96, 1000), (513, 2048, 704)]
+)
+def test_gate_bits_ws_bitexact(dtype, M, K, N):
+    # the specialised-warps kernel (Gluon, Hopper) writes the Triton kernel's g and bitmask bit
+    # for bit: rows off the 128-row tiles, N off the 256-column tiles, a fully active, an
+    # inactive and a NaN token
+    from twell.ops.configs import override
+    from twell.ops.gate_bits_ws import ws_bits_ok
+    from twell.ops.gate_pack import _BROKEN
+
+    x, w = _operands(M, K, N, 0.01, seed=5, device="cuda")
+    x, w = x.to(dtype), (w / 64).to(dtype)
+    if not ws_bits_ok(x, w, torch.empty(M, N, dtype=dtype, device="cuda")):
+        pytest.skip("needs Hopper and Gluon")
+    with override("gate", ws_min_m=0):
+        g1, b1 = _run(x, w)
+    with override("gate", use_ws="never"):
+        g2, b2 = _run(x, w)
+    assert "ws-bits" not in _BROKEN, _BROKEN.get("ws-bits")
+    assert torch.equal(g1.view(torch.int16), g2.view(torch.int16))
+    assert torch.equal(b1, b2)
+    assert torch.isnan(g1[3]).all()

@@ -321,7 +321,7 @@ def test_gate_pack_ws_bitexact(dtype, M, K, N, case):
     """The specialised-warps gate_pack (Gluon, Hopper) writes the Triton kernel's packing bit
     for bit: odd K and N, row counts off the 128-row tiles, NaN / zero / dense rows, tiles past
     S active entries, per-unit counts."""
-    from twell.ops.gate_pack_ws import ws_ok
+    from twell.ops.gate_pack_ws import ws_pack_ok
 
     if case == "random":  # ~50 % active: every tile overflows
         x = torch.randn(M, K, dtype=dtype, device="cuda")
@@ -332,7 +332,7 @@ def test_gate_pack_ws_bitexact(dtype, M, K, N, case):
         x[3] = 0.05
         x[7] = float("nan")
         x[11] = 0
-    if not ws_ok(x, wg, 256):
+    if not ws_pack_ok(x, wg, 256):
         pytest.skip("needs Hopper and Gluon")
     a = _launch_pack(x, wg, True, ws_min_m=0)
     b = _launch_pack(x, wg, True, use_ws="never")

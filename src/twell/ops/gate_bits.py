@@ -32,7 +32,8 @@ import triton.language as tl
 
 from ._triton import can_run_triton, interpreter_enabled, num_sms
 from .configs import get_config
-from .gate_pack import grouped_tile, tma_tile_dot
+from .gate_bits_ws import launch_gate_bits_ws, ws_bits_ok
+from .gate_pack import _BROKEN, _dtype_consts, grouped_tile, tma_tile_dot
 
 __all__ = ["active_bits", "gate_bits_ref", "gate_bits_ok", "launch_gate_bits"]
 
@@ -143,6 +144,20 @@ def launch_gate_bits(x: torch.Tensor, w_gate: torch.Tensor, g: torch.Tensor, bit
     cfg = get_config("gate")
     M, K = x.shape
     N = w_gate.shape[0]
+    if (
+        not interpreter_enabled()
+        and cfg.use_ws != "never"
+        and M >= cfg.ws_min_m
+        and "ws-bits" not in _BROKEN
+        and ws_bits_ok(x, w_gate, g)
+    ):
+        try:  # the specialised-warps kernel (Gluon, Hopper): the same outputs, bitwise
+            launch_gate_bits_ws(
+                x, w_gate, g, bits, _dtype_consts(x.dtype)[:4], cfg.group_m, num_sms(x.device)
+            )
+            return
+        except Exception as e:  # compile failure: the Triton kernel runs
+            _BROKEN["ws-bits"] = repr(e)[:500]
     fp32 = x.dtype == torch.float32
     bm = max(16, min(64 if fp32 else cfg.block_m, triton.next_power_of_2(M)))
     bk = max(16, min(32 if fp32 else cfg.block_k, triton.next_power_of_2(K)))

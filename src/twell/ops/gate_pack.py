@@ -49,7 +49,7 @@ from .._checks import MAX_COLUMNS, check_tensor, check_tile_slots
 from ..format import TwELL
 from ._triton import can_run_triton, interpreter_enabled
 from .configs import get_config
-from .gate_pack_ws import launch_gate_pack_ws, ws_ok
+from .gate_pack_ws import launch_gate_pack_ws, ws_pack_ok
 from .pack import pack_twell_ref
 
 __all__ = ["gate_pack", "gate_pack_ref", "gate_pack_arrays", "grouped_tile", "tma_tile_dot"]
@@ -798,7 +798,7 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         and cfg.use_ws != "never"
         and M >= cfg.ws_min_m
         and "ws" not in _BROKEN
-        and ws_ok(x, w_gate, tile)
+        and ws_pack_ok(x, w_gate, tile)
     ):
         try:
             launch_gate_pack_ws(
