@@ -377,6 +377,40 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
 
 
 @pytest.mark.parametrize(
+    "M,K,bkd,chd", [(3, 96, 32, 64), (5, 40, 16, 16), (8, 200, 64, 32), (16, 48, 32, 256)]
+)
+def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd):
+    # one launch on the GPU (gate + up, grid-wide barrier, down by column blocks straight into
+    # y); under the CPU interpreter its two phases as two launches. Sparse, none active, every
+    # unit active (the list holds all 300 units), a NaN token, and calls after it (the counters
+    # must be back at zero)
+    from twell.ops import ffn_infer as fi
+    from twell.ops.decode_barrier import barrier_counters
+
+    plan = dict(
+        decode_barrier_min_m=1,
+        decode_barrier_max_m=64,
+        decode_barrier_bkd=bkd,
+        decode_barrier_chunk=chd,
+        decode_barrier_up_bk=64,
+        decode_units_max_m=0,
+        decode_chunk_max_m=0,
+        decode_chunk_long_max_m=0,
+    )
+    with override("infer", **plan):
+        assert fi._decode_plan(M, K, 300, fi.get_config("infer"))["barrier"]
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+        assert not barrier_counters(torch.device(kdevice)).any()
+    # deterministic mode: another form (the list's order is the programs' arrival order)
+    with override("infer", **plan):
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["barrier"]
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize(
     "M,K,chunk,split,progs",
     [(5, 48, 16, 3, 64), (3, 96, 16, 1, 0), (8, 40, 16, 3, 2), (20, 48, 32, 2, 0), (33, 40, 16, 1, 3)],
 )
@@ -531,7 +565,15 @@ def test_decode_plan_compact_and_warps():
     with override("infer", decode_tile_elems=16384, decode_union_short_gate_bk=256):
         p = fi._decode_plan(64, 2048, 5632, fi.get_config("infer"))
         assert (p["bk"], p["stages"]) == (256, 3)
-    assert fi._decode_plan(16, 2048, 5632, cfg)["compact"]
+    # M = 8..16 on the paper shape: the barrier form (one launch) in place of the compact form
+    assert (
+        fi._decode_plan(16, 2048, 5632, cfg)["barrier"]
+        and not fi._decode_plan(16, 2048, 5632, cfg)["compact"]
+    )
+    with override("infer", decode_barrier_max_m=0):
+        assert fi._decode_plan(16, 2048, 5632, fi.get_config("infer"))["compact"]
+    # not where its programs would not all be resident at once (224 of 64 units here)
+    assert not fi._decode_plan(16, 4096, 14336, cfg, programs=132)["barrier"]
     assert not fi._decode_plan(32, 4096, 14336, cfg)["compact"]
     assert fi._decode_plan(64, 2048, 5632, cfg)["warps"] == cfg.decode_warps_m64
     assert fi._decode_plan(32, 2048, 5632, cfg)["warps"] == cfg.decode_warps
@@ -558,22 +600,26 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
     # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the chunk form at 5..7,
-    # the tl.dot form from 8; the split form at 5..7 without the chunk form
+    # the barrier form at 8..16 and the tl.dot atomic form above; the split form at 5..7 without
+    # the chunk form
     cfg = fi.get_config("infer")
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8
     assert fi._decode_plan(6, 64, 300, cfg)["chunk"] and fi._decode_plan(6, 64, 300, cfg)["atomic"]
     assert not fi._decode_plan(6, 64, 300, cfg, capturing=True)["atomic"]
     with override("infer", decode_chunk_max_m=0):
         assert not fi._decode_plan(6, 64, 300, fi.get_config("infer"))["atomic"]
-    assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["atomic"]
+    assert fi._decode_plan(1, 64, 300, cfg)["atomic"] and fi._decode_plan(16, 64, 300, cfg)["barrier"]
     assert fi._decode_plan(4, 64, 300, cfg)["units"] and fi._decode_plan(4, 64, 300, cfg)["atomic"]
     assert not fi._decode_plan(4, 64, 300, cfg, capturing=True)["units"]
     with override("infer", decode_units_max_m=0):
         assert not fi._decode_plan(4, 64, 300, fi.get_config("infer"))["atomic"]
-    assert fi._decode_plan(16, 64, 300, cfg)["compact"] and not fi._decode_plan(32, 64, 300, cfg)["compact"]
+    with override("infer", decode_barrier_max_m=0):
+        assert fi._decode_plan(16, 64, 300, fi.get_config("infer"))["compact"]
+    assert not fi._decode_plan(32, 64, 300, cfg)["compact"]
     assert fi._decode_plan(32, 64, 300, cfg)["atomic"]
     # into a CUDA graph being captured: the split down kernel (no zero fill in the graph)
     assert not fi._decode_plan(1, 64, 300, cfg, capturing=True)["atomic"]
+    assert not fi._decode_plan(16, 64, 300, cfg, capturing=True)["barrier"]
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -581,6 +627,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
         assert not fi._decode_plan(4, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(6, 64, 300, cfg)["atomic"]
         assert not fi._decode_plan(16, 64, 300, cfg)["atomic"]
+        assert not fi._decode_plan(16, 64, 300, cfg)["barrier"]
     finally:
         torch.use_deterministic_algorithms(was)
 

@@ -141,3 +141,31 @@ def test_gate_pack_bad_input():
         gate_pack(x.long(), w)
     with pytest.raises(ValueError, match="backend"):
         gate_pack(x, w, backend="cuda")
+
+
+def test_ws_handover_layout_and_rules():
+    # The specialised-warps kernels (Gluon, Hopper; their outputs are tested on the GPU) hand a
+    # [BM, BN] tile over in shared memory through handover_layout, and the epilogue reads it back
+    # as BN / 32 blocks of [BM, 32] in a SwizzledSharedLayout(8, 2, 4) (also TMA's 64-byte
+    # swizzle): the two views must address the same element at every offset.
+    from twell.ops import _gate_ws as ws
+
+    if not ws.ws_available():
+        pytest.skip("this Triton has no Gluon")
+    rows, cols = ws.BM, ws.BN
+    bases = ws.handover_layout(rows, cols).offset_bases
+    assert len(bases) == (rows * cols).bit_length() - 1
+    seen = set()
+    for off in range(rows * cols):
+        r = c = 0
+        for b, (dr, dc) in enumerate(bases):
+            if off >> b & 1:
+                r, c = r ^ dr, c ^ dc
+        seen.add((r, c))
+        j, cc = divmod(c, 32)  # block, column in the block
+        swizzled = r * 32 + ((cc // 8) ^ ((r // 2) % 4)) * 8 + cc % 8
+        assert off == j * rows * 32 + swizzled, (off, r, c)
+    assert len(seen) == rows * cols  # a bijection
+    # CPU tensors never take the Gluon kernels
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(512, 64, dtype=torch.bfloat16)
+    assert not ws.ws_ok(x, w)

@@ -146,6 +146,21 @@ def test_decode_fully_active_token_repeats(M, plan):
     _repeat_fully_active("llama3-8b", M, plan)
 
 
+@pytest.mark.parametrize("M", [8, 12, 16])
+def test_decode_barrier_fully_active_repeats(M):
+    # the barrier form on the paper shape (one launch: gate + up, a grid-wide barrier, the down
+    # by column blocks straight into y), 250 calls with a token that has all 5,632 units active
+    # (the list of active units holds them all); its counters are back at 0 after every launch
+    from twell.ops import ffn_infer as fi
+    from twell.ops.decode_barrier import barrier_counters
+
+    K, N = SHAPES["paper"]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert fi._decode_plan(M, K, N, fi.get_config("infer"), programs=sms)["barrier"]
+    _repeat_fully_active("paper", M, {})
+    assert not barrier_counters(torch.device("cuda", torch.cuda.current_device())).any()
+
+
 @pytest.mark.parametrize("M", [17, 48, 64])
 def test_decode_union_short_k_fully_active_repeats(M):
     # the union form on the paper shape (K below decode_chunk_long_k: 128 units per tl.dot, 16

@@ -231,6 +231,22 @@ class InferConfig:
     #: 8.8 us), Llama-3-8B M = 64 132.3 against 139.3; M = 32 32.8 against 32.1; 4 and 16 rows
     #: within 1 us of 8
     decode_stats_rows: int = 8
+    #: barrier form (twell.ops.decode_barrier) at decode_barrier_min_m <= M <= decode_barrier_max_m
+    #: (0: off; sums in arrival order, so not in deterministic mode or under CUDA-graph capture;
+    #: tl.dot form only, M > decode_gemv_max_m, and only where its programs fit on the SMs at
+    #: once): one launch, gate + up, a grid-wide barrier, then the down projection by blocks of
+    #: decode_barrier_bkd output columns, decode_barrier_chunk active units per tl.dot; the up of
+    #: the active units compacted 16 at a time in decode_barrier_up_bk-column steps. H100, paper
+    #: shape, 30 units iid, one process against the compact tl.dot atomic form: M = 8 22.98 against
+    #: 24.48 us (1.92x against 1.80x dense), 16 25.7-25.8 against 26.3; slower at M = 4 (22.5
+    #: against 21.9) and 32 (32.9 against 32.4); up K steps of 128 / 512 / 1024, 8 warps, 16- or
+    #: 64-column down blocks, 128-unit down steps were slower at M = 8 and 16
+    decode_barrier_min_m: int = 8
+    decode_barrier_max_m: int = 16
+    decode_barrier_bkd: int = 32
+    decode_barrier_chunk: int = 256
+    decode_barrier_stages: int = 2
+    decode_barrier_up_bk: int = 256
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -37,6 +37,11 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     runs only the up of each chunk and stores h by rank, then ``_decode_union_down_kernel`` runs
     y = h W_down^T over the batch's active units as a GEMM split over (output columns, ranges of
     units), one atomic add per program instead of one per chunk and column step.
+    Barrier form (``decode_barrier_min_m`` <= M <= ``decode_barrier_max_m``, 8..16, where no unit
+    or chunk form is chosen and the programs fit on the SMs at once; not in deterministic mode or
+    under capture): one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the
+    active units compacted 16 at a time, a grid-wide barrier, then the down projection by output
+    column blocks straight into y (no atomic add on y, no finishing kernel).
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
@@ -1402,13 +1407,23 @@ def _decode_plan(
         (bk, cfg.decode_union_short_gate_stages) if short_union else (max(bk, bk_up), cfg.decode_stages)
     )
     units = units_range and free and not chunk
-    atomic = (in_range or units_range or chunk_range or union) and free
+    # barrier form (twell.ops.decode_barrier, one launch) in place of the compact tl.dot atomic
+    # form and the split form, not of the unit, chunk or union forms
+    barrier = (
+        free
+        and use_dot
+        and not (units or chunk)
+        and cfg.decode_barrier_min_m <= M <= cfg.decode_barrier_max_m
+        and _cdiv(N, bn) <= programs  # every program resident at once
+    )
+    atomic = (in_range or units_range or chunk_range or union) and free and not barrier
     bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
     if atomic and not use_dot:
         # W_up and W_down^T rows of a program's active units in one load each (the whole K row,
         # up to 4096 columns or decode_bk_up)
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
+        "barrier": barrier,
         "use_dot": use_dot,
         "warps": (cfg.decode_warps_m64 if bm >= 64 else cfg.decode_warps)
         if use_dot
@@ -1555,6 +1570,19 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
+    if p["barrier"]:
+        from .decode_barrier import launch_decode_barrier
+
+        h, bcnt, bl1, nact, _, _, _, lst, _, _ = _decode_scratch(
+            M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False
+        )
+        y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+        l0, l1, over = _stats_bufs(dev)
+        launch_decode_barrier(
+            x, w_gate, w_up, down_t(w_down), h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg,
+            (out_dt, bits_dt, inf_bits, mag), tile, slots,
+        )  # fmt: skip
+        return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     atomic = p["atomic"]
     h, bcnt, bl1, nact, sem, part, spart, lst, hc, ids = _decode_scratch(
         M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic, p["union"]

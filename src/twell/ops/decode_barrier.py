@@ -1,0 +1,177 @@
+"""Decode in one launch: gate + up, a grid-wide barrier, then the down projection by output columns.
+
+Legend: M = tokens (small), K = model dim, N = FFN units, BN = units per program, NB = ceil(N /
+BN) programs, BKD = output columns per down block, CHD = active units per down step.
+
+The other decode forms end the gate + up kernel either with fp32 atomic adds of each active
+unit's h W_down^T into an [M, K] accumulator (and a second kernel rounding it into y) or with a
+second kernel that gathers the active units' W_down^T rows per column block. Here the NB
+programs (all resident at once: NB is at most the number of SMs) compute the gate of their BN
+units for every token, the up of the units some token activates, store h unit-major [N, M] and
+append their active units to the batch's list (one atomic add per program for its place), then
+wait at a grid-wide barrier (an arrival counter); after it, program p computes y[:, block] =
+h[list] W_down^T[list, block] for the column blocks p, p + NB, ... straight into y (no atomic
+adds on y, no second kernel), and the last program reduces the statistics. The last program to
+leave resets the counters, so they are 0 at every launch.
+
+The list's order is the programs' arrival order, so the down sums run in an order that may
+change between calls (the last bit of y may differ), as in the atomic forms: not in
+deterministic mode, and not under CUDA-graph capture. Under Triton's CPU interpreter (programs
+run one after another, so a barrier would never open) and where NB exceeds the SMs, the two
+phases run as two launches of the same kernel (PHASE 1, then PHASE 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import interpreter_enabled, num_sms
+from .ffn_infer import _chunk_up, _decode_stats, _is_active, _ranks, _tokens_dot_rows
+
+__all__ = ["launch_decode_barrier", "barrier_counters"]
+
+
+@triton.jit
+def _decode_barrier_kernel(
+    x_ptr, wg_ptr, wu_ptr, wdt_ptr, h_ptr, lst_ptr, bar_ptr, y_ptr,
+    bcnt_ptr, bl1_ptr, nact_ptr, l0_ptr, l1_ptr, over_ptr,
+    M, N, K, NB, NT, stride_xm, stride_xk, stride_ym,
+    OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHU: tl.constexpr, BKC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SWAP: tl.constexpr, BMD: tl.constexpr, BKD: tl.constexpr, CHD: tl.constexpr,
+    STAGES_D: tl.constexpr, S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr,
+    PHASE: tl.constexpr,
+):  # fmt: skip
+    # bar: [arrivals, departures, length of the list of active units]
+    pid = tl.program_id(0)
+    if PHASE != 2:
+        # gate of units [pid BN, (pid + 1) BN) for every token (stored unit-major into the h
+        # scratch, 0 where inactive), then the up of the units some token activates, compacted
+        # CHU at a time into dense [CHU, BKC] W_up tiles (whole K rows in a few steps instead of
+        # BN-row tiles with most rows masked), h written over their g
+        i_m = tl.arange(0, BM)
+        m_m = i_m < M
+        o_n = pid * BN + tl.arange(0, BN)
+        m_n = o_n < N
+        acc_g = _tokens_dot_rows(
+            x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, True, DOT_PREC, SWAP
+        )
+        b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+        n_act = tl.sum(b_act.to(tl.int32), axis=0)
+        p_g = h_ptr + o_n[None, :] * M + i_m[:, None]
+        tl.store(p_g, tl.where(b_act, acc_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+        tl.debug_barrier()  # the program's own gate values are visible to all its threads
+        f_u = (n_act > 0) & m_n
+        pos, n_units = _ranks(f_u)
+        o_u = tl.arange(0, CHU)
+        l1_tok = tl.zeros((BM,), dtype=tl.float32)
+        for c in range(0, n_units, CHU):
+            idx = tl.sum(
+                tl.where(f_u[None, :] & (pos[None, :] == (c + o_u)[:, None]), o_n[None, :], 0), axis=1
+            )
+            v_c = (c + o_u) < n_units
+            h_c, _ = _chunk_up(
+                x_ptr, wu_ptr, h_ptr, idx.to(tl.int64), v_c, i_m, m_m, M, K, stride_xm, stride_xk,
+                OUT_DTYPE, BM, CHU, BKC, DOT_PREC,
+            )  # fmt: skip
+            tl.store(h_ptr + idx[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
+            l1_tok += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
+        tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
+        tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
+        tl.store(nact_ptr + o_n, n_act, mask=m_n)
+        # this block's active units join the batch's list at a place taken by one atomic add
+        base = tl.atomic_add(bar_ptr + 2, n_units, sem="relaxed", scope="gpu")
+        tl.store(lst_ptr + base + pos, o_n, mask=f_u)
+    if PHASE == 0:
+        # grid-wide barrier: every program's h, list entries and statistics are visible after it
+        tl.debug_barrier()
+        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+        while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < NB:
+            pass
+    if PHASE != 1:
+        total = tl.atomic_add(bar_ptr + 2, 0, sem="acquire", scope="gpu")
+        i_d = tl.arange(0, BMD)
+        m_d = i_d < M
+        o_c = tl.arange(0, CHD)
+        for kb in range(pid, tl.cdiv(K, BKD), tl.num_programs(0)):
+            o_k = kb * BKD + tl.arange(0, BKD)
+            m_k = o_k < K
+            acc = tl.zeros((BMD, BKD), dtype=tl.float32)
+            for r0 in tl.range(0, total, CHD, num_stages=STAGES_D):
+                r = r0 + o_c
+                v = r < total
+                idx = tl.load(lst_ptr + r, mask=v, other=0, cache_modifier=".cg").to(tl.int64)
+                b_h = tl.load(
+                    h_ptr + idx[None, :] * M + i_d[:, None],
+                    mask=m_d[:, None] & v[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                b_w = tl.load(
+                    wdt_ptr + idx[:, None] * K + o_k[None, :], mask=v[:, None] & m_k[None, :], other=0.0
+                )
+                # [BMD, CHD] @ [CHD, BKD] -> [BMD, BKD]
+                acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+            tl.store(
+                y_ptr + i_d[:, None] * stride_ym + o_k[None, :],
+                acc.to(OUT_DTYPE),
+                mask=m_d[:, None] & m_k[None, :],
+            )
+        if pid == tl.num_programs(0) - 1:
+            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+        # the last program out resets the counters for the next launch (every program has read
+        # the list's length by now)
+        tl.debug_barrier()
+        gone = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if gone == tl.num_programs(0) - 1:
+            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(bar_ptr + 2, 0, sem="relaxed", scope="gpu")
+
+
+#: the barrier form's counters per (device, stream): zero between launches (the kernel resets them)
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def barrier_counters(dev: torch.device) -> torch.Tensor:
+    """int32 [4] counters of the barrier form for the current stream of ``dev`` (zero)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (dev, stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(4, dtype=torch.int32, device=dev)
+    return _COUNTERS[key]
+
+
+def launch_decode_barrier(
+    x, w_gate, w_up, wdt, h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots
+):
+    """The barrier form for x [M, K] (the caller checked that it applies): y, the statistics and
+    the per-unit counts. ``p``: the decode plan (its gate / up block sizes); ``consts`` = (out
+    dtype, bits dtype, +inf bits, magnitude mask)."""
+    from .ffn_infer import _p2, _stats_tch
+
+    M, K = x.shape
+    N = w_gate.shape[0]
+    bn = min(p["bn"], tile)
+    NB = triton.cdiv(N, bn)
+    out_dt, bits_dt, inf_bits, mag = consts
+    one_launch = not interpreter_enabled() and x.is_cuda and NB <= num_sms(x.device)
+    bar = barrier_counters(x.device)
+    bpt = tile // bn
+    args = (
+        x, w_gate, w_up, wdt, h, lst, bar, y, bcnt, bl1, nact, l0, l1, over,
+        M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0),
+    )  # fmt: skip
+    kw = dict(
+        OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
+        BM=p["bm"], BN=bn, BK=p["bk"], CHU=16, BKC=max(16, min(_p2(K), cfg.decode_barrier_up_bk)),
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", SWAP=p["swap"],
+        BMD=max(16, _p2(M)), BKD=max(16, min(_p2(K), cfg.decode_barrier_bkd)),
+        CHD=max(16, _p2(cfg.decode_barrier_chunk)), STAGES_D=cfg.decode_barrier_stages,
+        S=slots, BPT=bpt, TCH=_stats_tch(triton.cdiv(N, tile), bpt, M), SBM=_p2(M),
+        num_warps=p["warps"], num_stages=p["stages"],
+    )  # fmt: skip
+    for phase in (0,) if one_launch else (1, 2):
+        _decode_barrier_kernel[(NB,)](*args, PHASE=phase, **kw)
