@@ -19,6 +19,12 @@ change between calls (the last bit of y may differ), as in the atomic forms: not
 deterministic mode, and not under CUDA-graph capture. Under Triton's CPU interpreter (programs
 run one after another, so a barrier would never open) and where NB exceeds the SMs, the two
 phases run as two launches of the same kernel (PHASE 1, then PHASE 2).
+
+The barrier waits for every program of the grid, so all NB must become resident: one per SM is
+enough, and a program takes 4 warps and 255 registers per thread (two fit on an H100 SM), so
+calls on two or three streams at once still fit; many more concurrent launches of this form on
+separate streams could each hold SMs the others wait for (the deterministic mode turns the form
+off).
 """
 
 from __future__ import annotations
