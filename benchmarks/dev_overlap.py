@@ -52,7 +52,7 @@ def dev_ms(fn):
 
 def main(out):
     side = torch.cuda.Stream()
-    real_sms = gp._num_sms
+    real_sms = gp.num_sms
     rows = []
     cases = ((16384, (1536, 2048, 4096, 8192)), (2048, (512, 1024)), (131072, (8192, 16384)))
     with torch.no_grad():
@@ -66,7 +66,7 @@ def main(out):
             print(f"M={M} dense {dense:.4f} serial {serial:.4f} ({dense / serial:.2f}x)", flush=True)
             for c in chunks:
                 for sms in (None, 112, 96):
-                    gp._num_sms = real_sms if sms is None else (lambda i, s=sms: s)
+                    gp.num_sms = real_sms if sms is None else (lambda dev, s=sms: s)
                     w = (x, wg, wu, wd, c)
                     two = dev_ms(lambda w=w: run_chunked(*w, side=side))
                     one = dev_ms(lambda w=w: run_chunked(*w))
@@ -77,7 +77,7 @@ def main(out):
                         flush=True,
                     )
                     rows.append(dict(M=M, chunk=c, sms=sms, two=two, one=one, dense=dense, serial=serial))
-            gp._num_sms = real_sms
+            gp.num_sms = real_sms
     # registers and shared memory of the two kernels: can they share an SM?
     for name, fn in (("updown", fi._updown_kernel), ("gate_tma", gp._gate_pack_tma_kernel)):
         for ck in fn.device_caches[0][0].values():

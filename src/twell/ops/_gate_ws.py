@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import tma_aligned
+
 __all__ = ["BM", "BN", "BK", "STAGES", "EPI_REGS", "ws_available", "ws_ok", "descriptors", "handover_layout"]
 
 try:
@@ -61,10 +63,7 @@ def ws_ok(x: torch.Tensor, w_gate: torch.Tensor) -> bool:
         return False
     if torch.version.hip is not None or torch.cuda.get_device_capability(x.device) != (9, 0):
         return False
-    for t in (x, w_gate):
-        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
+    return tma_aligned(x) and tma_aligned(w_gate)
 
 
 def handover_layout(rows, cols):

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-__all__ = ["triton_available", "interpreter_enabled", "can_run_triton", "num_sms", "pdl_ok"]
+__all__ = ["triton_available", "interpreter_enabled", "can_run_triton", "num_sms", "pdl_ok", "tma_aligned"]
 
 
 def interpreter_enabled() -> bool:
@@ -28,6 +28,12 @@ def can_run_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return t.is_cuda or interpreter_enabled()
+
+
+def tma_aligned(t: torch.Tensor) -> bool:
+    """Whether the rows of the 2-D ``t`` can be TMA blocks: unit stride along them, row starts and
+    base 16-byte aligned."""
+    return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 @functools.cache

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import can_run_triton, interpreter_enabled, num_sms
+from ._triton import can_run_triton, interpreter_enabled, num_sms, tma_aligned
 from .configs import get_config
 from .gate_bits_ws import launch_gate_bits_ws, ws_bits_ok
 from .gate_pack import _BROKEN, _dtype_consts, grouped_tile, tma_tile_dot
@@ -113,10 +113,6 @@ def _gate_bits_kernel(
 _HALF_TINY = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 0.0}
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
 def gate_bits_ok(x: torch.Tensor, w_gate: torch.Tensor, mode: str) -> bool:
     """Whether :func:`launch_gate_bits` runs for these operands. ``mode``: "auto" (CUDA Hopper
     or newer, 16-bit dtypes), "never", or "always" (any dtype Triton's dot takes, and the CPU
@@ -132,7 +128,7 @@ def gate_bits_ok(x: torch.Tensor, w_gate: torch.Tensor, mode: str) -> bool:
         and torch.cuda.get_device_capability(x.device)[0] >= 9
     ):
         return False
-    return _aligned(x) and _aligned(w_gate) and (w_gate.shape[0] * x.element_size()) % 16 == 0
+    return tma_aligned(x) and tma_aligned(w_gate) and (w_gate.shape[0] * x.element_size()) % 16 == 0
 
 
 def launch_gate_bits(x: torch.Tensor, w_gate: torch.Tensor, g: torch.Tensor, bits: torch.Tensor) -> None:

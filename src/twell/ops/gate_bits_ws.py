@@ -17,6 +17,7 @@ import torch
 import triton
 
 from ._gate_ws import _GLUON, EPI_REGS, STAGES, descriptors, handover_layout, ws_ok
+from ._triton import tma_aligned
 
 __all__ = ["ws_bits_ok", "launch_gate_bits_ws"]
 
@@ -31,7 +32,7 @@ if _GLUON:
 
 def ws_bits_ok(x: torch.Tensor, w_gate: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether :func:`launch_gate_bits_ws` can run: :func:`_gate_ws.ws_ok` and a TMA-aligned g."""
-    return ws_ok(x, w_gate) and g.stride(-1) == 1 and (g.stride(0) * g.element_size()) % 16 == 0
+    return ws_ok(x, w_gate) and tma_aligned(g)
 
 
 if _GLUON:

@@ -37,8 +37,6 @@ first whole-tile (unchunked) epilogue 0.718 (register spills). See docs/kernels.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -47,7 +45,7 @@ import triton.language as tl
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_tensor, check_tile_slots
 from ..format import TwELL
-from ._triton import can_run_triton, interpreter_enabled
+from ._triton import can_run_triton, interpreter_enabled, num_sms, tma_aligned
 from .configs import get_config
 from .gate_pack_ws import launch_gate_pack_ws, ws_pack_ok
 from .pack import pack_twell_ref
@@ -738,11 +736,6 @@ def _dtype_consts(dtype: torch.dtype):
     return tl.float16, tl.int16, 0x7C00, 0x7FFF, torch.int16
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 #: kernel variants that failed to compile on this install (e.g. inline asm on a non-NVIDIA
 #: backend, or flatten on an older Triton), with the error; they are not tried again
 _BROKEN: dict[str, str] = {}
@@ -753,10 +746,7 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor, tile: int, cfg) -> bool:
         return False
     if cfg.use_tma == "auto" and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return False
-    for t in (x, w):
-        if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    return True
+    return tma_aligned(x) and tma_aligned(w)
 
 
 def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
@@ -803,7 +793,7 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         try:
             launch_gate_pack_ws(
                 x, w_gate, slots, counts, values, columns, ucounts, (out_dt, bits_dt, inf_bits, mag),
-                cfg.group_m, _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()),
+                cfg.group_m, num_sms(x.device),
             )  # fmt: skip
             return
         except Exception as e:  # compile failure: the Triton kernels run
@@ -815,12 +805,7 @@ def launch_gate_pack(x, w_gate, tile, slots, counts, values, columns, ucounts):
         x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
         w_desc = TensorDescriptor.from_tensor(w_gate, [bn, bk])
         n_tiles = triton_cdiv(M, bm) * NT
-        n_sms = (
-            _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-            if x.is_cuda
-            else 4
-        )
-        grid = (min(n_sms, n_tiles),)
+        grid = (min(num_sms(x.device), n_tiles),)
         for asm in asm_choices:
             for flatten in (cfg.flatten, not cfg.flatten):
                 key = f"tma-asm{asm}-flat{flatten}"
