@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreter_enabled, num_sms
-from .ffn_infer import _chunk_up, _decode_stats, _is_active, _ranks, _tokens_dot_rows
+from .ffn_infer import _chunk_up, _decode_stats, _is_active, _p2, _ranks, _stats_tch, _tokens_dot_rows
 
 __all__ = ["launch_decode_barrier", "barrier_counters"]
 
@@ -156,8 +156,6 @@ def launch_decode_barrier(
     """The barrier form for x [M, K] (the caller checked that it applies): y, the statistics and
     the per-unit counts. ``p``: the decode plan (its gate / up block sizes); ``consts`` = (out
     dtype, bits dtype, +inf bits, magnitude mask)."""
-    from .ffn_infer import _p2, _stats_tch
-
     M, K = x.shape
     N = w_gate.shape[0]
     bn = min(p["bn"], tile)
