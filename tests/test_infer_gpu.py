@@ -286,7 +286,7 @@ def test_gate_pack_gpu(dtype, M):
     assert not gp_mod._BROKEN, f"kernel variants that failed to compile: {gp_mod._BROKEN}"
 
 
-def _same_packing(P, Q, ucounts=None):
+def _same_packing(P, Q):
     assert torch.equal(P[0], Q[0]), "counts"
     used = torch.arange(Q[1].shape[-1], device="cuda").view(1, 1, -1) < Q[0].clamp(
         max=Q[1].shape[-1]
