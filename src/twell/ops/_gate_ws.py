@@ -151,8 +151,8 @@ if _GLUON:
                     x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0, is_async=True
                 )
                 # at most this step's MMA in flight: the previous step's stage takes load p (the
-                # prologue's lines again: as one shared helper they compiled to a reordered
-                # TMA-issue sequence that cost 3-8 %, benchmarks/results/gate-pack-ws-h100-2026-11-27)
+                # prologue's lines again: one shared helper, measured, was no faster and maybe
+                # slower at M = 131072; benchmarks/results/gate-pack-ws-h100-2026-11-27)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 if p < total:
                     _issue(x_desc, w_desc, x_bufs, w_bufs, ready, p, p_m * TBM, p_n * TBN, p_kk)

@@ -41,8 +41,9 @@ class GateConfig:
     flatten: bool = True
     #: the specialised-warps kernel (``gate_pack_ws``, Gluon, Hopper, 16-bit dtypes, T = 256):
     #: "auto" (where it applies, from ws_min_m rows) or "never". H100, paper shape, against the
-    #: Triton TMA kernel: M = 1024 54.0 against 56.1 us, 2048 77.3 against 82.4, 16384 0.522
-    #: against 0.592 ms (1.05x cuBLAS); not measured below 1024 rows
+    #: Triton TMA kernel: M = 1024 54.0 against 56.1 us, 2048 77.3 against 82.4 (ccaf3c8), 16384
+    #: 0.537-0.539 against 0.597-0.611 ms (1.08x cuBLAS, the committed code); not measured below
+    #: 1024 rows
     use_ws: str = "auto"
     ws_min_m: int = 1024
 

@@ -21,7 +21,7 @@ Differences from :meth:`TwELL.from_dense`, both by design:
 
 On Hopper in 16-bit dtypes with T = 256, from ``GateConfig.ws_min_m`` rows, the Gluon kernel of
 ``gate_pack_ws`` runs instead (the same output, bitwise; its packing warps run beside the next
-tile's MMAs: 1.05x the cuBLAS gate GEMM at M = 16384). Otherwise two Triton kernels, one epilogue:
+tile's MMAs: 1.08x the cuBLAS gate GEMM at M = 16384 on the H100). Otherwise two Triton kernels, one epilogue:
   * ``_gate_pack_tma_kernel``: persistent, TMA tensor descriptors, 128x256x64, 3 stages (the
     form that matched cuBLAS on the H100: 1.01-1.02x at M = 16384); Hopper and newer, 16-byte
     aligned rows of x and W_gate, T <= 256.

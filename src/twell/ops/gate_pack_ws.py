@@ -17,8 +17,10 @@ overflowing tiles: ``tests/test_infer_gpu.py``).
 
 Measured (H100 80GB HBM3, bf16, K = 2048, N = 5632, ~30 active units per token iid, 4 weight
 sets rotated, device time; ``benchmarks/results/gate-pack-ws-h100-2026-11-27/``): against the
-cuBLAS gate GEMM this kernel takes 1.05x at M = 16384 (0.522 against 0.498 ms) and 131072
-(4.09 against 3.88 ms), 1.14x at 4096, 1.23x at 2048, against 1.19-1.31x for the Triton kernel.
+cuBLAS gate GEMM this kernel (as committed) takes 1.08x at M = 16384 (0.537-0.539 against 0.498
+ms), 1.07x at 131072 (4.20 against 3.94-4.26 ms) and 1.17x at 4096, against 1.16-1.25x for the
+Triton kernel in the same runs; its first version (ccaf3c8, before the MMA warps moved to
+``_gate_ws``) measured 1.05x / 1.05x / 1.14x in an earlier run, a difference not traced.
 The main loop alone (handing tiles over, not packing them) ran at 0.455 ms, faster than cuBLAS:
 the packing warps cost the rest. A first version computed each load's tile coordinates with
 integer divisions in every K step: tensor pipes 65 % busy (Nsight Compute) and 1.27x cuBLAS;
