@@ -446,6 +446,28 @@ def test_decode_chunk_form(kdevice, poison, M, K, chunk, split, progs):
         _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
 
 
+@pytest.mark.parametrize("M,K,nacc,union", [(6, 200, 4, False), (13, 40, 2, False), (16, 96, 4, True)])
+def test_decode_chunk_up_accumulators(kdevice, poison, M, K, nacc, union):
+    # the chunk kernel's up loop with nacc accumulators (each over its own K slice of a 64-column
+    # step; K = 40 and 200 end in a partial step) in the chunk and union forms; one accumulator
+    # from 17 token rows on (decode_chunk_up_nacc_max_m = 16)
+    from twell.ops import ffn_infer as fi
+
+    plan = dict(decode_chunk_min_m=1, decode_chunk_max_m=64, decode_chunk_bk=64, decode_chunk_up_nacc=nacc)
+    if union:
+        plan.update(
+            decode_chunk_max_m=0, decode_union_min_m=3, decode_union_min_k=0, decode_union_up_bk=64,
+            decode_chunk_long_max_m=0,
+        )  # fmt: skip
+    with override("infer", **plan):
+        cfg = fi.get_config("infer")
+        p = fi._decode_plan(M, K, 300, cfg)
+        assert p["chunk"] and p["union"] == union
+        assert p["nacc_chunk"] == nacc
+        assert fi._decode_plan(17, K, 300, cfg)["nacc_chunk"] == 1
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+
+
 @pytest.mark.parametrize(
     "M,K,bk,chd,split,progs",
     [

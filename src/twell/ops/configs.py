@@ -158,6 +158,16 @@ class InferConfig:
     decode_chunk_bk: int = 0
     decode_chunk_programs: int = 0
     decode_chunk_warps: int = 4
+    #: the chunk kernel's up loop (chunk and union forms) with this many accumulators (each over
+    #: its own K slice of every step: one batched tl.dot) where its token rows (M padded to 16)
+    #: are at most decode_chunk_up_nacc_max_m. One accumulator is one chain of K / 16 dependent
+    #: MMAs per warp, which Nsight Compute's stall sampling showed the loop waiting on. H100,
+    #: 30 units iid, one process, two rounds (BENCHMARKS.md section 1za): paper M = 6 23.6-23.8 us
+    #: against 24.6-27.4; Llama-3-8B M = 8 / 16 63.3 / 67.4 against 66.2 / 70.6, M = 32 76.8 against
+    #: 78.0; slower with 32 or more rows (paper M = 48 / 64 40.1 / 42.5 against 35.7 / 37.7,
+    #: Llama-3-8B M = 64 91.1 against 83.6) and with 8 accumulators
+    decode_chunk_up_nacc: int = 4
+    decode_chunk_up_nacc_max_m: int = 16
     #: 4 stages at K < decode_chunk_long_k (H100, paper shape: M = 8 23.9 us against 26.2 with 5
     #: stages; likely because 4 stages of 256 columns, 64 KiB, fit beside the gate kernel's 160 KiB
     #: of shared memory on one SM, so the chunk kernel's programs can be resident before the gate
@@ -248,6 +258,13 @@ class InferConfig:
     decode_barrier_chunk: int = 256
     decode_barrier_stages: int = 2
     decode_barrier_up_bk: int = 256
+    #: the barrier form's up loop: pipeline stages (0: the kernel's) and accumulators (as
+    #: decode_chunk_up_nacc). Paper shape, M = 8, two rounds: 22.35-22.43 us with 4 accumulators
+    #: and 5 stages, 22.53-22.61 with 4 and the kernel's 4 stages, 22.94-23.07 with 2, 22.91-23.07
+    #: with one (before); M = 16 24.61-25.22 against 25.52-25.60. Stages alone (9 or 5, one
+    #: accumulator) did not help: the loop waited on its MMA chain, not on its loads
+    decode_barrier_up_stages: int = 5
+    decode_barrier_up_nacc: int = 4
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreter_enabled, num_sms
-from .ffn_infer import _chunk_up, _decode_stats, _is_active, _p2, _ranks, _stats_tch, _tokens_dot_rows
+from .ffn_infer import _chunk_up, _decode_stats, _is_active, _nacc, _p2, _ranks, _stats_tch, _tokens_dot_rows
 
 __all__ = ["launch_decode_barrier", "barrier_counters"]
 
@@ -48,7 +48,7 @@ def _decode_barrier_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHU: tl.constexpr, BKC: tl.constexpr,
     DOT_PREC: tl.constexpr, SWAP: tl.constexpr, BMD: tl.constexpr, BKD: tl.constexpr, CHD: tl.constexpr,
     STAGES_D: tl.constexpr, S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr,
-    PHASE: tl.constexpr,
+    UP_STAGES: tl.constexpr, UP_NACC: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     # bar: [arrivals, departures, length of the list of active units]
     pid = tl.program_id(0)
@@ -80,7 +80,7 @@ def _decode_barrier_kernel(
             v_c = (c + o_u) < n_units
             h_c, _ = _chunk_up(
                 x_ptr, wu_ptr, h_ptr, idx.to(tl.int64), v_c, i_m, m_m, M, K, stride_xm, stride_xk,
-                OUT_DTYPE, BM, CHU, BKC, DOT_PREC,
+                OUT_DTYPE, BM, CHU, BKC, DOT_PREC, UP_STAGES, UP_NACC,
             )  # fmt: skip
             tl.store(h_ptr + idx[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
             l1_tok += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
@@ -164,16 +164,18 @@ def launch_decode_barrier(
     one_launch = not interpreter_enabled() and x.is_cuda and NB <= num_sms(x.device)
     bar = barrier_counters(x.device)
     bpt = tile // bn
+    bkc = max(16, min(_p2(K), cfg.decode_barrier_up_bk))
     args = (
         x, w_gate, w_up, wdt, h, lst, bar, y, bcnt, bl1, nact, l0, l1, over,
         M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0),
     )  # fmt: skip
     kw = dict(
         OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
-        BM=p["bm"], BN=bn, BK=p["bk"], CHU=16, BKC=max(16, min(_p2(K), cfg.decode_barrier_up_bk)),
+        BM=p["bm"], BN=bn, BK=p["bk"], CHU=16, BKC=bkc,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", SWAP=p["swap"],
         BMD=max(16, _p2(M)), BKD=max(16, min(_p2(K), cfg.decode_barrier_bkd)),
         CHD=max(16, _p2(cfg.decode_barrier_chunk)), STAGES_D=cfg.decode_barrier_stages,
+        UP_STAGES=cfg.decode_barrier_up_stages or None, UP_NACC=_nacc(cfg.decode_barrier_up_nacc, bkc),
         S=slots, BPT=bpt, TCH=_stats_tch(triton.cdiv(N, tile), bpt, M), SBM=_p2(M),
         num_warps=p["warps"], num_stages=p["stages"],
     )  # fmt: skip

@@ -464,6 +464,8 @@ def _chunk_up(
     CHU: tl.constexpr,
     BKC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    STAGES: tl.constexpr = None,
+    NACC: tl.constexpr = 1,
 ):
     # up of CHU units idx (valid where v_c) for the BM token rows as dense tl.dot tiles: g [BM, CHU]
     # from g_ptr (unit-major [N, M], 0 where inactive), u = x @ W_up[idx]^T over K in BKC steps;
@@ -477,19 +479,40 @@ def _chunk_up(
     ).to(tl.float32)
     a_c = (g_c != 0.0) | (g_c != g_c)
     m_x = (tl.max(a_c.to(tl.int32), axis=1) > 0)[:, None]
-    o_kc = tl.arange(0, BKC)
-    acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
-    for k in range(0, K, BKC):
-        m_k = (k + o_kc) < K
-        b_x = tl.load(
-            x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
-            mask=m_m[:, None] & m_k[None, :],
-            other=0.0,
-        )
-        b_w = tl.load(
-            wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
-        )
-        acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+    if NACC == 1:
+        o_kc = tl.arange(0, BKC)
+        acc_u = tl.zeros((BM, CHU), dtype=tl.float32)
+        # STAGES (None: the kernel's num_stages) - 1 K steps are loaded ahead
+        for k in tl.range(0, K, BKC, num_stages=STAGES):
+            m_k = (k + o_kc) < K
+            b_x = tl.load(
+                x_ptr + i_m[:, None] * stride_xm + (k + o_kc)[None, :] * stride_xk,
+                mask=m_m[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            b_w = tl.load(
+                wu_ptr + idx[:, None] * K + (k + o_kc)[None, :], mask=v_c[:, None] & m_k[None, :], other=0.0
+            )
+            acc_u = tl.dot(b_x, tl.trans(b_w), acc_u, input_precision=DOT_PREC)
+    else:
+        # each K step as NACC column slices with their own accumulators (one batched tl.dot):
+        # NACC independent chains of MMAs instead of one chain of K / 16 dependent ones
+        o_j = tl.arange(0, NACC) * (BKC // NACC)
+        o_s = tl.arange(0, BKC // NACC)
+        acc3 = tl.zeros((NACC, BM, CHU), dtype=tl.float32)
+        for k in tl.range(0, K, BKC, num_stages=STAGES):
+            c_x = k + o_j[:, None, None] + o_s[None, None, :]  # [NACC, 1, sub]
+            b_x = tl.load(
+                x_ptr + i_m[None, :, None] * stride_xm + c_x * stride_xk,
+                mask=m_m[None, :, None] & (c_x < K),
+                other=0.0,
+            )
+            c_w = k + o_j[:, None, None] + o_s[None, :, None]  # [NACC, sub, 1]
+            b_w = tl.load(
+                wu_ptr + idx[None, None, :] * K + c_w, mask=v_c[None, None, :] & (c_w < K), other=0.0
+            )
+            acc3 = tl.dot(b_x, b_w, acc3, input_precision=DOT_PREC)
+        acc_u = tl.sum(acc3, axis=0)
     return tl.where(a_c, g_c * acc_u, 0.0).to(OUT_DTYPE), m_x
 
 
@@ -517,6 +540,7 @@ def _chunk_up_down(
     BKD: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ONE_DOWN: tl.constexpr = False,
+    UP_NACC: tl.constexpr = 1,
 ):
     # _chunk_up, then acc[:, k_lo:k_hi] += h @ W_down^T[idx, k_lo:k_hi] by atomic adds into the
     # rows of the tokens that activate one of the units. Returns h [BM, CHU]. ONE_DOWN: when the
@@ -531,6 +555,7 @@ def _chunk_up_down(
         )
     h_c, m_x = _chunk_up(
         x_ptr, wu_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, DOT_PREC,
+        None, UP_NACC,
     )  # fmt: skip
     if ONE_DOWN:
         if one:
@@ -819,6 +844,7 @@ def _decode_chunk_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
     STORE_H: tl.constexpr = False,
+    UP_NACC: tl.constexpr = 1,
 ):
     # decode stage 2 of the chunk form: the batch's active units, compacted in unit order from
     # the gate kernel's per-block lists, are cut into chunks of CHU; each chunk's down projection
@@ -855,7 +881,7 @@ def _decode_chunk_kernel(
         if STORE_H:
             h_c, _ = _chunk_up(
                 x_ptr, wu_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC,
-                DOT_PREC,
+                DOT_PREC, None, UP_NACC,
             )  # fmt: skip
             tl.store(hc_ptr + r[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
             tl.store(ids_ptr + r, idx.to(tl.int32), mask=v_c)
@@ -863,7 +889,7 @@ def _decode_chunk_kernel(
             h_c = _chunk_up_down(
                 x_ptr, wu_ptr, wdt_ptr, acc_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, s * k_step,
                 tl.minimum(s * k_step + k_step, K), stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC, BKD, DOT_PREC,
-                True,
+                True, UP_NACC,
             )  # fmt: skip
         if s == 0:
             a_h = tl.abs(h_c.to(tl.float32))
@@ -1340,6 +1366,11 @@ def atomics_allowed(capturing: bool) -> bool:
     return not capturing and not torch.are_deterministic_algorithms_enabled()
 
 
+def _nacc(n: int, bk: int) -> int:
+    # accumulators of an up loop: a power of 2 (at most n), each K slice at least 16 columns
+    return max(1, min(1 << (max(1, n).bit_length() - 1), bk // 16))
+
+
 def _decode_plan(
     M: int,
     K: int,
@@ -1466,6 +1497,10 @@ def _decode_plan(
         # Triton 3.6 fails to compile the chunk kernel for 64 token rows with 4 warps (sm_90:
         # "operand does not dominate this use" in TritonGPURemoveLayoutConversions); 8 compile
         "warps_chunk": cfg.decode_chunk_warps if M <= 32 else max(8, cfg.decode_chunk_warps),
+        # independent accumulators of the chunk kernel's up loop (decode_chunk_up_nacc_max_m)
+        "nacc_chunk": _nacc(
+            cfg.decode_chunk_up_nacc if bm_chunk <= cfg.decode_chunk_up_nacc_max_m else 1, bk_chunk
+        ),
         # unit form: x rows [BM, BK] and a W_down^T segment per step; the whole K row at K <= BK
         "bk_units": max(16, min(_p2(K), cfg.decode_units_bk or 16384 // _p2(M))),
         "bkc": max(16, min(_p2(K), cfg.decode_atomic_bkc)),
@@ -1646,7 +1681,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             x, w_up, wdt, h, lst, part, bl1, hc, ids, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
             BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, PDL=pdl, num_warps=p["warps_chunk"],
-            num_stages=p["stages_chunk"], STORE_H=p["union"], **({"launch_pdl": True} if pdl else {}),
+            num_stages=p["stages_chunk"], STORE_H=p["union"], UP_NACC=p["nacc_chunk"],
+            **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     if p["union"]:
         bku = p["bk_union"]
