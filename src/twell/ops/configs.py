@@ -160,12 +160,13 @@ class InferConfig:
     decode_chunk_warps: int = 4
     #: the chunk kernel's up loop (chunk and union forms) with this many accumulators (each over
     #: its own K slice of every step: one batched tl.dot) where its token rows (M padded to 16)
-    #: are at most decode_chunk_up_nacc_max_m. One accumulator is one chain of K / 16 dependent
-    #: MMAs per warp, which Nsight Compute's stall sampling showed the loop waiting on. H100,
-    #: 30 units iid, one process, two rounds (BENCHMARKS.md section 1za): paper M = 6 23.6-23.8 us
-    #: against 24.6-27.4; Llama-3-8B M = 8 / 16 63.3 / 67.4 against 66.2 / 70.6, M = 32 76.8 against
-    #: 78.0; slower with 32 or more rows (paper M = 48 / 64 40.1 / 42.5 against 35.7 / 37.7,
-    #: Llama-3-8B M = 64 91.1 against 83.6) and with 8 accumulators
+    #: are at most decode_chunk_up_nacc_max_m. With one, each warp runs one chain of K / 16
+    #: dependent MMAs, which Nsight Compute's stall sampling showed the loop waiting on. H100, 30
+    #: units iid, device time (BENCHMARKS.md section 1za): paper M = 6 23.65-23.79 us against
+    #: 24.40-24.66 with one, Llama-3-8B M = 8 / 16 63.3 / 67.5-67.7 against 65.9-66.1 / 70.2-70.4
+    #: (two rounds each, c14f0c6 against c0d6da4); in a sweep Llama-3-8B M = 32 76.8 against 78.0,
+    #: and slower from 48 token rows (paper M = 48 / 64 40.1 / 42.5 against 35.7 / 37.7, Llama-3-8B
+    #: M = 64 91.1 against 83.6) and with 8 accumulators
     decode_chunk_up_nacc: int = 4
     decode_chunk_up_nacc_max_m: int = 16
     #: 4 stages at K < decode_chunk_long_k (H100, paper shape: M = 8 23.9 us against 26.2 with 5
@@ -259,10 +260,14 @@ class InferConfig:
     decode_barrier_stages: int = 2
     decode_barrier_up_bk: int = 256
     #: the barrier form's up loop: pipeline stages (0: the kernel's) and accumulators (as
-    #: decode_chunk_up_nacc). Paper shape, M = 8, two rounds: 22.35-22.43 us with 4 accumulators
-    #: and 5 stages, 22.53-22.61 with 4 and the kernel's 4 stages, 22.94-23.07 with 2, 22.91-23.07
-    #: with one (before); M = 16 24.61-25.22 against 25.52-25.60. Stages alone (9 or 5, one
-    #: accumulator) did not help: the loop waited on its MMA chain, not on its loads
+    #: decode_chunk_up_nacc). Paper shape, 30 units iid (BENCHMARKS.md section 1za): M = 8 22.38-22.48
+    #: us with 4 accumulators and 5 stages against 22.66-22.85 with one and the kernel's 4 stages
+    #: (c14f0c6 against c0d6da4, two rounds); per program the up loop of ~3 active units takes 2.8
+    #: instead of 3.6 us (globaltimer). In a sweep (every column with the list's atomic add moved
+    #: before the up, 0.3 us slower and not kept): 4 accumulators 22.53-22.61, with 5 stages
+    #: 22.35-22.43, 2 accumulators 22.94-23.07; in another, 9 or 5 stages with one accumulator
+    #: 23.10-23.46 against 23.26-23.30 (no gain: the loop waited on its MMA chain, not its loads).
+    #: M = 16 24.56 / 25.50 against 25.09 / 25.60 (within the noise)
     decode_barrier_up_stages: int = 5
     decode_barrier_up_nacc: int = 4
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
