@@ -377,13 +377,20 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
 
 
 @pytest.mark.parametrize(
-    "M,K,bkd,chd", [(3, 96, 32, 64), (5, 40, 16, 16), (8, 200, 64, 32), (16, 48, 32, 256)]
+    "M,K,bkd,chd,early",
+    [
+        (3, 96, 32, 64, False),
+        (5, 40, 16, 16, True),
+        (8, 200, 64, 32, False),
+        (8, 200, 64, 32, True),
+        (16, 48, 32, 256, False),
+    ],
 )
-def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd):
+def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd, early):
     # one launch on the GPU (gate + up, grid-wide barrier, down by column blocks straight into
     # y); under the CPU interpreter its two phases as two launches. Sparse, none active, every
     # unit active (the list holds all 300 units), a NaN token, and calls after it (the counters
-    # must be back at zero)
+    # must be back at zero); `early`: the list's atomic add issued before the up
     from twell.ops import ffn_infer as fi
     from twell.ops.decode_barrier import barrier_counters
 
@@ -393,6 +400,7 @@ def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd):
         decode_barrier_bkd=bkd,
         decode_barrier_chunk=chd,
         decode_barrier_up_bk=64,
+        decode_barrier_early_list=early,
         decode_units_max_m=0,
         decode_chunk_max_m=0,
         decode_chunk_long_max_m=0,

@@ -270,6 +270,13 @@ class InferConfig:
     #: M = 16 24.56 / 25.50 against 25.09 / 25.60 (within the noise)
     decode_barrier_up_stages: int = 5
     decode_barrier_up_nacc: int = 4
+    #: the barrier form's list append (one atomic add per program) issued before the up as a
+    #: one-element tensor op, so no barrier in the program waits for its result until the list
+    #: store; as a scalar op (Triton broadcasts the result at once) it costs the program a round
+    #: trip wherever it stands. Paper shape, 30 units iid, one process, three alternating rounds
+    #: (BENCHMARKS.md section 1za): M = 8 22.22 us (x3) against 22.27-22.32, M = 16 24.48-24.61
+    #: against 24.83-24.99
+    decode_barrier_early_list: bool = True
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -48,7 +48,8 @@ def _decode_barrier_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHU: tl.constexpr, BKC: tl.constexpr,
     DOT_PREC: tl.constexpr, SWAP: tl.constexpr, BMD: tl.constexpr, BKD: tl.constexpr, CHD: tl.constexpr,
     STAGES_D: tl.constexpr, S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr,
-    UP_STAGES: tl.constexpr, UP_NACC: tl.constexpr, PHASE: tl.constexpr,
+    UP_STAGES: tl.constexpr, UP_NACC: tl.constexpr, EARLY_LIST: tl.constexpr, TPB: tl.constexpr,
+    PHASE: tl.constexpr,
 ):  # fmt: skip
     # bar: [arrivals, departures, length of the list of active units]
     pid = tl.program_id(0)
@@ -71,6 +72,19 @@ def _decode_barrier_kernel(
         tl.debug_barrier()  # the program's own gate values are visible to all its threads
         f_u = (n_act > 0) & m_n
         pos, n_units = _ranks(f_u)
+        if EARLY_LIST:
+            # the list's atomic add as a one-thread-per-element tensor op before the up (distinct
+            # addresses, all but the first masked off, so Triton does not combine it within the
+            # warp): its result stays in the issuing thread until the list store, so nothing
+            # waits for it before the up
+            o_t = tl.arange(0, TPB)
+            old = tl.atomic_add(
+                bar_ptr + 2 + o_t,
+                tl.where(o_t == 0, n_units, 0),
+                mask=o_t == 0,
+                sem="relaxed",
+                scope="gpu",
+            )
         o_u = tl.arange(0, CHU)
         l1_tok = tl.zeros((BM,), dtype=tl.float32)
         for c in range(0, n_units, CHU):
@@ -88,7 +102,10 @@ def _decode_barrier_kernel(
         tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
         tl.store(nact_ptr + o_n, n_act, mask=m_n)
         # this block's active units join the batch's list at a place taken by one atomic add
-        base = tl.atomic_add(bar_ptr + 2, n_units, sem="relaxed", scope="gpu")
+        if EARLY_LIST:
+            base = tl.sum(tl.where(o_t == 0, old, 0), axis=0)
+        else:
+            base = tl.atomic_add(bar_ptr + 2, n_units, sem="relaxed", scope="gpu")
         tl.store(lst_ptr + base + pos, o_n, mask=f_u)
     if PHASE == 0:
         # grid-wide barrier: every program's h, list entries and statistics are visible after it
@@ -176,6 +193,7 @@ def launch_decode_barrier(
         BMD=max(16, _p2(M)), BKD=max(16, min(_p2(K), cfg.decode_barrier_bkd)),
         CHD=max(16, _p2(cfg.decode_barrier_chunk)), STAGES_D=cfg.decode_barrier_stages,
         UP_STAGES=cfg.decode_barrier_up_stages or None, UP_NACC=_nacc(cfg.decode_barrier_up_nacc, bkc),
+        EARLY_LIST=cfg.decode_barrier_early_list, TPB=32 * p["warps"],
         S=slots, BPT=bpt, TCH=_stats_tch(triton.cdiv(N, tile), bpt, M), SBM=_p2(M),
         num_warps=p["warps"], num_stages=p["stages"],
     )  # fmt: skip
