@@ -384,16 +384,21 @@ def test_decode_units_form(kdevice, poison, M, K, bk, r):
         (8, 200, 64, 32, False),
         (8, 200, 64, 32, True),
         (16, 48, 32, 256, False),
+        (24, 72, 16, 32, True),
     ],
 )
-def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd, early):
+def test_decode_barrier_form(kdevice, poison, monkeypatch, M, K, bkd, chd, early):
     # one launch on the GPU (gate + up, grid-wide barrier, down by column blocks straight into
     # y); under the CPU interpreter its two phases as two launches. Sparse, none active, every
     # unit active (the list holds all 300 units), a NaN token, and calls after it (the counters
     # must be back at zero); `early`: the list's atomic add issued before the up
+    from twell.ops import decode_barrier as db
     from twell.ops import ffn_infer as fi
     from twell.ops.decode_barrier import barrier_counters
 
+    launches = []
+    launch = db.launch_decode_barrier
+    monkeypatch.setattr(db, "launch_decode_barrier", lambda *a: launches.append(1) or launch(*a))
     plan = dict(
         decode_barrier_min_m=1,
         decode_barrier_max_m=64,
@@ -404,11 +409,15 @@ def test_decode_barrier_form(kdevice, poison, M, K, bkd, chd, early):
         decode_units_max_m=0,
         decode_chunk_max_m=0,
         decode_chunk_long_max_m=0,
+        # the plan's count of programs that fit at once (the SMs; 4 under the interpreter):
+        # enough for the 5 gate blocks of 300 units
+        decode_chunk_programs=16,
     )
     with override("infer", **plan):
-        assert fi._decode_plan(M, K, 300, fi.get_config("infer"))["barrier"]
+        assert fi._decode_plan(M, K, 300, fi.get_config("infer"), programs=16)["barrier"]
         _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
         assert not barrier_counters(torch.device(kdevice)).any()
+    assert len(launches) == 6  # every call of _check_atomic_decode ran this form
     # deterministic mode: another form (the list's order is the programs' arrival order)
     with override("infer", **plan):
         torch.use_deterministic_algorithms(True)
@@ -595,11 +604,15 @@ def test_decode_plan_compact_and_warps():
     with override("infer", decode_tile_elems=16384, decode_union_short_gate_bk=256):
         p = fi._decode_plan(64, 2048, 5632, fi.get_config("infer"))
         assert (p["bk"], p["stages"]) == (256, 3)
-    # M = 8..16 on the paper shape: the barrier form (one launch) in place of the compact form
+    # M = 8..20 on the paper shape: the barrier form (one launch) in place of the compact form,
+    # and of the union form at 17..20
     assert (
         fi._decode_plan(16, 2048, 5632, cfg)["barrier"]
         and not fi._decode_plan(16, 2048, 5632, cfg)["compact"]
     )
+    p = fi._decode_plan(20, 2048, 5632, cfg)
+    assert p["barrier"] and not p["union"] and not p["chunk"] and not p["atomic"]
+    assert fi._decode_plan(21, 2048, 5632, cfg)["union"]
     with override("infer", decode_barrier_max_m=0):
         assert fi._decode_plan(16, 2048, 5632, fi.get_config("infer"))["compact"]
     # not where its programs would not all be resident at once (224 of 64 units here)
@@ -630,7 +643,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
     # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the chunk form at 5..7,
-    # the barrier form at 8..16 and the tl.dot atomic form above; the split form at 5..7 without
+    # the barrier form at 8..20 and the tl.dot atomic form above; the split form at 5..7 without
     # the chunk form
     cfg = fi.get_config("infer")
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8
