@@ -334,6 +334,7 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         decode_atomic_bk=16,
         decode_atomic_compact=compact,
         decode_atomic_bkc=16,
+        decode_barrier_max_m=0,  # (it would take M = 8..20)
     )
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
@@ -474,7 +475,7 @@ def test_decode_chunk_up_accumulators(kdevice, poison, M, K, nacc, union):
     if union:
         plan.update(
             decode_chunk_max_m=0, decode_union_min_m=3, decode_union_min_k=0, decode_union_up_bk=64,
-            decode_chunk_long_max_m=0,
+            decode_chunk_long_max_m=0, decode_barrier_max_m=0,
         )  # fmt: skip
     with override("infer", **plan):
         cfg = fi.get_config("infer")
@@ -519,6 +520,7 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
         decode_union_short_gate_bk=16,
         decode_chunk_programs=progs,
         decode_union_up_bk=16,
+        decode_barrier_max_m=0,  # (it would take M = 8..20)
     )
     with override("infer", **plan):
         cfg = fi.get_config("infer")
