@@ -258,7 +258,7 @@ class InferConfig:
     #: 38.2 against 32.0 (a program with more than 16 active units runs two up chunks and the
     #: barrier waits for it), 32 33.4 against 32.4; skewed (30 % dead units, a few hot ones) 17 /
     #: 20 / 24 / 28 / 32 28.6-29.3 against 30.1-32.0 us
-    #: (benchmarks/results/decode-spread-h100-2026-11-27/ab3.jsonl)
+    #: (benchmarks/results/decode-barrier-word-h100-2026-11-27/ab3.jsonl)
     decode_barrier_min_m: int = 8
     decode_barrier_max_m: int = 20
     decode_barrier_bkd: int = 32
