@@ -334,7 +334,6 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         decode_atomic_bk=16,
         decode_atomic_compact=compact,
         decode_atomic_bkc=16,
-        decode_barrier_max_m=0,  # (it would take M = 8..20)
     )
     with override("infer", **plan):
         p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
@@ -606,7 +605,7 @@ def test_decode_plan_compact_and_warps():
     with override("infer", decode_tile_elems=16384, decode_union_short_gate_bk=256):
         p = fi._decode_plan(64, 2048, 5632, fi.get_config("infer"))
         assert (p["bk"], p["stages"]) == (256, 3)
-    # M = 8..20 on the paper shape: the barrier form (one launch) in place of the compact form,
+    # M = 8..16 on the paper shape: the barrier form (one launch) in place of the compact form,
     # and of the union form at 17..20
     assert (
         fi._decode_plan(16, 2048, 5632, cfg)["barrier"]
@@ -615,6 +614,12 @@ def test_decode_plan_compact_and_warps():
     p = fi._decode_plan(20, 2048, 5632, cfg)
     assert p["barrier"] and not p["union"] and not p["chunk"] and not p["atomic"]
     assert fi._decode_plan(21, 2048, 5632, cfg)["union"]
+    with override("infer", decode_barrier_max_m=0):
+        assert fi._decode_plan(20, 2048, 5632, fi.get_config("infer"))["union"]
+    # below decode_union_min_k (Qwen2-0.5B shape) to decode_barrier_max_m only
+    assert fi._decode_plan(16, 896, 4864, cfg)["barrier"]
+    p = fi._decode_plan(20, 896, 4864, cfg)
+    assert not p["barrier"] and p["atomic"] and not p["union"]
     with override("infer", decode_barrier_max_m=0):
         assert fi._decode_plan(16, 2048, 5632, fi.get_config("infer"))["compact"]
     # not where its programs would not all be resident at once (224 of 64 units here)
@@ -645,7 +650,7 @@ def test_decode_atomic_down_off_when_deterministic_or_capturing():
     from twell.ops import ffn_infer as fi
 
     # by default the CUDA-core form at M <= 2, the unit form at M = 3..4, the chunk form at 5..7,
-    # the barrier form at 8..20 and the tl.dot atomic form above; the split form at 5..7 without
+    # the barrier form at 8..16 and the tl.dot atomic form above; the split form at 5..7 without
     # the chunk form
     cfg = fi.get_config("infer")
     assert cfg.decode_atomic_max_m == 2 and cfg.decode_units_max_m == 4 and cfg.decode_atomic_dot_min_m == 8

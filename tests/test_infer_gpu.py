@@ -81,7 +81,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_union_min_m": 8,
             "decode_union_max_m": 128,
             "decode_union_min_k": 0,
-            "decode_barrier_max_m": 0,  # (it would take M = 8..20 on the paper shape)
+            "decode_barrier_max_m": 0,  # (it would take M = 8..20 where its programs fit)
         },
     }
     if M > 64 and form == "default" and shape != "llama3-8b":

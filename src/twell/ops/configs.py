@@ -252,15 +252,20 @@ class InferConfig:
     #: shape, 30 units iid, one process against the compact tl.dot atomic form: M = 8 22.98 against
     #: 24.48 us (1.92x against 1.80x dense), 16 25.7-25.8 against 26.3; slower at M = 4 (22.5
     #: against 21.9) and 32 (32.9 against 32.4); up K steps of 128 / 512 / 1024, 8 warps, 16- or
-    #: 64-column down blocks, 128-unit down steps were slower at M = 8 and 16. In place of the
-    #: union form to M = 20 (one process, two rounds, 30 units per token, against the union form):
-    #: iid M = 17 28.7 against 31.0 us, 20 31.6 against 31.4-31.6, 24 31.9 against 31.4-31.8, 28
-    #: 38.2 against 32.0 (a program with more than 16 active units runs two up chunks and the
-    #: barrier waits for it), 32 33.4 against 32.4; skewed (30 % dead units, a few hot ones) 17 /
-    #: 20 / 24 / 28 / 32 28.6-29.3 against 30.1-32.0 us
-    #: (benchmarks/results/decode-barrier-word-h100-2026-11-27/ab3.jsonl)
+    #: 64-column down blocks, 128-unit down steps were slower at M = 8 and 16
     decode_barrier_min_m: int = 8
-    decode_barrier_max_m: int = 20
+    decode_barrier_max_m: int = 16
+    #: where the union form would run (K >= decode_union_min_k), the barrier form instead up to
+    #: this M (while decode_barrier_max_m > 0). H100, 30 units per token, against the union form
+    #: (benchmarks/results/decode-barrier-word-h100-2026-11-27/ab3.jsonl, sweep-shapes.jsonl):
+    #: paper shape iid M = 17 28.7 against 31.0 us, 20 31.6 against 31.4-31.6, 24 31.9 against
+    #: 31.4-31.8, 28 38.2 against 32.0 (a program with more than 16 active units runs two up
+    #: chunks and the barrier waits for it), 32 33.4 against 32.4; skewed (30 % dead units, a few
+    #: hot ones) 17 / 20 / 24 / 28 / 32 28.6-29.3 against 30.1-32.0 us; K = 2048, N = 8192 M = 17 /
+    #: 20 33.7 / 34.6-34.7 against 34.9-35.0 / 35.0-35.1. Not below decode_union_min_k: on the
+    #: Qwen2-0.5B shape (K = 896, against the tl.dot atomic form) M = 17 20.4-20.8 against 21.1,
+    #: but 20 23.2-23.3 against 21.2-21.3
+    decode_barrier_union_max_m: int = 20
     decode_barrier_bkd: int = 32
     decode_barrier_chunk: int = 256
     decode_barrier_stages: int = 2

@@ -37,9 +37,10 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     runs only the up of each chunk and stores h by rank, then ``_decode_union_down_kernel`` runs
     y = h W_down^T over the batch's active units as a GEMM split over (output columns, ranges of
     units), one atomic add per program instead of one per chunk and column step.
-    Barrier form (``decode_barrier_min_m`` <= M <= ``decode_barrier_max_m``, 8..20, where no unit
-    or chunk form is chosen (in place of the union form at 17..20) and the programs fit on the
-    SMs at once; not in deterministic mode or under capture): one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the
+    Barrier form (``decode_barrier_min_m`` <= M <= ``decode_barrier_max_m``, 8..16, and to
+    ``decode_barrier_union_max_m`` = 20 in place of the union form, where no unit or chunk form is
+    chosen and the programs fit on the SMs at once; not in deterministic mode or under capture):
+    one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the
     active units compacted 16 at a time, a grid-wide barrier, then the down projection by output
     column blocks straight into y (no atomic add on y, no finishing kernel).
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
@@ -1419,26 +1420,30 @@ def _decode_plan(
         if expected <= chu * programs:
             chunk_top = M
     chunk_range = use_dot and cfg.decode_chunk_min_m <= M <= chunk_top
-    # barrier form (twell.ops.decode_barrier, one launch) in place of the compact tl.dot atomic,
-    # split and union forms, not of the unit or chunk forms
+    # union form: the chunk form's up, then the down projection as one split GEMM over the batch's
+    # active units (no atomic add per chunk)
+    union_range = (
+        use_dot
+        and free
+        and not chunk_range
+        and K >= cfg.decode_union_min_k
+        and cfg.decode_union_min_m <= M <= cfg.decode_union_max_m
+    )
+    # barrier form (twell.ops.decode_barrier, one launch) in place of the compact tl.dot atomic
+    # and split forms, and of the union form to decode_barrier_union_max_m; not of the unit or
+    # chunk forms
+    b_top = cfg.decode_barrier_max_m
+    if b_top > 0 and union_range:
+        b_top = max(b_top, cfg.decode_barrier_union_max_m)
     barrier = (
         free
         and use_dot
         and not (units_range and free)
         and not (chunk_range and free)
-        and cfg.decode_barrier_min_m <= M <= cfg.decode_barrier_max_m
+        and cfg.decode_barrier_min_m <= M <= b_top
         and _cdiv(N, bn) <= programs  # every program resident at once
     )
-    # union form: the chunk form's up, then the down projection as one split GEMM over the batch's
-    # active units (no atomic add per chunk)
-    union = (
-        use_dot
-        and free
-        and not barrier
-        and not chunk_range
-        and K >= cfg.decode_union_min_k
-        and cfg.decode_union_min_m <= M <= cfg.decode_union_max_m
-    )
+    union = union_range and not barrier
     chunk = (chunk_range and free) or union
     # the union form below decode_chunk_long_k: its own down tiles, and its gate-only kernel's K
     # step and stages (no up loop there whose tiles would share the shared memory)
