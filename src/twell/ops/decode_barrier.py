@@ -36,7 +36,17 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreter_enabled, num_sms
-from .ffn_infer import _chunk_up, _decode_stats, _is_active, _nacc, _p2, _ranks, _stats_tch, _tokens_dot_rows
+from .ffn_infer import (
+    _chunk_up,
+    _decode_stats,
+    _is_active,
+    _listed_down,
+    _nacc,
+    _p2,
+    _ranks,
+    _stats_tch,
+    _tokens_dot_rows,
+)
 
 __all__ = ["launch_decode_barrier", "barrier_counters"]
 
@@ -130,26 +140,28 @@ def _decode_barrier_kernel(
         total = (word & 0xFFFFFFFF).to(tl.int32)
         i_d = tl.arange(0, BMD)
         m_d = i_d < M
-        o_c = tl.arange(0, CHD)
         for kb in range(pid, tl.cdiv(K, BKD), tl.num_programs(0)):
             o_k = kb * BKD + tl.arange(0, BKD)
             m_k = o_k < K
-            acc = tl.zeros((BMD, BKD), dtype=tl.float32)
-            for r0 in tl.range(0, total, CHD, num_stages=STAGES_D):
-                r = r0 + o_c
-                v = r < total
-                idx = tl.load(lst_ptr + r, mask=v, other=0, cache_modifier=".cg").to(tl.int64)
-                b_h = tl.load(
-                    h_ptr + idx[None, :] * M + i_d[:, None],
-                    mask=m_d[:, None] & v[None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                b_w = tl.load(
-                    wdt_ptr + idx[:, None] * K + o_k[None, :], mask=v[:, None] & m_k[None, :], other=0.0
-                )
-                # [BMD, CHD] @ [CHD, BKD] -> [BMD, BKD]
-                acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+            acc = _listed_down(
+                lst_ptr,
+                h_ptr,
+                wdt_ptr,
+                0,
+                total,
+                i_d,
+                m_d,
+                o_k,
+                m_k,
+                M,
+                K,
+                False,
+                BMD,
+                BKD,
+                CHD,
+                STAGES_D,
+                DOT_PREC,
+            )
             tl.store(
                 y_ptr + i_d[:, None] * stride_ym + o_k[None, :],
                 acc.to(OUT_DTYPE),

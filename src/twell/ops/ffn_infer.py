@@ -901,6 +901,48 @@ def _decode_chunk_kernel(
 
 
 @triton.jit
+def _listed_down(
+    ids_ptr,
+    h_ptr,
+    wdt_ptr,
+    lo,
+    hi,
+    i_m,
+    m_m,
+    o_k,
+    m_k,
+    M,
+    K,
+    BY_RANK: tl.constexpr,
+    BM: tl.constexpr,
+    BKD: tl.constexpr,
+    CHD: tl.constexpr,
+    STAGES: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # [BM, BKD] fp32: sum over the listed units ids[lo:hi] of h[unit, i_m] W_down^T[unit, o_k],
+    # CHD units per tl.dot; h unit-major with M values per row, its row found by the unit's rank
+    # in the list (BY_RANK) or by its id
+    o_c = tl.arange(0, CHD)
+    acc = tl.zeros((BM, BKD), dtype=tl.float32)
+    for r0 in tl.range(lo, hi, CHD, num_stages=STAGES):
+        r = r0 + o_c
+        v = r < hi
+        idx = tl.load(ids_ptr + r, mask=v, other=0, cache_modifier=".cg").to(tl.int64)
+        row = r if BY_RANK else idx
+        b_h = tl.load(
+            h_ptr + row[None, :] * M + i_m[:, None],
+            mask=m_m[:, None] & v[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        b_d = tl.load(wdt_ptr + idx[:, None] * K + o_k[None, :], mask=v[:, None] & m_k[None, :], other=0.0)
+        # [BM, CHD] @ [CHD, BKD] -> [BM, BKD]
+        acc = tl.dot(b_h, b_d, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _decode_union_down_kernel(
     hc_ptr,
     ids_ptr,
@@ -940,22 +982,9 @@ def _decode_union_down_kernel(
         m_m = i_m < M
         o_k = kb * BKD + tl.arange(0, BKD)
         m_k = o_k < K
-        o_c = tl.arange(0, CHD)
-        acc = tl.zeros((BM, BKD), dtype=tl.float32)
-        for r0 in tl.range(lo, hi, CHD, num_stages=STAGES):
-            r = r0 + o_c
-            v = r < hi
-            idx = tl.load(ids_ptr + r, mask=v, other=0, cache_modifier=".cg").to(tl.int64)
-            b_h = tl.load(
-                hc_ptr + r[None, :] * M + i_m[:, None],
-                mask=m_m[:, None] & v[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            b_d = tl.load(
-                wdt_ptr + idx[:, None] * K + o_k[None, :], mask=v[:, None] & m_k[None, :], other=0.0
-            )
-            acc = tl.dot(b_h, b_d, acc, input_precision=DOT_PREC)
+        acc = _listed_down(
+            ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
+        )
         tl.atomic_add(
             acc_ptr + i_m[:, None] * K + o_k[None, :], acc, mask=m_m[:, None] & m_k[None, :], sem="relaxed"
         )
