@@ -40,9 +40,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     Barrier form (``decode_barrier_min_m`` <= M <= ``decode_barrier_max_m``, 8..16, and to
     ``decode_barrier_union_max_m`` = 20 in place of the union form, where no unit or chunk form is
     chosen and the programs fit on the SMs at once; not in deterministic mode or under capture):
-    one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the
-    active units compacted 16 at a time, a grid-wide barrier, then the down projection by output
-    column blocks straight into y (no atomic add on y, no finishing kernel).
+    one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the active units
+    compacted 16 at a time, a grid-wide barrier, then the down projection by output column blocks
+    straight into y (no atomic add on y, no finishing kernel).
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
