@@ -428,6 +428,58 @@ def test_decode_barrier_form(kdevice, poison, monkeypatch, M, K, bkd, chd, early
 
 
 @pytest.mark.parametrize(
+    "M,K,up,chunk,bkd,stages",
+    [
+        (3, 96, 8, 128, 16, 5),
+        (5, 40, 4, 16, 32, 2),
+        (8, 200, 16, 64, 64, 3),
+        (17, 48, 8, 32, 16, 1),
+        (24, 72, 2, 16, 16, 4),
+    ],
+)
+def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, stages):
+    # three launches: the gate kernel lists the active (token, unit) pairs, the up kernel computes
+    # `up` pairs a step (whole rows), the down kernel sums `chunk` pairs per tl.dot into `bkd`
+    # output columns per program. Sparse, none active (an empty list), every unit active (all
+    # M x 300 pairs listed), a NaN token, and calls after it (the counters must be back at zero)
+    from twell.ops import decode_pairs as dpair
+    from twell.ops import ffn_infer as fi
+
+    launches = []
+    launch = dpair.launch_decode_pairs
+    monkeypatch.setattr(dpair, "launch_decode_pairs", lambda *a: launches.append(1) or launch(*a))
+    plan = dict(
+        decode_pairs_min_m=1,
+        decode_pairs_max_m=64,
+        decode_pairs_min_k=0,
+        decode_pairs_up=up,
+        decode_pairs_up_bk=64,
+        decode_pairs_chunk=chunk,
+        decode_pairs_bkd=bkd,
+        decode_pairs_stages=stages,
+    )
+    with override("infer", **plan):
+        assert fi._decode_plan(M, K, 300, fi.get_config("infer"))["pairs"]
+        # K-term dot products summed in another order than torch's, pairs summed in list order
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+        assert not dpair.pair_counters(torch.device(kdevice)).any()
+    assert len(launches) == 6  # every call of _check_atomic_decode ran this form
+    with override("infer", **plan):
+        cfg = fi.get_config("infer")
+        assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["pairs"]
+        assert not fi._decode_plan(2, K, 300, cfg)["pairs"]  # CUDA-core gate at M <= 2
+        assert not fi._decode_plan(65, K, 300, cfg)["pairs"]
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["pairs"]
+        finally:
+            torch.use_deterministic_algorithms(False)
+    with override("infer", decode_pairs_min_k=4096):
+        assert not fi._decode_plan(M, 4095, 300, fi.get_config("infer"))["pairs"]
+        assert fi._decode_plan(16, 4096, 14336, fi.get_config("infer"))["pairs"]
+
+
+@pytest.mark.parametrize(
     "M,K,chunk,split,progs",
     [(5, 48, 16, 3, 64), (3, 96, 16, 1, 0), (8, 40, 16, 3, 2), (20, 48, 32, 2, 0), (33, 40, 16, 1, 3)],
 )

@@ -61,7 +61,7 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
 @pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32, 64, 128])
-@pytest.mark.parametrize("form", ["default", "chunk", "union"])
+@pytest.mark.parametrize("form", ["default", "chunk", "union", "pairs"])
 def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
     # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
@@ -74,7 +74,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
 
     plans = {
         "default": {},
-        "chunk": {"decode_chunk_max_m": 32, "decode_chunk_long_max_m": 32},
+        "chunk": {"decode_chunk_max_m": 32, "decode_chunk_long_max_m": 32, "decode_pairs_max_m": 0},
         "union": {
             "decode_chunk_max_m": 0,
             "decode_chunk_long_max_m": 0,
@@ -82,11 +82,14 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_union_max_m": 128,
             "decode_union_min_k": 0,
             "decode_barrier_max_m": 0,  # (it would take M = 8..20 where its programs fit)
+            "decode_pairs_max_m": 0,
         },
+        # the pair form (by default at M = 8..32 and K >= 4096) on every shape to 128 tokens
+        "pairs": {"decode_pairs_min_m": 3, "decode_pairs_max_m": 128, "decode_pairs_min_k": 0},
     }
     if M > 64 and form == "default" and shape != "llama3-8b":
         pytest.skip("decode runs M > 64 in the union form only (K >= 4096 by default)")
-    if (form == "chunk" and not 5 <= M <= 32) or (form == "union" and M < 8):
+    if (form == "chunk" and not 5 <= M <= 32) or (form in ("union", "pairs") and M < 8):
         pytest.skip(f"the {form} form is switched on at M = {'5..32' if form == 'chunk' else '8..128'} here")
     with override("infer", **plans[form]):
         _check_atomic_model_shape(dtype, shape, M)
@@ -110,13 +113,24 @@ def _check_atomic_model_shape(dtype, shape, M):
         (1, {}),
         (2, {}),
         (4, {}),
-        (8, {"decode_units_max_m": 8, "decode_chunk_long_max_m": 0}),
+        (8, {"decode_units_max_m": 8, "decode_chunk_long_max_m": 0, "decode_pairs_max_m": 0}),
+        (8, {"decode_pairs_max_m": 0}),
+        (8, {"decode_chunk_long_max_m": 0, "decode_pairs_max_m": 0}),
+        (
+            8,
+            {
+                "decode_units_max_m": 0,
+                "decode_chunk_long_max_m": 0,
+                "decode_atomic_compact": False,
+                "decode_pairs_max_m": 0,
+            },
+        ),
         (8, {}),
-        (8, {"decode_chunk_long_max_m": 0}),
-        (8, {"decode_units_max_m": 0, "decode_chunk_long_max_m": 0, "decode_atomic_compact": False}),
-        (16, {"decode_chunk_long_max_m": 0}),
+        (16, {"decode_chunk_long_max_m": 0, "decode_pairs_max_m": 0}),
+        (16, {"decode_pairs_max_m": 0}),
+        (16, {"decode_chunk_split": 1, "decode_pairs_max_m": 0}),
         (16, {}),
-        (16, {"decode_chunk_split": 1}),
+        (32, {"decode_pairs_max_m": 0}),
         (32, {}),
         (48, {}),
         (64, {}),
@@ -130,10 +144,13 @@ def _check_atomic_model_shape(dtype, shape, M):
         "8-chunk",
         "8-compact",
         "8-tiles",
+        "8-pairs",
         "16-compact",
         "16-chunk",
         "16-chunk-s1",
+        "16-pairs",
         "32",
+        "32-pairs",
         "48-union",
         "64-union",
         "128-union",
@@ -160,6 +177,20 @@ def test_decode_barrier_fully_active_repeats(M):
     assert fi._decode_plan(M, K, N, fi.get_config("infer"), programs=sms)["barrier"]
     _repeat_fully_active("paper", M, {})
     assert not barrier_counters(torch.device("cuda", torch.cuda.current_device())).any()
+
+
+@pytest.mark.parametrize("M", [8, 24, 32])
+def test_decode_pairs_fully_active_repeats(M):
+    # the pair form on the Llama-3-8B shape (its default range: M = 8..32 at K >= 4096), 250 calls
+    # with a token that has all 14,336 units active (14,336 of its pairs in the list); the pair
+    # count is back at 0 after every call
+    from twell.ops import ffn_infer as fi
+    from twell.ops.decode_pairs import pair_counters
+
+    K, N = SHAPES["llama3-8b"]
+    assert fi._decode_plan(M, K, N, fi.get_config("infer"))["pairs"]
+    _repeat_fully_active("llama3-8b", M, {})
+    assert not pair_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 @pytest.mark.parametrize("M", [24, 48, 64])

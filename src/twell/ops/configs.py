@@ -288,6 +288,32 @@ class InferConfig:
     #: (BENCHMARKS.md section 1za): M = 8 22.22 us (x3) against 22.27-22.32, M = 16 24.48-24.61
     #: against 24.83-24.99
     decode_barrier_early_list: bool = True
+    #: pair form (twell.ops.decode_pairs) at decode_pairs_min_m <= M <= decode_pairs_max_m (0: off)
+    #: and K >= decode_pairs_min_k, in place of every other form there (sums in list order, so not
+    #: in deterministic mode or under CUDA-graph capture; tl.dot gate): the gate kernel lists the
+    #: active (token, unit) pairs, the up kernel computes decode_pairs_up pairs per step (whole rows
+    #: of up to decode_pairs_up_bk columns per load, decode_pairs_up_warps warps,
+    #: decode_pairs_up_per_sm programs per SM), the down kernel sums decode_pairs_chunk pairs per
+    #: tl.dot (decode_pairs_stages stages) into decode_pairs_bkd output columns per program.
+    #: H200, 30 units per token iid, against the forms that ran before (one process;
+    #: benchmarks/results/decode-pairs-2026-11-27/): Llama-3-8B shape (K = 4096, N = 14336) M = 8
+    #: 48.4 against 52.2 us, 12 49.4 against 54.8, 16 50.5-50.8 against 56.7-56.8, 24 58.1
+    #: against 70.0, 32 62.8-63.7 against 66.9-67.1 (skewed 16 / 32 50.5 / 62.8 against 56.7 /
+    #: 67.1); slower at M = 4 (46.7 against 45.5), 40 (66.9 against 65.1), 48 and 64 (72.3 / 79.9
+    #: against 66.5 / 69.6: every down program walks the whole list, PD pairs a step, each step's
+    #: rows gathered 32 bytes at a time); on the paper shape (K = 2048) slower at every M (16 25.4
+    #: against 23.1, 32 30.9 against 30.2, 64 37.9 against 34.8), on Qwen2-0.5B (K = 896) mixed
+    decode_pairs_min_m: int = 8
+    decode_pairs_max_m: int = 32
+    decode_pairs_min_k: int = 4096
+    decode_pairs_up: int = 8
+    decode_pairs_up_bk: int = 4096
+    decode_pairs_up_per_sm: int = 2
+    decode_pairs_up_warps: int = 8
+    decode_pairs_bkd: int = 16
+    decode_pairs_chunk: int = 128
+    decode_pairs_stages: int = 5
+    decode_pairs_warps: int = 4
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

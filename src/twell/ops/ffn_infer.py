@@ -1472,6 +1472,14 @@ def _decode_plan(
         and cfg.decode_barrier_min_m <= M <= b_top
         and _cdiv(N, bn) <= programs  # every program resident at once
     )
+    # pair form (twell.ops.decode_pairs): _decode runs it in place of every other form in its
+    # range (the other flags still say what would run without it)
+    pairs = (
+        free
+        and use_dot
+        and K >= cfg.decode_pairs_min_k
+        and cfg.decode_pairs_min_m <= M <= min(256, cfg.decode_pairs_max_m)
+    )
     union = union_range and not barrier
     chunk = (chunk_range and free) or union
     # the union form below decode_chunk_long_k: its own down tiles, and its gate-only kernel's K
@@ -1490,6 +1498,7 @@ def _decode_plan(
         # up to 4096 columns or decode_bk_up)
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
+        "pairs": pairs,
         "barrier": barrier,
         "use_dot": use_dot,
         "warps": (cfg.decode_warps_m64 if bm >= 64 else cfg.decode_warps)
@@ -1641,6 +1650,20 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
+    if p["pairs"]:
+        from .decode_pairs import launch_decode_pairs, pair_ids
+
+        vals, bcnt, bl1, nact, *_ = _decode_scratch(
+            M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False
+        )
+        y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
+        l0, l1, over = _stats_bufs(dev)
+        launch_decode_pairs(
+            x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, bcnt, bl1, nact, l0, l1, over,
+            p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
+            cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs,
+        )  # fmt: skip
+        return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     if p["barrier"]:
         from .decode_barrier import launch_decode_barrier
 

@@ -1,0 +1,237 @@
+"""Decode by (token, unit) pairs: a gate kernel lists the batch's active pairs, an up kernel computes
+h of each pair, a down kernel sums the pairs into y by output columns.
+
+Legend: M = tokens (small), K = model dim, N = FFN units, BN = units per gate program, NB =
+ceil(N / BN) gate programs, P = pairs per up step, PD = pairs per down step, BKD = output columns
+per down program.
+
+The union form computes the up of each active unit for all M tokens as a dense [M, units] tile and
+its down reads h of every token for every listed unit: at M = 64 and ~30 active units per token,
+about 1.2 tokens activate each listed unit, so those tiles are ~98 % zeros and each program reads
+all of x (256 KiB) or all of h. Here the work is the list of active pairs itself:
+
+1. ``_pairs_gate_kernel`` (NB programs): the gate of BN units for every token; each program appends
+   its active pairs, unit-major, to the batch's list (one atomic add for its place): the pair's id
+   (unit * 256 + token) and its gate value. It also writes the per-(token, block) active counts,
+   zeroes their l1 sums and writes the per-unit counts.
+2. ``_pairs_up_kernel``: P pairs per step, each pair's x row and W_up row loaded whole (one memory
+   round trip per step, CUDA cores: no dense tile, no MMA chain), h = g u rounded to the activation
+   dtype written over g, |h| added to its token's l1 sum.
+3. ``_pairs_down_kernel``: one program per BKD output columns: y[:, cols] = sum over pairs of h times
+   the pair's W_down^T row segment, PD pairs per tl.dot ([tokens, PD] one-hot rows holding h, times
+   [PD, BKD] gathered rows), stored straight into y; one more program reduces the statistics. Each
+   program reads the pair list (6 bytes a pair) instead of h of every token.
+
+The list's order is the gate programs' arrival order, so the sums may change in the last bit
+between calls: not in deterministic mode, not under CUDA-graph capture. The pair count lives in a
+counter per (device, stream) that the down kernel's last program out resets, so it is 0 at every
+launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .ffn_infer import _decode_stats, _is_active, _p2, _stats_tch, _tokens_dot_rows
+
+__all__ = ["launch_decode_pairs", "pair_counters", "pair_ids"]
+
+#: bits of a pair id that hold the token (M <= 256)
+_TOK_BITS = 8
+
+
+@triton.jit
+def _pairs_gate_kernel(
+    x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr,
+    M, N, K, NB, stride_xm, stride_xk,
+    OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
+    TOK_BITS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    if PDL:
+        # the up kernel may be scheduled from now on; it waits in-kernel for this grid (gdc_wait)
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    o_n = pid * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    acc_g = _tokens_dot_rows(
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, True, DOT_PREC, SWAP
+    )
+    b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+    a = b_act.to(tl.int32)
+    n_act = tl.sum(a, axis=0)
+    # place of each active pair among the block's, unit-major: the units before it, then the
+    # tokens of its unit before it
+    pos = (tl.cumsum(n_act, axis=0) - n_act)[None, :] + tl.cumsum(a, axis=0) - 1
+    base = tl.atomic_add(cnt_ptr, tl.sum(n_act, axis=0), sem="relaxed", scope="gpu")
+    ids = (o_n[None, :] << TOK_BITS) | i_m[:, None]
+    tl.store(ids_ptr + base + pos, ids, mask=b_act)
+    tl.store(val_ptr + base + pos, acc_g.to(OUT_DTYPE), mask=b_act)
+    tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(a, axis=1), mask=m_m)
+    tl.store(bl1_ptr + i_m * NB + pid, tl.zeros((BM,), dtype=tl.float32), mask=m_m)
+    tl.store(nact_ptr + o_n, n_act, mask=m_n)
+
+
+@triton.jit
+def _pairs_up_kernel(
+    x_ptr, wu_ptr, ids_ptr, val_ptr, cnt_ptr, bl1_ptr,
+    K, NB, stride_xm, stride_xk,
+    OUT_DTYPE: tl.constexpr, P: tl.constexpr, BKU: tl.constexpr, BN_G: tl.constexpr,
+    TOK_BITS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()  # the gate grid has completed: the list and its length are visible
+    total = tl.load(cnt_ptr)
+    o_p = tl.arange(0, P)
+    o_k = tl.arange(0, BKU)
+    for c in range(tl.program_id(0) * P, total, tl.num_programs(0) * P):
+        i_p = c + o_p
+        v_p = i_p < total
+        ids = tl.load(ids_ptr + i_p, mask=v_p, other=0)
+        tok = ids & ((1 << TOK_BITS) - 1)
+        unit = (ids >> TOK_BITS).to(tl.int64)
+        g = tl.load(val_ptr + i_p, mask=v_p, other=0.0).to(tl.float32)
+        # whole rows per step (a K loop without tl.dot is not pipelined: one round trip a step)
+        acc = tl.zeros((P, BKU), dtype=tl.float32)
+        for k in range(0, K, BKU):
+            m_k = (k + o_k) < K
+            m_w = v_p[:, None] & m_k[None, :]
+            b_x = tl.load(
+                x_ptr + tok[:, None] * stride_xm + (k + o_k)[None, :] * stride_xk, mask=m_w, other=0.0
+            )
+            b_w = tl.load(wu_ptr + unit[:, None] * K + (k + o_k)[None, :], mask=m_w, other=0.0)
+            acc += b_x.to(tl.float32) * b_w.to(tl.float32)
+        h = (g * tl.sum(acc, axis=1)).to(OUT_DTYPE)
+        tl.store(val_ptr + i_p, h, mask=v_p)
+        tl.atomic_add(
+            bl1_ptr + tok * NB + (unit // BN_G).to(tl.int32),
+            tl.abs(h.to(tl.float32)),
+            mask=v_p,
+            sem="relaxed",
+        )
+
+
+@triton.jit
+def _pairs_down_kernel(
+    wdt_ptr, ids_ptr, val_ptr, cnt_ptr, y_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr,
+    M, K, NB, NT, stride_ym,
+    OUT_DTYPE: tl.constexpr, BMD: tl.constexpr, PD: tl.constexpr, BKD: tl.constexpr,
+    STAGES: tl.constexpr, DOT_PREC: tl.constexpr, TOK_BITS: tl.constexpr,
+    S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the up grid has completed: h of every pair is visible
+    pid = tl.program_id(0)
+    total = tl.load(cnt_ptr)
+    if pid == tl.num_programs(0) - 1:
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+    else:
+        i_d = tl.arange(0, BMD)
+        o_k = pid * BKD + tl.arange(0, BKD)
+        m_k = o_k < K
+        o_p = tl.arange(0, PD)
+        acc = tl.zeros((BMD, BKD), dtype=tl.float32)
+        for c in tl.range(0, total, PD, num_stages=STAGES):
+            i_p = c + o_p
+            v_p = i_p < total
+            ids = tl.load(ids_ptr + i_p, mask=v_p, other=0)
+            tok = ids & ((1 << TOK_BITS) - 1)
+            unit = (ids >> TOK_BITS).to(tl.int64)
+            h = tl.load(val_ptr + i_p, mask=v_p, other=0.0)
+            # [BMD, PD]: each pair's h in its token's row, 0 elsewhere
+            b_h = tl.where(tok[None, :] == i_d[:, None], h[None, :], tl.zeros_like(h)[None, :])
+            b_w = tl.load(
+                wdt_ptr + unit[:, None] * K + o_k[None, :], mask=v_p[:, None] & m_k[None, :], other=0.0
+            )
+            acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+        tl.store(
+            y_ptr + i_d[:, None] * stride_ym + o_k[None, :],
+            acc.to(OUT_DTYPE),
+            mask=(i_d < M)[:, None] & m_k[None, :],
+        )
+    # the last program out resets the counters for the next launch (every program read the
+    # length above, and the next call's gate kernel starts after this grid)
+    tl.debug_barrier()
+    gone = tl.atomic_add(cnt_ptr + 1, 1, sem="relaxed", scope="gpu")
+    if gone == tl.num_programs(0) - 1:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+#: the pair form's counters (pair count, departures) per (device, stream): zero between launches
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def pair_counters(dev: torch.device) -> torch.Tensor:
+    """int32 [2] counters of the pair form for the current stream of ``dev`` (zero)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (dev, stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=dev)
+    return _COUNTERS[key]
+
+
+#: the pair form's id lists per (device, stream), grown as needed (every entry read is written first)
+_IDS: dict[tuple, torch.Tensor] = {}
+
+
+def pair_ids(dev: torch.device, n: int) -> torch.Tensor:
+    """int32 scratch of at least ``n`` pair ids for the current stream of ``dev``."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (dev, stream)
+    buf = _IDS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _IDS[key] = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
+    return buf
+
+
+def launch_decode_pairs(
+    x, w_gate, w_up, wdt, ids, vals, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots, pdl, programs
+):  # fmt: skip
+    """The pair form for x [M, K] (M <= 256): fills y, the statistics and the per-unit counts.
+    ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; ``p``: the decode
+    plan (gate block sizes); ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask);
+    ``pdl``: launch the up and down kernels with programmatic dependent launch; ``programs``: SMs."""
+    M, K = x.shape
+    N = w_gate.shape[0]
+    if M > 1 << _TOK_BITS:
+        raise ValueError(f"x: the pair form takes at most {1 << _TOK_BITS} tokens, got {M}")
+    bn = min(p["bn"], tile)
+    NB = triton.cdiv(N, bn)
+    NT = triton.cdiv(N, tile)
+    out_dt, bits_dt, inf_bits, mag = consts
+    cnt = pair_counters(x.device)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    launch = {"launch_pdl": True} if pdl else {}
+    pu = _p2(max(1, cfg.decode_pairs_up))
+    bkd = max(16, min(_p2(K), cfg.decode_pairs_bkd))
+    bpt = tile // bn
+    try:
+        _pairs_gate_kernel[(NB,)](
+            x, w_gate, ids, vals, cnt, bcnt, bl1, nact, M, N, K, NB, x.stride(0), x.stride(1),
+            OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
+            BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS, PDL=pdl,
+            num_warps=p["warps"], num_stages=p["stages"],
+        )  # fmt: skip
+        _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * cfg.decode_pairs_up_per_sm)),)](
+            x, w_up, ids, vals, cnt, bl1, K, NB, x.stride(0), x.stride(1),
+            OUT_DTYPE=out_dt, P=pu, BKU=max(16, min(_p2(K), cfg.decode_pairs_up_bk)), BN_G=bn,
+            TOK_BITS=_TOK_BITS, PDL=pdl, num_warps=cfg.decode_pairs_up_warps, **launch,
+        )  # fmt: skip
+        _pairs_down_kernel[(triton.cdiv(K, bkd) + 1,)](
+            wdt, ids, vals, cnt, y, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
+            OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
+            STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS,
+            S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
+            num_warps=cfg.decode_pairs_warps, **launch,
+        )  # fmt: skip
+    except BaseException:
+        # a later kernel failed to launch (e.g. to compile) after the gate kernel's count was
+        # queued: zero the counters behind it, or every later call would read a stale length
+        cnt.zero_()
+        raise
