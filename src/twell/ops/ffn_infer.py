@@ -43,6 +43,11 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the active units
     compacted 16 at a time, a grid-wide barrier, then the down projection by output column blocks
     straight into y (no atomic add on y, no finishing kernel).
+    Pair form (``decode_pairs_min_m`` <= M <= ``decode_pairs_max_m``, 8..32, at K >=
+    ``decode_pairs_min_k`` = 4096, in place of every other form there; not in deterministic mode
+    or under capture): ``decode_pairs`` lists the batch's active (token, unit) pairs in the gate
+    kernel, computes each pair's h from whole x and W_up rows, and sums the pairs into y by
+    output columns.
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
