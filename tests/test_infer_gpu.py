@@ -234,6 +234,24 @@ def test_decode_fp32_model_shape(M):
     )
 
 
+@pytest.mark.parametrize("M", [8, 32])
+def test_decode_pairs_fp32_llama(M):
+    # the pair form in fp32 (Llama-3-8B shape, its default range): the up kernel's whole-row tiles
+    # are halved to [8, 2048] to stay in registers, so each step runs two K slices
+    from twell.ops import ffn_infer as fi
+
+    K, N = SHAPES["llama3-8b"]
+    assert fi._decode_plan(M, K, N, fi.get_config("infer"), elsize=4)["pairs"]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.float32, seed=M + 3)
+    y, _ = ffn_infer(x, wg, wu, wd, path="decode")
+    with torch.no_grad():
+        y64, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
+        y_t, _ = sparse_ffn_ref(x, wg, wu, wd)
+    assert_close(
+        y.double(), y64, name=f"y[fp32 pairs, M={M}]", dtype=torch.float32, baseline=y_t.double(), reduce=K
+    )
+
+
 @pytest.mark.parametrize("M", [1, 8, 32])
 def test_decode_deterministic_mode_repeats_bitwise(M):
     # torch.use_deterministic_algorithms(True): the split down kernel (fixed summation order)

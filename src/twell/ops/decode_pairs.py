@@ -211,6 +211,10 @@ def launch_decode_pairs(
     pu = _p2(max(1, cfg.decode_pairs_up))
     bkd = max(16, min(_p2(K), cfg.decode_pairs_bkd))
     bpt = tile // bn
+    # the up step's x and W_up tiles stay in registers: at most 64 KiB of each per program (an
+    # [8, 4096] tile in bf16, [8, 2048] in fp32)
+    cap = max(1, (64 << 10) // (pu * x.element_size()))
+    bku = max(16, min(_p2(K), _p2(cfg.decode_pairs_up_bk), 1 << (cap.bit_length() - 1)))
     try:
         _pairs_gate_kernel[(NB,)](
             x, w_gate, ids, vals, cnt, bcnt, bl1, nact, M, N, K, NB, x.stride(0), x.stride(1),
@@ -220,7 +224,7 @@ def launch_decode_pairs(
         )  # fmt: skip
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * cfg.decode_pairs_up_per_sm)),)](
             x, w_up, ids, vals, cnt, bl1, K, NB, x.stride(0), x.stride(1),
-            OUT_DTYPE=out_dt, P=pu, BKU=max(16, min(_p2(K), cfg.decode_pairs_up_bk)), BN_G=bn,
+            OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
             TOK_BITS=_TOK_BITS, PDL=pdl, num_warps=cfg.decode_pairs_up_warps, **launch,
         )  # fmt: skip
         _pairs_down_kernel[(triton.cdiv(K, bkd) + 1,)](
