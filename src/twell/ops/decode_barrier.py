@@ -48,7 +48,26 @@ from .ffn_infer import (
     _tokens_dot_rows,
 )
 
-__all__ = ["launch_decode_barrier", "barrier_counters"]
+__all__ = ["launch_decode_barrier", "barrier_counters", "gate_block", "leave_grid", "stream_counters"]
+
+
+@triton.jit
+def gate_block(
+    x_ptr, wg_ptr, pid, M, N, K, stride_xm, stride_xk,
+    OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    # the gate of units [pid BN, (pid + 1) BN) for the BM token rows (tl.dot): token indices and
+    # mask, unit indices and mask, the fp32 gate [BM, BN] and which entries are active
+    i_m = tl.arange(0, BM)
+    m_m = i_m < M
+    o_n = pid * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    acc_g = _tokens_dot_rows(
+        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, True, DOT_PREC, SWAP
+    )
+    b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+    return i_m, m_m, o_n, m_n, acc_g, b_act
 
 
 @triton.jit
@@ -71,14 +90,10 @@ def _decode_barrier_kernel(
         # scratch, 0 where inactive), then the up of the units some token activates, compacted
         # CHU at a time into dense [CHU, BKC] W_up tiles (whole K rows in a few steps instead of
         # BN-row tiles with most rows masked), h written over their g
-        i_m = tl.arange(0, BM)
-        m_m = i_m < M
-        o_n = pid * BN + tl.arange(0, BN)
-        m_n = o_n < N
-        acc_g = _tokens_dot_rows(
-            x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, True, DOT_PREC, SWAP
-        )
-        b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+        i_m, m_m, o_n, m_n, acc_g, b_act = gate_block(
+            x_ptr, wg_ptr, pid, M, N, K, stride_xm, stride_xk,
+            OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, DOT_PREC, SWAP,
+        )  # fmt: skip
         n_act = tl.sum(b_act.to(tl.int32), axis=0)
         p_g = h_ptr + o_n[None, :] * M + i_m[:, None]
         tl.store(p_g, tl.where(b_act, acc_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
@@ -176,11 +191,28 @@ def _decode_barrier_kernel(
         # fence waited for the program's y stores: H100, paper shape, 30 units iid, one process,
         # three alternating rounds: M = 8 22.14-22.18 us against 22.37-22.48, M = 16 24.05-24.32
         # against 24.34-24.42
-        tl.debug_barrier()
-        gone = tl.atomic_add(bar_ptr + 1, 1, sem="relaxed", scope="gpu")
-        if gone == tl.num_programs(0) - 1:
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+        leave_grid(bar_ptr)
+
+
+@triton.jit
+def leave_grid(cnt_ptr):
+    # counts this program out of the grid at cnt_ptr[1]; the last one out zeroes cnt_ptr[0] and
+    # cnt_ptr[1] for the next launch (every program's reads of them are behind it)
+    tl.debug_barrier()
+    gone = tl.atomic_add(cnt_ptr + 1, 1, sem="relaxed", scope="gpu")
+    if gone == tl.num_programs(0) - 1:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+def stream_counters(cache: dict, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Two zeroed counters of ``dtype`` kept in ``cache`` for the current stream of ``dev`` (the
+    kernels that use them leave them at zero, see ``leave_grid``)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (dev, stream)
+    if key not in cache:
+        cache[key] = torch.zeros(2, dtype=dtype, device=dev)
+    return cache[key]
 
 
 #: the barrier form's counters per (device, stream): zero between launches (the kernel resets them)
@@ -189,11 +221,7 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 def barrier_counters(dev: torch.device) -> torch.Tensor:
     """int64 [2] counters of the barrier form for the current stream of ``dev`` (zero)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (dev, stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(2, dtype=torch.int64, device=dev)
-    return _COUNTERS[key]
+    return stream_counters(_COUNTERS, dev, torch.int64)
 
 
 def launch_decode_barrier(

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ffn_infer import _decode_stats, _is_active, _p2, _stats_tch, _tokens_dot_rows
+from .decode_barrier import gate_block, leave_grid, stream_counters
+from .ffn_infer import _decode_stats, _p2, _stats_tch
 
 __all__ = ["launch_decode_pairs", "pair_counters", "pair_ids"]
 
@@ -54,14 +55,10 @@ def _pairs_gate_kernel(
         # the up kernel may be scheduled from now on; it waits in-kernel for this grid (gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
-    i_m = tl.arange(0, BM)
-    m_m = i_m < M
-    o_n = pid * BN + tl.arange(0, BN)
-    m_n = o_n < N
-    acc_g = _tokens_dot_rows(
-        x_ptr, wg_ptr, i_m, m_m, o_n, m_n, M, K, stride_xm, stride_xk, BM, BN, BK, True, DOT_PREC, SWAP
-    )
-    b_act = _is_active(acc_g, OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK) & m_m[:, None] & m_n[None, :]
+    i_m, m_m, o_n, m_n, acc_g, b_act = gate_block(
+        x_ptr, wg_ptr, pid, M, N, K, stride_xm, stride_xk,
+        OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, DOT_PREC, SWAP,
+    )  # fmt: skip
     a = b_act.to(tl.int32)
     n_act = tl.sum(a, axis=0)
     # place of each active pair among the block's, unit-major: the units before it, then the
@@ -156,11 +153,7 @@ def _pairs_down_kernel(
         )
     # the last program out resets the counters for the next launch (every program read the
     # length above, and the next call's gate kernel starts after this grid)
-    tl.debug_barrier()
-    gone = tl.atomic_add(cnt_ptr + 1, 1, sem="relaxed", scope="gpu")
-    if gone == tl.num_programs(0) - 1:
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
+    leave_grid(cnt_ptr)
 
 
 #: the pair form's counters (pair count, departures) per (device, stream): zero between launches
@@ -169,11 +162,7 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 def pair_counters(dev: torch.device) -> torch.Tensor:
     """int32 [2] counters of the pair form for the current stream of ``dev`` (zero)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (dev, stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=dev)
-    return _COUNTERS[key]
+    return stream_counters(_COUNTERS, dev, torch.int32)
 
 
 #: the pair form's id lists per (device, stream), grown as needed (every entry read is written first)
