@@ -31,6 +31,8 @@ each hold SMs the others wait for. The deterministic mode turns the form off, as
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -48,7 +50,14 @@ from .ffn_infer import (
     _tokens_dot_rows,
 )
 
-__all__ = ["launch_decode_barrier", "barrier_counters", "gate_block", "leave_grid", "stream_counters"]
+__all__ = [
+    "launch_decode_barrier",
+    "barrier_counters",
+    "gate_block",
+    "leave_grid",
+    "stream_counters",
+    "stream_key",
+]
 
 
 @triton.jit
@@ -205,11 +214,21 @@ def leave_grid(cnt_ptr):
         tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-def stream_counters(cache: dict, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Two zeroed counters of ``dtype`` kept in ``cache`` for the current stream of ``dev`` (the
-    kernels that use them leave them at zero, see ``leave_grid``)."""
+def stream_key(dev: torch.device, per_thread: bool = False) -> tuple:
+    """(device, current stream of ``dev``), with the calling thread first if ``per_thread``: the
+    key of scratch that calls may reuse while their launches run in stream order (a form that
+    launches several kernels per call keys by thread too: two threads' launches on one stream
+    interleave)."""
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (dev, stream)
+    return (threading.get_ident(), dev, stream) if per_thread else (dev, stream)
+
+
+def stream_counters(
+    cache: dict, dev: torch.device, dtype: torch.dtype, per_thread: bool = False
+) -> torch.Tensor:
+    """Two zeroed counters of ``dtype`` kept in ``cache`` under ``stream_key`` (the kernels that
+    use them leave them at zero, see ``leave_grid``)."""
+    key = stream_key(dev, per_thread)
     if key not in cache:
         cache[key] = torch.zeros(2, dtype=dtype, device=dev)
     return cache[key]

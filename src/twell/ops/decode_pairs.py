@@ -24,8 +24,8 @@ all of x (256 KiB) or all of h. Here the work is the list of active pairs itself
 
 The list's order is the gate programs' arrival order, so the sums may change in the last bit
 between calls: not in deterministic mode, not under CUDA-graph capture. The pair count lives in a
-counter per (device, stream) that the down kernel's last program out resets, so it is 0 at every
-launch.
+counter per (thread, device, stream) that the down kernel's last program out resets, so it is 0
+at every launch (per thread too: two threads' three launches on one stream interleave).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_barrier import gate_block, leave_grid, stream_counters
+from .decode_barrier import gate_block, leave_grid, stream_counters, stream_key
 from .ffn_infer import _decode_stats, _p2, _stats_tch
 
 __all__ = ["launch_decode_pairs", "pair_counters", "pair_ids"]
@@ -156,23 +156,24 @@ def _pairs_down_kernel(
     leave_grid(cnt_ptr)
 
 
-#: the pair form's counters (pair count, departures) per (device, stream): zero between launches
+#: the pair form's counters (pair count, departures) per (thread, device, stream): zero between
+#: launches
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def pair_counters(dev: torch.device) -> torch.Tensor:
-    """int32 [2] counters of the pair form for the current stream of ``dev`` (zero)."""
-    return stream_counters(_COUNTERS, dev, torch.int32)
+    """int32 [2] counters of the pair form for this thread and the current stream of ``dev`` (zero)."""
+    return stream_counters(_COUNTERS, dev, torch.int32, per_thread=True)
 
 
-#: the pair form's id lists per (device, stream), grown as needed (every entry read is written first)
+#: the pair form's id lists per (thread, device, stream), grown as needed (every entry read is
+#: written first)
 _IDS: dict[tuple, torch.Tensor] = {}
 
 
 def pair_ids(dev: torch.device, n: int) -> torch.Tensor:
-    """int32 scratch of at least ``n`` pair ids for the current stream of ``dev``."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (dev, stream)
+    """int32 scratch of at least ``n`` pair ids for this thread and the current stream of ``dev``."""
+    key = stream_key(dev, per_thread=True)
     buf = _IDS.get(key)
     if buf is None or buf.numel() < n:
         buf = _IDS[key] = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
