@@ -428,20 +428,22 @@ def test_decode_barrier_form(kdevice, poison, monkeypatch, M, K, bkd, chd, early
 
 
 @pytest.mark.parametrize(
-    "M,K,up,chunk,bkd,stages",
+    "M,K,up,chunk,bkd,stages,split",
     [
-        (3, 96, 8, 128, 16, 5),
-        (5, 40, 4, 16, 32, 2),
-        (8, 200, 16, 64, 64, 3),
-        (17, 48, 8, 32, 16, 1),
-        (24, 72, 2, 16, 16, 4),
+        (3, 96, 8, 128, 16, 5, 1),
+        (5, 40, 4, 16, 32, 2, 3),
+        (8, 200, 16, 64, 64, 3, 2),
+        (17, 48, 8, 32, 16, 1, 4),
+        (24, 72, 2, 16, 16, 4, 1),
     ],
 )
-def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, stages):
+def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, stages, split):
     # three launches: the gate kernel lists the active (token, unit) pairs, the up kernel computes
     # `up` pairs a step (whole rows), the down kernel sums `chunk` pairs per tl.dot into `bkd`
-    # output columns per program. Sparse, none active (an empty list), every unit active (all
-    # M x 300 pairs listed), a NaN token, and calls after it (the counters must be back at zero)
+    # output columns per program, the list split in `split` ranges per column block (fp32
+    # partials summed behind a ticket). Sparse, none active (an empty list), every unit active
+    # (all M x 300 pairs listed), a NaN token, and calls after it (the counters must be back at
+    # zero, the tickets start at zero again)
     from twell.ops import decode_pairs as dpair
     from twell.ops import ffn_infer as fi
 
@@ -457,6 +459,7 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
         decode_pairs_chunk=chunk,
         decode_pairs_bkd=bkd,
         decode_pairs_stages=stages,
+        decode_pairs_split=split,
     )
     with override("infer", **plan):
         assert fi._decode_plan(M, K, 300, fi.get_config("infer"))["pairs"]

@@ -314,6 +314,13 @@ class InferConfig:
     decode_pairs_chunk: int = 128
     decode_pairs_stages: int = 5
     decode_pairs_warps: int = 4
+    #: ranges of the pair list per down column block (1: one program per block stores y; more:
+    #: fp32 partials summed by the last range of each block to take a ticket). H100, one sample
+    #: each, the form on at every M (decode-pairs-2026-11-27/sweep-pairs-split-h100.jsonl): paper
+    #: shape M = 24 / 32 30.35 / 31.22 us with 4 ranges and 64 columns against 31.36 / 32.27 for
+    #: the union form, 64 39.66 against 37.71 (47.95 unsplit); Llama-3-8B M = 32 72.6 with 2 ranges
+    #: and 32 columns against 74.1-74.5 unsplit, 64 87.3 against 83.2 (union form)
+    decode_pairs_split: int = 1
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

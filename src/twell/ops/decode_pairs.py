@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 
 from .decode_barrier import gate_block, leave_grid, stream_counters, stream_key
-from .ffn_infer import _decode_stats, _p2, _stats_tch
+from .ffn_infer import _decode_stats, _p2, _stats_tch, _sum_partials
 
-__all__ = ["launch_decode_pairs", "pair_counters", "pair_ids"]
+__all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 
 #: bits of a pair id that hold the token (M <= 256)
 _TOK_BITS = 8
@@ -45,16 +45,21 @@ _TOK_BITS = 8
 
 @triton.jit
 def _pairs_gate_kernel(
-    x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr,
-    M, N, K, NB, stride_xm, stride_xk,
+    x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr, tk_ptr,
+    M, N, K, NB, KB, stride_xm, stride_xk,
     OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
-    TOK_BITS: tl.constexpr, PDL: tl.constexpr,
+    TOK_BITS: tl.constexpr, KB_P2: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
         # the up kernel may be scheduled from now on; it waits in-kernel for this grid (gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
+    if KB_P2 > 0:
+        if pid == 0:
+            # tickets of the down kernel's split sums start at 0 on every call
+            o_t = tl.arange(0, KB_P2)
+            tl.store(tk_ptr + o_t, tl.zeros((KB_P2,), dtype=tl.int32), mask=o_t < KB)
     i_m, m_m, o_n, m_n, acc_g, b_act = gate_block(
         x_ptr, wg_ptr, pid, M, N, K, stride_xm, stride_xk,
         OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, DOT_PREC, SWAP,
@@ -115,10 +120,10 @@ def _pairs_up_kernel(
 
 @triton.jit
 def _pairs_down_kernel(
-    wdt_ptr, ids_ptr, val_ptr, cnt_ptr, y_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr,
+    wdt_ptr, ids_ptr, val_ptr, cnt_ptr, y_ptr, part_ptr, tk_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr,
     M, K, NB, NT, stride_ym,
     OUT_DTYPE: tl.constexpr, BMD: tl.constexpr, PD: tl.constexpr, BKD: tl.constexpr,
-    STAGES: tl.constexpr, DOT_PREC: tl.constexpr, TOK_BITS: tl.constexpr,
+    STAGES: tl.constexpr, DOT_PREC: tl.constexpr, TOK_BITS: tl.constexpr, SPLIT: tl.constexpr,
     S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:
@@ -129,13 +134,18 @@ def _pairs_down_kernel(
         _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
     else:
         i_d = tl.arange(0, BMD)
-        o_k = pid * BKD + tl.arange(0, BKD)
+        # column block pid // SPLIT, range pid % SPLIT of the list (whole steps of PD pairs)
+        kb = pid // SPLIT
+        per = tl.cdiv(tl.cdiv(total, SPLIT), PD) * PD
+        lo = (pid % SPLIT) * per
+        hi = tl.minimum(total, lo + per)
+        o_k = kb * BKD + tl.arange(0, BKD)
         m_k = o_k < K
         o_p = tl.arange(0, PD)
         acc = tl.zeros((BMD, BKD), dtype=tl.float32)
-        for c in tl.range(0, total, PD, num_stages=STAGES):
+        for c in tl.range(lo, hi, PD, num_stages=STAGES):
             i_p = c + o_p
-            v_p = i_p < total
+            v_p = i_p < hi
             ids = tl.load(ids_ptr + i_p, mask=v_p, other=0)
             tok = ids & ((1 << TOK_BITS) - 1)
             unit = (ids >> TOK_BITS).to(tl.int64)
@@ -146,11 +156,16 @@ def _pairs_down_kernel(
                 wdt_ptr + unit[:, None] * K + o_k[None, :], mask=v_p[:, None] & m_k[None, :], other=0.0
             )
             acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
-        tl.store(
-            y_ptr + i_d[:, None] * stride_ym + o_k[None, :],
-            acc.to(OUT_DTYPE),
-            mask=(i_d < M)[:, None] & m_k[None, :],
-        )
+        m_out = (i_d < M)[:, None] & m_k[None, :]
+        if SPLIT == 1:
+            tl.store(y_ptr + i_d[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_out)
+        else:
+            # fp32 partials; the last range of this column block to take a ticket sums them
+            tl.store(part_ptr + ((pid % SPLIT) * M + i_d[:, None]) * K + o_k[None, :], acc, mask=m_out)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(tk_ptr + kb, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT - 1:
+                _sum_partials(part_ptr, y_ptr, i_d, o_k, m_out, M, K, stride_ym, OUT_DTYPE, BMD, BKD, SPLIT)
     # the last program out resets the counters for the next launch (every program read the
     # length above, and the next call's gate kernel starts after this grid)
     leave_grid(cnt_ptr)
@@ -180,13 +195,23 @@ def pair_ids(dev: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def down_blocks(K: int, cfg) -> tuple[int, int, int]:
+    """The down kernel's output columns per program, its column blocks and the ranges of the pair
+    list each block is split into (``decode_pairs_bkd``, ``decode_pairs_split``)."""
+    bkd = max(16, min(_p2(K), cfg.decode_pairs_bkd))
+    return bkd, triton.cdiv(K, bkd), max(1, cfg.decode_pairs_split)
+
+
 def launch_decode_pairs(
-    x, w_gate, w_up, wdt, ids, vals, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots, pdl, programs
+    x, w_gate, w_up, wdt, ids, vals, y, part, tickets, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile,
+    slots, pdl, programs,
 ):  # fmt: skip
     """The pair form for x [M, K] (M <= 256): fills y, the statistics and the per-unit counts.
-    ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; ``p``: the decode
-    plan (gate block sizes); ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask);
-    ``pdl``: launch the up and down kernels with programmatic dependent launch; ``programs``: SMs."""
+    ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; with a split down
+    (``down_blocks``), ``part`` holds the fp32 [split, M, K] partials and ``tickets`` (int32) one
+    ticket per column block (else both may be None); ``p``: the decode plan (gate block sizes);
+    ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask); ``pdl``: launch the up and
+    down kernels with programmatic dependent launch; ``programs``: SMs."""
     M, K = x.shape
     N = w_gate.shape[0]
     if M > 1 << _TOK_BITS:
@@ -199,7 +224,11 @@ def launch_decode_pairs(
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     launch = {"launch_pdl": True} if pdl else {}
     pu = _p2(max(1, cfg.decode_pairs_up))
-    bkd = max(16, min(_p2(K), cfg.decode_pairs_bkd))
+    bkd, kb, split = down_blocks(K, cfg)
+    if split > 1 and (part is None or tickets is None):
+        raise ValueError("part, tickets: a split down needs its partials and tickets")
+    part = y if part is None else part
+    tickets = cnt if tickets is None else tickets
     bpt = tile // bn
     # the up step's x and W_up tiles stay in registers: at most 64 KiB of each per program (an
     # [8, 4096] tile in bf16, [8, 2048] in fp32)
@@ -207,9 +236,10 @@ def launch_decode_pairs(
     bku = max(16, min(_p2(K), _p2(cfg.decode_pairs_up_bk), 1 << (cap.bit_length() - 1)))
     try:
         _pairs_gate_kernel[(NB,)](
-            x, w_gate, ids, vals, cnt, bcnt, bl1, nact, M, N, K, NB, x.stride(0), x.stride(1),
+            x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, M, N, K, NB, kb, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
-            BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS, PDL=pdl,
+            BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS,
+            KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * cfg.decode_pairs_up_per_sm)),)](
@@ -217,10 +247,10 @@ def launch_decode_pairs(
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
             TOK_BITS=_TOK_BITS, PDL=pdl, num_warps=cfg.decode_pairs_up_warps, **launch,
         )  # fmt: skip
-        _pairs_down_kernel[(triton.cdiv(K, bkd) + 1,)](
-            wdt, ids, vals, cnt, y, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
+        _pairs_down_kernel[(kb * split + 1,)](
+            wdt, ids, vals, cnt, y, part, tickets, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
             OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
-            STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS,
+            STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS, SPLIT=split,
             S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
             num_warps=cfg.decode_pairs_warps, **launch,
         )  # fmt: skip

@@ -1656,16 +1656,17 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
     if p["pairs"]:
-        from .decode_pairs import launch_decode_pairs, pair_ids
+        from .decode_pairs import down_blocks, launch_decode_pairs, pair_ids
 
-        vals, bcnt, bl1, nact, *_ = _decode_scratch(
-            M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False
+        _, kb, split = down_blocks(K, cfg)
+        vals, bcnt, bl1, nact, tickets, part, *_ = _decode_scratch(
+            M, N, NB, bn, kb, split, K, x.dtype, dev, not capturing, False
         )
         y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
         l0, l1, over = _stats_bufs(dev)
         launch_decode_pairs(
-            x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, bcnt, bl1, nact, l0, l1, over,
-            p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
+            x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, part, tickets, bcnt, bl1, nact,
+            l0, l1, over, p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
             cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs,
         )  # fmt: skip
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
