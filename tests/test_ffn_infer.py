@@ -341,6 +341,14 @@ def test_decode_atomic_down(kdevice, poison, M, K, gemv, bk_up, compact):
         _check_atomic_decode(kdevice, M, K, lambda active: 1)
 
 
+def _count_calls(monkeypatch, module, name):
+    # a list that grows by one entry per call of module.name (which still runs)
+    calls = []
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
 def _check_atomic_decode(kdevice, M, K, reduce):
     # sparse, none active, every unit active (all tiles overflow), a NaN token, and a call after
     # it (the reused accumulator must start at zero again); reduce(active): the error bound's sum
@@ -396,9 +404,7 @@ def test_decode_barrier_form(kdevice, poison, monkeypatch, M, K, bkd, chd, early
     from twell.ops import ffn_infer as fi
     from twell.ops.decode_barrier import barrier_counters
 
-    launches = []
-    launch = db.launch_decode_barrier
-    monkeypatch.setattr(db, "launch_decode_barrier", lambda *a: launches.append(1) or launch(*a))
+    launches = _count_calls(monkeypatch, db, "launch_decode_barrier")
     plan = dict(
         decode_barrier_min_m=1,
         decode_barrier_max_m=64,
@@ -447,9 +453,7 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
     from twell.ops import decode_pairs as dpair
     from twell.ops import ffn_infer as fi
 
-    launches = []
-    launch = dpair.launch_decode_pairs
-    monkeypatch.setattr(dpair, "launch_decode_pairs", lambda *a: launches.append(1) or launch(*a))
+    launches = _count_calls(monkeypatch, dpair, "launch_decode_pairs")
     plan = dict(
         decode_pairs_min_m=1,
         decode_pairs_max_m=64,
