@@ -31,8 +31,6 @@ each hold SMs the others wait for. The deterministic mode turns the form off, as
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
@@ -47,6 +45,7 @@ from .ffn_infer import (
     _p2,
     _ranks,
     _stats_tch,
+    _stream_key,
     _tokens_dot_rows,
 )
 
@@ -56,7 +55,6 @@ __all__ = [
     "gate_block",
     "leave_grid",
     "stream_counters",
-    "stream_key",
 ]
 
 
@@ -214,21 +212,12 @@ def leave_grid(cnt_ptr):
         tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-def stream_key(dev: torch.device, per_thread: bool = False) -> tuple:
-    """(device, current stream of ``dev``), with the calling thread first if ``per_thread``: the
-    key of scratch that calls may reuse while their launches run in stream order (a form that
-    launches several kernels per call keys by thread too: two threads' launches on one stream
-    interleave)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    return (threading.get_ident(), dev, stream) if per_thread else (dev, stream)
-
-
 def stream_counters(
     cache: dict, dev: torch.device, dtype: torch.dtype, per_thread: bool = False
 ) -> torch.Tensor:
-    """Two zeroed counters of ``dtype`` kept in ``cache`` under ``stream_key`` (the kernels that
+    """Two zeroed counters of ``dtype`` kept in ``cache`` under ``_stream_key`` (the kernels that
     use them leave them at zero, see ``leave_grid``)."""
-    key = stream_key(dev, per_thread)
+    key = _stream_key(dev, per_thread)
     if key not in cache:
         cache[key] = torch.zeros(2, dtype=dtype, device=dev)
     return cache[key]

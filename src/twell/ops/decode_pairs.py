@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_barrier import gate_block, leave_grid, stream_counters, stream_key
-from .ffn_infer import _decode_stats, _p2, _stats_tch, _sum_partials
+from .decode_barrier import gate_block, leave_grid, stream_counters
+from .ffn_infer import _decode_stats, _p2, _stats_tch, _stream_key, _sum_partials
 
 __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 
@@ -188,7 +188,7 @@ _IDS: dict[tuple, torch.Tensor] = {}
 
 def pair_ids(dev: torch.device, n: int) -> torch.Tensor:
     """int32 scratch of at least ``n`` pair ids for this thread and the current stream of ``dev``."""
-    key = stream_key(dev, per_thread=True)
+    key = _stream_key(dev, per_thread=True)
     buf = _IDS.get(key)
     if buf is None or buf.numel() < n:
         buf = _IDS[key] = torch.empty(max(n, 1), dtype=torch.int32, device=dev)
@@ -207,9 +207,9 @@ def launch_decode_pairs(
     slots, pdl, programs,
 ):  # fmt: skip
     """The pair form for x [M, K] (M <= 256): fills y, the statistics and the per-unit counts.
-    ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; with a split down
-    (``down_blocks``), ``part`` holds the fp32 [split, M, K] partials and ``tickets`` (int32) one
-    ticket per column block (else both may be None); ``p``: the decode plan (gate block sizes);
+    ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; ``tickets`` (int32)
+    one per down column block; with a split down (``down_blocks``), ``part`` holds the fp32
+    [split, M, K] partials (else it may be None); ``p``: the decode plan (gate block sizes);
     ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask); ``pdl``: launch the up and
     down kernels with programmatic dependent launch; ``programs``: SMs."""
     M, K = x.shape
@@ -225,10 +225,9 @@ def launch_decode_pairs(
     launch = {"launch_pdl": True} if pdl else {}
     pu = _p2(max(1, cfg.decode_pairs_up))
     bkd, kb, split = down_blocks(K, cfg)
-    if split > 1 and (part is None or tickets is None):
-        raise ValueError("part, tickets: a split down needs its partials and tickets")
-    part = y if part is None else part
-    tickets = cnt if tickets is None else tickets
+    if split > 1 and part is None:
+        raise ValueError("part: a split down needs its fp32 partials")
+    part = y if part is None else part  # (not read with one range per block)
     bpt = tile // bn
     # the up step's x and W_up tiles stay in registers: at most 64 KiB of each per program (an
     # [8, 4096] tile in bf16, [8, 2048] in fp32)

@@ -1575,6 +1575,15 @@ def _decode_plan(
 _SCRATCH: dict[tuple, tuple] = {}
 
 
+def _stream_key(dev: torch.device, per_thread: bool = False) -> tuple:
+    """(device, current stream of ``dev``), with the calling thread first if ``per_thread``: the
+    key of scratch that calls may reuse while their launches run in stream order (scratch used by
+    several kernels of one call is keyed by thread too: two threads' launches on one stream
+    interleave)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    return (threading.get_ident(), dev, stream) if per_thread else (dev, stream)
+
+
 def _decode_scratch(
     M: int,
     N: int,
@@ -1606,8 +1615,7 @@ def _decode_scratch(
     """
     key = None
     if reuse and not _alloc.poisoning():
-        stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-        key = (threading.get_ident(), dev, stream, dtype, M, N, NB, BN, KC, nsplit, K, atomic, union)
+        key = _stream_key(dev, per_thread=True) + (dtype, M, N, NB, BN, KC, nsplit, K, atomic, union)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
