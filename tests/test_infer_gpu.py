@@ -218,20 +218,24 @@ def _repeat_fully_active(shape, M, plan):
         assert_close(y.float(), y32, name=f"y[M={M}, call {i}]", dtype=torch.bfloat16, baseline=y_t.float())
 
 
-@pytest.mark.parametrize("M", [1, 8, 32, 64, 128])
-def test_decode_fp32_model_shape(M):
-    # fp32 tiles take twice the shared memory: the plan lowers the pipeline stages to fit
-    K, N = SHAPES["paper"]
-    x, wg, wu, wd = _inputs(M, K, N, 30, torch.float32, seed=M + 9)
+def _check_fp32_decode(shape, M, seed, name):
+    # reduce=K: each gate and up value is a K-term fp32 sum (the kernels' sums run in another order
+    # than cuBLAS's; measured ~4e-6 relative at M = 8 and 16 for every decode form, torch 7e-7)
+    K, N = SHAPES[shape]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.float32, seed=seed)
     y, _ = ffn_infer(x, wg, wu, wd, path="decode")
     with torch.no_grad():
         y64, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
         y_t, _ = sparse_ffn_ref(x, wg, wu, wd)
-    # reduce=K: each gate and up value is a K-term fp32 sum (the kernels' sums run in another order
-    # than cuBLAS's; measured ~4e-6 relative at M = 8 and 16 for every decode form, torch 7e-7)
     assert_close(
-        y.double(), y64, name=f"y[fp32 decode, M={M}]", dtype=torch.float32, baseline=y_t.double(), reduce=K
+        y.double(), y64, name=f"y[fp32 {name}, M={M}]", dtype=torch.float32, baseline=y_t.double(), reduce=K
     )
+
+
+@pytest.mark.parametrize("M", [1, 8, 32, 64, 128])
+def test_decode_fp32_model_shape(M):
+    # fp32 tiles take twice the shared memory: the plan lowers the pipeline stages to fit
+    _check_fp32_decode("paper", M, M + 9, "decode")
 
 
 @pytest.mark.parametrize("M", [8, 32])
@@ -242,14 +246,7 @@ def test_decode_pairs_fp32_llama(M):
 
     K, N = SHAPES["llama3-8b"]
     assert fi._decode_plan(M, K, N, fi.get_config("infer"), elsize=4)["pairs"]
-    x, wg, wu, wd = _inputs(M, K, N, 30, torch.float32, seed=M + 3)
-    y, _ = ffn_infer(x, wg, wu, wd, path="decode")
-    with torch.no_grad():
-        y64, _ = sparse_ffn_ref(x.double(), wg.double(), wu.double(), wd.double())
-        y_t, _ = sparse_ffn_ref(x, wg, wu, wd)
-    assert_close(
-        y.double(), y64, name=f"y[fp32 pairs, M={M}]", dtype=torch.float32, baseline=y_t.double(), reduce=K
-    )
+    _check_fp32_decode("llama3-8b", M, M + 3, "pairs")
 
 
 @pytest.mark.parametrize("M", [1, 8, 32])
