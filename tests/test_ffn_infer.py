@@ -458,6 +458,7 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
         decode_pairs_min_m=1,
         decode_pairs_max_m=64,
         decode_pairs_min_k=0,
+        decode_pairs_short_min_m=0,
         decode_pairs_up=up,
         decode_pairs_up_bk=64,
         decode_pairs_chunk=chunk,
@@ -484,6 +485,29 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
     with override("infer", decode_pairs_min_k=4096):
         assert not fi._decode_plan(M, 4095, 300, fi.get_config("infer"))["pairs"]
         assert fi._decode_plan(16, 4096, 14336, fi.get_config("infer"))["pairs"]
+
+
+def test_decode_pairs_default_range_and_down_blocks():
+    # the defaults: M = 8..32 at K >= 4096, from decode_pairs_short_min_m = 21 at 2048 <= K < 4096
+    # (the barrier form below), not below K = 2048; the down's (columns, column blocks, ranges)
+    # by the last rule of decode_pairs_down that applies, decode_pairs_bkd / _split replacing them
+    from twell.ops import ffn_infer as fi
+    from twell.ops.decode_pairs import down_blocks
+
+    cfg = fi.get_config("infer")
+    plan = lambda M, K, N: fi._decode_plan(M, K, N, cfg, programs=132)  # noqa: E731
+    assert [plan(M, 4096, 14336)["pairs"] for M in (4, 8, 32, 33)] == [False, True, True, False]
+    assert [plan(M, 2048, 5632)["pairs"] for M in (8, 20, 21, 32, 33)] == [False, False, True, True, False]
+    assert plan(20, 2048, 5632)["barrier"]
+    assert not plan(24, 896, 4864)["pairs"]
+    assert down_blocks(24, 2048, cfg) == (64, 32, 2)
+    assert down_blocks(24, 4096, cfg) == (16, 256, 1)
+    assert down_blocks(32, 4096, cfg) == (32, 128, 2)
+    assert down_blocks(8, 1000, cfg) == (16, 63, 1)
+    with override("infer", decode_pairs_bkd=128, decode_pairs_split=3):
+        assert down_blocks(24, 4096, fi.get_config("infer")) == (128, 32, 3)
+    with override("infer", decode_pairs_bkd=100):
+        assert down_blocks(8, 48, fi.get_config("infer")) == (64, 1, 1)  # a power of two <= K
 
 
 @pytest.mark.parametrize(

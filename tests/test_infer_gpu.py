@@ -84,8 +84,14 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_barrier_max_m": 0,  # (it would take M = 8..20 where its programs fit)
             "decode_pairs_max_m": 0,
         },
-        # the pair form (by default at M = 8..32 and K >= 4096) on every shape to 128 tokens
-        "pairs": {"decode_pairs_min_m": 3, "decode_pairs_max_m": 128, "decode_pairs_min_k": 0},
+        # the pair form (by default at M = 8..32 and K >= 4096, 21..32 at 2048 <= K < 4096) on
+        # every shape to 128 tokens
+        "pairs": {
+            "decode_pairs_min_m": 3,
+            "decode_pairs_max_m": 128,
+            "decode_pairs_min_k": 0,
+            "decode_pairs_short_min_m": 0,
+        },
     }
     if M > 64 and form == "default" and shape != "llama3-8b":
         pytest.skip("decode runs M > 64 in the union form only (K >= 4096 by default)")
@@ -179,21 +185,24 @@ def test_decode_barrier_fully_active_repeats(M):
     assert not barrier_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
-@pytest.mark.parametrize("M", [8, 24, 32])
-def test_decode_pairs_fully_active_repeats(M):
-    # the pair form on the Llama-3-8B shape (its default range: M = 8..32 at K >= 4096), 250 calls
-    # with a token that has all 14,336 units active (14,336 of its pairs in the list); the pair
+@pytest.mark.parametrize(
+    "shape,M", [("llama3-8b", 8), ("llama3-8b", 24), ("llama3-8b", 32), ("paper", 21), ("paper", 32)]
+)
+def test_decode_pairs_fully_active_repeats(shape, M):
+    # the pair form in its default range (M = 8..32 at K >= 4096, 21..32 on the paper shape, whose
+    # down splits the list in 2 ranges per column block, as Llama-3-8B's does at M = 32), 250
+    # calls with a token that has every unit active (all N of its pairs in the list); the pair
     # count is back at 0 after every call
     from twell.ops import ffn_infer as fi
     from twell.ops.decode_pairs import pair_counters
 
-    K, N = SHAPES["llama3-8b"]
+    K, N = SHAPES[shape]
     assert fi._decode_plan(M, K, N, fi.get_config("infer"))["pairs"]
-    _repeat_fully_active("llama3-8b", M, {})
+    _repeat_fully_active(shape, M, {})
     assert not pair_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
-@pytest.mark.parametrize("M", [24, 48, 64])
+@pytest.mark.parametrize("M", [40, 48, 64])
 def test_decode_union_short_k_fully_active_repeats(M):
     # the union form on the paper shape (K below decode_chunk_long_k: 128 units per tl.dot, 16
     # unit ranges, the gate in 128-column K steps), 250 calls with a token that has all 5,632

@@ -305,22 +305,31 @@ class InferConfig:
     #: against 23.1, 32 30.9 against 30.2, 64 37.9 against 34.8), on Qwen2-0.5B (K = 896) mixed
     decode_pairs_min_m: int = 8
     decode_pairs_max_m: int = 32
-    decode_pairs_min_k: int = 4096
+    decode_pairs_min_k: int = 2048
+    #: below decode_chunk_long_k (4096) the form starts at this M: the barrier form is faster
+    #: below (paper shape, H100: it runs M = 8..20 there in 21.8-29.7 us), the pair form with its
+    #: split down from 21 (benchmarks/results/decode-pairs-split-2026-11-27/: M = 21 / 24 / 28 / 32
+    #: 29.2 / 29.2 / 30.4 / 30.9 us against 31.7 / 31.9 / 31.9-32.2 / 32.5-32.7 for the union form)
+    decode_pairs_short_min_m: int = 21
     decode_pairs_up: int = 8
     decode_pairs_up_bk: int = 4096
     decode_pairs_up_per_sm: int = 2
     decode_pairs_up_warps: int = 8
-    decode_pairs_bkd: int = 16
     decode_pairs_chunk: int = 128
     decode_pairs_stages: int = 5
     decode_pairs_warps: int = 4
-    #: ranges of the pair list per down column block (1: one program per block stores y; more:
-    #: fp32 partials summed by the last range of each block to take a ticket). H100, one sample
-    #: each, the form on at every M (decode-pairs-2026-11-27/sweep-pairs-split-h100.jsonl): paper
-    #: shape M = 24 / 32 30.35 / 31.22 us with 4 ranges and 64 columns against 31.36 / 32.27 for
-    #: the union form, 64 39.66 against 37.71 (47.95 unsplit); Llama-3-8B M = 32 72.6 with 2 ranges
-    #: and 32 columns against 74.1-74.5 unsplit, 64 87.3 against 83.2 (union form)
-    decode_pairs_split: int = 1
+    #: the down kernel's output columns per program and ranges of the pair list per column block
+    #: (1: one program per block stores y; more: fp32 partials summed by the last range of each
+    #: block to take a ticket): the last rule (min K, min M, columns, ranges) with K >= min K and
+    #: M >= min M, else (16, 1); decode_pairs_bkd / decode_pairs_split > 0 replace them. H100, 30
+    #: units iid, one process (benchmarks/results/decode-pairs-split-2026-11-27/split.jsonl):
+    #: paper shape M = 21 / 24 / 32 29.2 / 29.2 / 30.9 us with 64 columns in 2 ranges, 29.8-30.1 /
+    #: 30.2 / 31.6 in 4, 30.1 / 29.9 / 30.9 with 32 columns in 4, 30.1 / 30.5 / 31.9 in 8;
+    #: Llama-3-8B M = 32 72.0-72.7 with 32 columns in 2 ranges against 75.0 for (16, 1), M = 24
+    #: 70.7 against 68.8-68.9, M = 16 61.8 against 62.1
+    decode_pairs_down: tuple = ((2048, 0, 64, 2), (4096, 0, 16, 1), (4096, 32, 32, 2))
+    decode_pairs_bkd: int = 0
+    decode_pairs_split: int = 0
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -195,11 +195,16 @@ def pair_ids(dev: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def down_blocks(K: int, cfg) -> tuple[int, int, int]:
+def down_blocks(M: int, K: int, cfg) -> tuple[int, int, int]:
     """The down kernel's output columns per program, its column blocks and the ranges of the pair
-    list each block is split into (``decode_pairs_bkd``, ``decode_pairs_split``)."""
-    bkd = max(16, min(_p2(K), cfg.decode_pairs_bkd))
-    return bkd, triton.cdiv(K, bkd), max(1, cfg.decode_pairs_split)
+    list each block is split into at M tokens (``decode_pairs_down``; ``decode_pairs_bkd`` and
+    ``decode_pairs_split`` > 0 replace its choices)."""
+    bkd, split = 16, 1
+    for min_k, min_m, cols, ranges in cfg.decode_pairs_down:
+        if K >= min_k and M >= min_m:
+            bkd, split = cols, ranges
+    bkd = max(16, min(_p2(K), _p2(cfg.decode_pairs_bkd or bkd)))
+    return bkd, triton.cdiv(K, bkd), max(1, cfg.decode_pairs_split or split)
 
 
 def launch_decode_pairs(
@@ -224,7 +229,7 @@ def launch_decode_pairs(
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     launch = {"launch_pdl": True} if pdl else {}
     pu = _p2(max(1, cfg.decode_pairs_up))
-    bkd, kb, split = down_blocks(K, cfg)
+    bkd, kb, split = down_blocks(M, K, cfg)
     if split > 1 and part is None:
         raise ValueError("part: a split down needs its fp32 partials")
     part = y if part is None else part  # (not read with one range per block)

@@ -43,11 +43,12 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     one launch of ``decode_barrier._decode_barrier_kernel``: gate, the up of the active units
     compacted 16 at a time, a grid-wide barrier, then the down projection by output column blocks
     straight into y (no atomic add on y, no finishing kernel).
-    Pair form (``decode_pairs_min_m`` <= M <= ``decode_pairs_max_m``, 8..32, at K >=
-    ``decode_pairs_min_k`` = 4096, in place of every other form there; not in deterministic mode
-    or under capture): ``decode_pairs`` lists the batch's active (token, unit) pairs in the gate
-    kernel, computes each pair's h from whole x and W_up rows, and sums the pairs into y by
-    output columns.
+    Pair form (``decode_pairs_min_m`` <= M <= ``decode_pairs_max_m``, 8..32, at K >= 4096; from
+    ``decode_pairs_short_min_m`` = 21 at ``decode_pairs_min_k`` = 2048 <= K < 4096; in place of
+    every other form there; not in deterministic mode or under capture): ``decode_pairs`` lists
+    the batch's active (token, unit) pairs in the gate kernel, computes each pair's h from whole x
+    and W_up rows, and sums the pairs into y by output columns (split over ranges of the list
+    per ``decode_pairs_down``).
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
@@ -1483,7 +1484,9 @@ def _decode_plan(
         free
         and use_dot
         and K >= cfg.decode_pairs_min_k
-        and cfg.decode_pairs_min_m <= M <= min(256, cfg.decode_pairs_max_m)
+        and max(cfg.decode_pairs_min_m, 0 if K >= cfg.decode_chunk_long_k else cfg.decode_pairs_short_min_m)
+        <= M
+        <= min(256, cfg.decode_pairs_max_m)
     )
     union = union_range and not barrier
     chunk = (chunk_range and free) or union
@@ -1666,7 +1669,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     if p["pairs"]:
         from .decode_pairs import down_blocks, launch_decode_pairs, pair_ids
 
-        _, kb, split = down_blocks(K, cfg)
+        _, kb, split = down_blocks(M, K, cfg)
         vals, bcnt, bl1, nact, tickets, part, *_ = _decode_scratch(
             M, N, NB, bn, kb, split, K, x.dtype, dev, not capturing, False
         )
