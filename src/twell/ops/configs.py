@@ -294,22 +294,26 @@ class InferConfig:
     #: active (token, unit) pairs, the up kernel computes decode_pairs_up pairs per step (whole rows
     #: of up to decode_pairs_up_bk columns per load, decode_pairs_up_warps warps,
     #: decode_pairs_up_per_sm programs per SM), the down kernel sums decode_pairs_chunk pairs per
-    #: tl.dot (decode_pairs_stages stages) into decode_pairs_bkd output columns per program.
+    #: tl.dot (decode_pairs_stages stages) into the output columns of its program (decode_pairs_down).
     #: H200, 30 units per token iid, against the forms that ran before (one process;
     #: benchmarks/results/decode-pairs-2026-11-27/): Llama-3-8B shape (K = 4096, N = 14336) M = 8
     #: 48.4 against 52.2 us, 12 49.4 against 54.8, 16 50.5-50.8 against 56.7-56.8, 24 58.1
     #: against 70.0, 32 62.8-63.7 against 66.9-67.1 (skewed 16 / 32 50.5 / 62.8 against 56.7 /
     #: 67.1); slower at M = 4 (46.7 against 45.5), 40 (66.9 against 65.1), 48 and 64 (72.3 / 79.9
     #: against 66.5 / 69.6: every down program walks the whole list, PD pairs a step, each step's
-    #: rows gathered 32 bytes at a time); on the paper shape (K = 2048) slower at every M (16 25.4
-    #: against 23.1, 32 30.9 against 30.2, 64 37.9 against 34.8), on Qwen2-0.5B (K = 896) mixed
+    #: rows gathered 32 bytes at a time); on the paper shape (K = 2048) with one range of 16 down
+    #: columns slower at every M (16 25.4 against 23.1, 32 30.9 against 30.2, 64 37.9 against
+    #: 34.8), faster from M = 21 with the split down of decode_pairs_down (below); on Qwen2-0.5B
+    #: (K = 896) mixed
     decode_pairs_min_m: int = 8
     decode_pairs_max_m: int = 32
     decode_pairs_min_k: int = 2048
     #: below decode_chunk_long_k (4096) the form starts at this M: the barrier form is faster
     #: below (paper shape, H100: it runs M = 8..20 there in 21.8-29.7 us), the pair form with its
-    #: split down from 21 (benchmarks/results/decode-pairs-split-2026-11-27/: M = 21 / 24 / 28 / 32
-    #: 29.2 / 29.2 / 30.4 / 30.9 us against 31.7 / 31.9 / 31.9-32.2 / 32.5-32.7 for the union form)
+    #: split down from 21 (benchmarks/results/decode-pairs-split-2026-11-27/verify.jsonl, eecc261
+    #: against 0edca90's choices in one process: M = 21 / 24 / 28 / 32 28.9 / 29.3 / 30.2-30.3 /
+    #: 30.7-30.8 us against 31.8-32.0 / 31.7-32.6 / 32.2-32.3 / 32.6-32.7 for the union form; M = 17
+    #: 28.2 against 27.3-27.4 for the barrier form, M = 20 29.0 against 30.0-30.2 in one sample)
     decode_pairs_short_min_m: int = 21
     decode_pairs_up: int = 8
     decode_pairs_up_bk: int = 4096
