@@ -312,8 +312,9 @@ class InferConfig:
     #: below (paper shape, H100: it runs M = 8..20 there in 21.8-29.7 us), the pair form with its
     #: split down from 21 (benchmarks/results/decode-pairs-split-2026-11-27/verify.jsonl, eecc261
     #: against 0edca90's choices in one process: M = 21 / 24 / 28 / 32 28.9 / 29.3 / 30.2-30.3 /
-    #: 30.7-30.8 us against 31.8-32.0 / 31.7-32.6 / 32.2-32.3 / 32.6-32.7 for the union form; M = 17
-    #: 28.2 against 27.3-27.4 for the barrier form, M = 20 29.0 against 30.0-30.2 in one sample)
+    #: 30.7-30.8 us against 31.8-32.0 / 31.7-32.6 / 32.2-32.3 / 32.6-32.7 for the union form). At
+    #: M = 17..20 (m17-20.jsonl) mixed: the pair form faster at paper M = 19 / 20 iid (28.5-28.6
+    #: against 29.7-29.8) and on K = 2048, N = 8192, slower at paper M = 17 / 18, skewed and 24 units
     decode_pairs_short_min_m: int = 21
     decode_pairs_up: int = 8
     decode_pairs_up_bk: int = 4096
