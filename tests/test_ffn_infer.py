@@ -460,6 +460,7 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
         decode_pairs_min_k=0,
         decode_pairs_short_min_m=0,
         decode_pairs_up=up,
+        decode_pairs_up_short=up,  # (K < 4096 here)
         decode_pairs_up_bk=64,
         decode_pairs_chunk=chunk,
         decode_pairs_bkd=bkd,

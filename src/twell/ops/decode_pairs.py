@@ -228,7 +228,7 @@ def launch_decode_pairs(
     cnt = pair_counters(x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     launch = {"launch_pdl": True} if pdl else {}
-    pu = _p2(max(1, cfg.decode_pairs_up))
+    pu = _p2(max(1, cfg.decode_pairs_up if K >= cfg.decode_chunk_long_k else cfg.decode_pairs_up_short))
     bkd, kb, split = down_blocks(M, K, cfg)
     if split > 1 and part is None:
         raise ValueError("part: a split down needs its fp32 partials")
