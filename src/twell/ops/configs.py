@@ -317,11 +317,13 @@ class InferConfig:
     #: against 29.7-29.8) and on K = 2048, N = 8192, slower at paper M = 17 / 18, skewed and 24 units
     decode_pairs_short_min_m: int = 21
     decode_pairs_up: int = 8
-    #: pairs per up step below decode_chunk_long_k (4096). H100, 30 units iid, the pair form's
-    #: kernels of fca2eab in two processes, two rounds each
-    #: (benchmarks/results/decode-pairs-split-2026-11-27/ab-early-ids-old.jsonl): paper shape
-    #: M = 24 26.9-27.1 us with 4 against 28.9-29.0 with 8; at K = 4096 (Llama-3-8B) 4 was slower
-    #: at M = 8 / 16 (59.7-59.8 / 63.3-63.6 against 58.2-58.3 / 61.4) and M = 32 within 0.6 us
+    #: pairs per up step below decode_chunk_long_k (4096). H100, 30 units iid, one process, two
+    #: rounds (benchmarks/results/decode-pairs-split-2026-11-27/up-short.jsonl, 0dfac1e): paper
+    #: shape M = 21 / 28 / 32 27.0-27.1 / 28.7-28.8 / 29.1-29.2 us with 4 against 28.9-29.1 /
+    #: 30.5 / 30.9 with 8, skewed 24 / 32 26.5-26.6 / 28.0-28.2 against 28.5 / 29.9, K = 2048,
+    #: N = 8192 M = 21 / 32 30.3-30.4 / 32.4-32.7 against 32.2-32.4 / 34.4-34.6. At K = 4096
+    #: (Llama-3-8B, ab-early-ids-old.jsonl) 4 was slower at M = 8 / 16 (59.7-59.8 / 63.3-63.6
+    #: against 58.2-58.3 / 61.4), 71.6-72.0 against 72.2-73.4 at M = 32
     decode_pairs_up_short: int = 4
     decode_pairs_up_bk: int = 4096
     decode_pairs_up_per_sm: int = 2
