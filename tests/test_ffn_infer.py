@@ -488,6 +488,57 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
         assert fi._decode_plan(16, 4096, 14336, fi.get_config("infer"))["pairs"]
 
 
+@pytest.mark.parametrize(
+    "M,K,up,chd,bkd,split,fin",
+    [
+        (3, 96, 8, 16, 32, 4, True),
+        (8, 200, 4, 64, 64, 2, False),
+        (17, 48, 2, 32, 16, 1, True),
+        (33, 72, 4, 128, 128, 3, True),
+        (33, 72, 4, 128, 128, 3, False),
+    ],
+)
+def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd, bkd, split, fin):
+    # the pair form's units variant: the pair gate also lists the batch's active units (their
+    # h rows zeroed), the pair up stores h by its unit's rank, then the union form's down GEMM
+    # (`chd` ranks per tl.dot, `bkd` columns, `split` ranges, fp32 atomics) finishing the call
+    # itself (`fin`) or followed by the finishing kernel. Sparse, none active (no units listed),
+    # every unit active (all 300 listed), a NaN token, calls after it (the counters back at zero,
+    # the accumulator zeroed again)
+    from twell.ops import decode_pairs as dpair
+    from twell.ops import ffn_infer as fi
+
+    launches = []  # per call: whether the units variant ran (its `units` argument is given)
+    fn = dpair.launch_decode_pairs
+    monkeypatch.setattr(dpair, "launch_decode_pairs", lambda *a: launches.append(a[-1] is not None) or fn(*a))
+    plan = dict(
+        decode_union_finish=fin,
+        decode_pairs_min_k=0,
+        decode_pairs_units_min_m=1,
+        decode_pairs_units_max_m=64,
+        decode_pairs_up=up,
+        decode_pairs_up_short=up,
+        decode_pairs_up_bk=64,
+        decode_union_chunk=chd,
+        decode_union_short_chunk=chd,
+        decode_union_bk=bkd,
+        decode_union_split=split,
+        decode_union_short_split=split,
+    )
+    with override("infer", **plan):
+        p = fi._decode_plan(M, K, 300, fi.get_config("infer"))
+        assert p["pairs"] and p["pairs_units"]
+        _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
+        assert not dpair.pair_counters(torch.device(kdevice)).any()
+    assert launches == [True] * 6
+    with override("infer", **plan):
+        cfg = fi.get_config("infer")
+        assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["pairs_units"]
+        assert not fi._decode_plan(65, K, 300, cfg)["pairs_units"]
+    with override("infer", **{**plan, "decode_pairs_units_min_m": 0}):
+        assert not fi._decode_plan(M, K, 300, fi.get_config("infer"))["pairs_units"]
+
+
 def test_decode_pairs_default_range_and_down_blocks():
     # the defaults: M = 8..32 at K >= 4096, from decode_pairs_short_min_m = 21 at 2048 <= K < 4096
     # (the barrier form below), not below K = 2048; the down's (columns, column blocks, ranges)
@@ -498,7 +549,11 @@ def test_decode_pairs_default_range_and_down_blocks():
     cfg = fi.get_config("infer")
     plan = lambda M, K, N: fi._decode_plan(M, K, N, cfg, programs=132)  # noqa: E731
     assert [plan(M, 4096, 14336)["pairs"] for M in (4, 8, 32, 33)] == [False, True, True, False]
-    assert [plan(M, 2048, 5632)["pairs"] for M in (8, 20, 21, 32, 33)] == [False, False, True, True, False]
+    assert [plan(M, 2048, 5632)["pairs"] for M in (8, 20, 21, 32, 33, 64)] == [False, False] + [True] * 4
+    # its units variant at M = 33..64 below K = 4096 (the union form stays at K >= 4096)
+    assert [plan(M, 2048, 5632)["pairs_units"] for M in (32, 33, 64)] == [False, True, True]
+    assert not plan(48, 4096, 14336)["pairs_units"] and plan(48, 4096, 14336)["union"]
+    assert not plan(48, 4096, 14336)["pairs"]
     assert plan(20, 2048, 5632)["barrier"]
     assert not plan(24, 896, 4864)["pairs"]
     assert down_blocks(24, 2048, cfg) == (64, 32, 2)
@@ -570,24 +625,28 @@ def test_decode_chunk_up_accumulators(kdevice, poison, M, K, nacc, union):
 
 
 @pytest.mark.parametrize(
-    "M,K,bk,chd,split,progs",
+    "M,K,bk,chd,split,progs,fin",
     [
-        (20, 48, 16, 16, 0, 0),
-        (33, 40, 32, 32, 3, 0),
-        (7, 96, 64, 16, 1, 5),
-        (60, 40, 16, 64, 2, 0),
-        (128, 40, 32, 32, 8, 0),
+        (20, 48, 16, 16, 0, 0, True),
+        (33, 40, 32, 32, 3, 0, True),
+        (33, 40, 32, 32, 3, 0, False),
+        (7, 96, 64, 16, 1, 5, False),
+        (60, 40, 16, 64, 2, 0, True),
+        (128, 40, 32, 32, 8, 0, True),
     ],
 )
-def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs):
+def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin):
     # decode_union_min_m <= M <= decode_union_max_m: the chunk kernel stores h of the batch's
     # compacted active units and their unit ids, and a third kernel runs y = h W_down^T over them
     # split in bk-column blocks x `split` ranges of units (0: programs / blocks), chd units per
-    # tl.dot, one atomic add per program. Sparse, none active, every unit active, a NaN token,
-    # repeated calls on the reused accumulator; deterministic mode and capture keep it off
+    # tl.dot, one atomic add per program; `fin`: that kernel also rounds y (the last range of
+    # each column block behind a ticket) and reduces the statistics, else a finishing kernel
+    # does. Sparse, none active, every unit active, a NaN token, repeated calls on the reused
+    # accumulator; deterministic mode and capture keep it off
     from twell.ops import ffn_infer as fi
 
     plan = dict(
+        decode_union_finish=fin,
         decode_union_min_m=3,
         decode_union_max_m=128,
         decode_union_min_k=0,

@@ -222,6 +222,14 @@ class InferConfig:
     decode_union_short_gate_bk: int = 128
     decode_union_short_gate_stages: int = 4
     decode_union_stages: int = 3
+    #: the union form's down kernel also finishes the call (the last range of each column block
+    #: to take a ticket rounds it into y and zeroes the accumulator, more programs reduce the
+    #: statistics) instead of a finishing kernel after it. H100, 30 units iid, one process, two
+    #: rounds (benchmarks/results/decode-units-2026-11-27/ab-*.jsonl): paper shape M = 40 / 48 / 64
+    #: 35.7-35.8 / 35.6-35.8 / 38.4-38.5 us against 36.3-36.6 / 36.7-36.8 / 39.1-39.2, Llama-3-8B
+    #: M = 48 / 64 77.8-78.2 / 81.6-82.1 against 79.6-80.0 / 82.8-83.2; the units variant of the pair
+    #: form at M = 40 / 48 / 64 34.7-34.8 / 34.2-34.3 / 37.2 against 35.1-35.2 / 35.0 / 37.2-37.5
+    decode_union_finish: bool = True
     decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
@@ -343,6 +351,18 @@ class InferConfig:
     decode_pairs_down: tuple = ((2048, 0, 64, 2), (4096, 0, 16, 1), (4096, 32, 32, 2))
     decode_pairs_bkd: int = 0
     decode_pairs_split: int = 0
+    #: the pair form's units variant at decode_pairs_units_min_m <= M <= decode_pairs_units_max_m
+    #: (0: off) and decode_pairs_min_k <= K < decode_chunk_long_k, in place of every other form
+    #: there: the pair gate and up kernels, the up storing h by the rank of its unit in the batch's
+    #: list of active units, then the union form's down GEMM (decode_union_* choices). H100, 30
+    #: units iid, one process, two rounds (benchmarks/results/decode-units-2026-11-27/ab-*.jsonl):
+    #: paper shape M = 40 / 48 / 64 34.7-34.8 / 34.2-34.3 / 37.2 us against 35.7-35.8 / 35.6-35.8 /
+    #: 38.4-38.5 for the union form (both finishing in the down kernel), skewed M = 64 34.6 against
+    #: 36.2; at M = 24 / 32 slower than the pair form (29.1 / 29.5-29.7 against 27.0-27.2 /
+    #: 28.6-28.8, first-paper.jsonl), on Llama-3-8B (K = 4096) slower than the union form (M = 48 /
+    #: 64 82.7 / 87.6 against 78.8 / 82.9, first-llama.jsonl)
+    decode_pairs_units_min_m: int = 33
+    decode_pairs_units_max_m: int = 64
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -48,6 +48,9 @@ from .ffn_infer import (
     _stream_key,
     _tokens_dot_rows,
 )
+from .ffn_infer import (
+    _leave_grid as leave_grid,
+)
 
 __all__ = [
     "launch_decode_barrier",
@@ -201,25 +204,14 @@ def _decode_barrier_kernel(
         leave_grid(bar_ptr)
 
 
-@triton.jit
-def leave_grid(cnt_ptr):
-    # counts this program out of the grid at cnt_ptr[1]; the last one out zeroes cnt_ptr[0] and
-    # cnt_ptr[1] for the next launch (every program's reads of them are behind it)
-    tl.debug_barrier()
-    gone = tl.atomic_add(cnt_ptr + 1, 1, sem="relaxed", scope="gpu")
-    if gone == tl.num_programs(0) - 1:
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(cnt_ptr + 1, 0, sem="relaxed", scope="gpu")
-
-
 def stream_counters(
-    cache: dict, dev: torch.device, dtype: torch.dtype, per_thread: bool = False
+    cache: dict, dev: torch.device, dtype: torch.dtype, per_thread: bool = False, n: int = 2
 ) -> torch.Tensor:
-    """Two zeroed counters of ``dtype`` kept in ``cache`` under ``_stream_key`` (the kernels that
+    """``n`` zeroed counters of ``dtype`` kept in ``cache`` under ``_stream_key`` (the kernels that
     use them leave them at zero, see ``leave_grid``)."""
     key = _stream_key(dev, per_thread)
     if key not in cache:
-        cache[key] = torch.zeros(2, dtype=dtype, device=dev)
+        cache[key] = torch.zeros(n, dtype=dtype, device=dev)
     return cache[key]
 
 

@@ -22,6 +22,13 @@ all of x (256 KiB) or all of h. Here the work is the list of active pairs itself
    [PD, BKD] gathered rows), stored straight into y; one more program reduces the statistics. Each
    program reads the pair list (6 bytes a pair) instead of h of every token.
 
+Units variant (``units``, at M = 33..64 below K = 4096 by default): the gate kernel also lists
+the batch's active units (one 64-bit atomic add takes the places of a block's pairs and units) and
+zeroes their rows of hu [ranks, M]; the up kernel stores each pair's h at hu[rank of its unit,
+token]; the union form's down GEMM (``ffn_infer._launch_union_down``) then reads each listed unit's
+W_down^T row once for all tokens (its [M, CHD] h tiles, mostly zeros, are dense for tl.dot) where
+the pair down reads one row per pair and builds each step's one-hot h tile.
+
 The list's order is the gate programs' arrival order, so the sums may change in the last bit
 between calls: not in deterministic mode, not under CUDA-graph capture. The pair count lives in a
 counter per (thread, device, stream) that the down kernel's last program out resets, so it is 0
@@ -35,7 +42,16 @@ import triton
 import triton.language as tl
 
 from .decode_barrier import gate_block, leave_grid, stream_counters
-from .ffn_infer import _decode_stats, _p2, _stats_tch, _stream_key, _sum_partials
+from .ffn_infer import (
+    _decode_stats,
+    _launch_union_down,
+    _p2,
+    _ranks,
+    _stats_tch,
+    _stream_key,
+    _sum_partials,
+    _union_blocks,
+)
 
 __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 
@@ -45,11 +61,11 @@ _TOK_BITS = 8
 
 @triton.jit
 def _pairs_gate_kernel(
-    x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr, tk_ptr,
+    x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr, tk_ptr, hu_ptr, uid_ptr, rank_ptr,
     M, N, K, NB, KB, stride_xm, stride_xk,
     OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
-    TOK_BITS: tl.constexpr, KB_P2: tl.constexpr, PDL: tl.constexpr,
+    TOK_BITS: tl.constexpr, KB_P2: tl.constexpr, PDL: tl.constexpr, UNITS: tl.constexpr,
 ):  # fmt: skip
     if PDL:
         # the up kernel may be scheduled from now on; it waits in-kernel for this grid (gdc_wait)
@@ -69,21 +85,42 @@ def _pairs_gate_kernel(
     # place of each active pair among the block's, unit-major: the units before it, then the
     # tokens of its unit before it
     pos = (tl.cumsum(n_act, axis=0) - n_act)[None, :] + tl.cumsum(a, axis=0) - 1
-    base = tl.atomic_add(cnt_ptr, tl.sum(n_act, axis=0), sem="relaxed", scope="gpu")
+    if UNITS:
+        # units variant: the block's active units also join the batch's unit list, at ranks r;
+        # one 64-bit add takes both places (pairs at cnt[0], units at cnt[1]: little-endian)
+        f_u = (n_act > 0) & m_n
+        upos, n_units = _ranks(f_u)
+        w = tl.atomic_add(
+            cnt_ptr.to(tl.pointer_type(tl.int64), bitcast=True),
+            (n_units.to(tl.int64) << 32) | tl.sum(n_act, axis=0).to(tl.int64),
+            sem="relaxed",
+            scope="gpu",
+        )
+        base = (w & 0xFFFFFFFF).to(tl.int32)
+        r = (w >> 32).to(tl.int32) + upos
+    else:
+        base = tl.atomic_add(cnt_ptr, tl.sum(n_act, axis=0), sem="relaxed", scope="gpu")
     ids = (o_n[None, :] << TOK_BITS) | i_m[:, None]
     tl.store(ids_ptr + base + pos, ids, mask=b_act)
     tl.store(val_ptr + base + pos, acc_g.to(OUT_DTYPE), mask=b_act)
     tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(a, axis=1), mask=m_m)
     tl.store(bl1_ptr + i_m * NB + pid, tl.zeros((BM,), dtype=tl.float32), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
+    if UNITS:
+        # hu[r, :] (h of a listed unit for every token, unit-major) starts at 0; the up kernel
+        # fills in the active pairs, finding r by rank[unit]
+        tl.store(uid_ptr + r, o_n, mask=f_u)
+        tl.store(rank_ptr + o_n, r, mask=f_u)
+        z = tl.zeros((BM, BN), dtype=OUT_DTYPE)
+        tl.store(hu_ptr + r[None, :].to(tl.int64) * M + i_m[:, None], z, mask=m_m[:, None] & f_u[None, :])
 
 
 @triton.jit
 def _pairs_up_kernel(
-    x_ptr, wu_ptr, ids_ptr, val_ptr, cnt_ptr, bl1_ptr,
-    K, NB, stride_xm, stride_xk,
+    x_ptr, wu_ptr, ids_ptr, val_ptr, cnt_ptr, bl1_ptr, hu_ptr, rank_ptr,
+    M, K, NB, stride_xm, stride_xk,
     OUT_DTYPE: tl.constexpr, P: tl.constexpr, BKU: tl.constexpr, BN_G: tl.constexpr,
-    TOK_BITS: tl.constexpr, PDL: tl.constexpr,
+    TOK_BITS: tl.constexpr, PDL: tl.constexpr, UNITS: tl.constexpr,
 ):  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -98,6 +135,8 @@ def _pairs_up_kernel(
         tok = ids & ((1 << TOK_BITS) - 1)
         unit = (ids >> TOK_BITS).to(tl.int64)
         g = tl.load(val_ptr + i_p, mask=v_p, other=0.0).to(tl.float32)
+        if UNITS:
+            r = tl.load(rank_ptr + unit, mask=v_p, other=0).to(tl.int64)
         # whole rows per step (a K loop without tl.dot is not pipelined: one round trip a step)
         acc = tl.zeros((P, BKU), dtype=tl.float32)
         for k in range(0, K, BKU):
@@ -109,7 +148,10 @@ def _pairs_up_kernel(
             b_w = tl.load(wu_ptr + unit[:, None] * K + (k + o_k)[None, :], mask=m_w, other=0.0)
             acc += b_x.to(tl.float32) * b_w.to(tl.float32)
         h = (g * tl.sum(acc, axis=1)).to(OUT_DTYPE)
-        tl.store(val_ptr + i_p, h, mask=v_p)
+        if UNITS:
+            tl.store(hu_ptr + r * M + tok, h, mask=v_p)
+        else:
+            tl.store(val_ptr + i_p, h, mask=v_p)
         tl.atomic_add(
             bl1_ptr + tok * NB + (unit // BN_G).to(tl.int32),
             tl.abs(h.to(tl.float32)),
@@ -177,8 +219,9 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def pair_counters(dev: torch.device) -> torch.Tensor:
-    """int32 [2] counters of the pair form for this thread and the current stream of ``dev`` (zero)."""
-    return stream_counters(_COUNTERS, dev, torch.int32, per_thread=True)
+    """int32 [4] counters of the pair form for this thread and the current stream of ``dev`` (zero):
+    pairs listed, down programs gone (pair down), units listed (units form)."""
+    return stream_counters(_COUNTERS, dev, torch.int32, per_thread=True, n=4)
 
 
 #: the pair form's id lists per (thread, device, stream), grown as needed (every entry read is
@@ -209,14 +252,20 @@ def down_blocks(M: int, K: int, cfg) -> tuple[int, int, int]:
 
 def launch_decode_pairs(
     x, w_gate, w_up, wdt, ids, vals, y, part, tickets, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile,
-    slots, pdl, programs,
+    slots, pdl, programs, units=None,
 ):  # fmt: skip
     """The pair form for x [M, K] (M <= 256): fills y, the statistics and the per-unit counts.
     ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; ``tickets`` (int32)
     one per down column block; with a split down (``down_blocks``), ``part`` holds the fp32
     [split, M, K] partials (else it may be None); ``p``: the decode plan (gate block sizes);
     ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask); ``pdl``: launch the up and
-    down kernels with programmatic dependent launch; ``programs``: SMs."""
+    down kernels with programmatic dependent launch; ``programs``: SMs.
+
+    ``units`` (the units variant) = (hu [N, M] activation dtype, uid [N] int32, rank [N] int32,
+    acc [M, K] fp32 zero, spart [3 M] int32): the up kernel stores h by the rank of its unit in the
+    batch's unit list, and the union form's down GEMM (fp32 atomics into acc) and finishing
+    kernel replace the pair down kernel (``_launch_union_down``); ``tickets`` then holds the union
+    down's column blocks + 1 elements."""
     M, K = x.shape
     N = w_gate.shape[0]
     if M > 1 << _TOK_BITS:
@@ -230,34 +279,48 @@ def launch_decode_pairs(
     launch = {"launch_pdl": True} if pdl else {}
     pu = _p2(max(1, cfg.decode_pairs_up if K >= cfg.decode_chunk_long_k else cfg.decode_pairs_up_short))
     bkd, kb, split = down_blocks(M, K, cfg)
-    if split > 1 and part is None:
-        raise ValueError("part: a split down needs its fp32 partials")
+    if units is not None:
+        hu, uid, rank, acc, spart = units
+        # the gate kernel zeroes the union down's tickets (column blocks + the statistics')
+        kb, split = _union_blocks(M, K, cfg, programs)[1] + 1, 2
+    else:
+        hu = uid = rank = vals  # (not used)
+        if split > 1 and part is None:
+            raise ValueError("part: a split down needs its fp32 partials")
     part = y if part is None else part  # (not read with one range per block)
     bpt = tile // bn
     # the up step's x and W_up tiles stay in registers: at most 64 KiB of each per program (an
     # [8, 4096] tile in bf16, [8, 2048] in fp32)
     cap = max(1, (64 << 10) // (pu * x.element_size()))
     bku = max(16, min(_p2(K), _p2(cfg.decode_pairs_up_bk), 1 << (cap.bit_length() - 1)))
+    on = units is not None
     try:
         _pairs_gate_kernel[(NB,)](
-            x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, M, N, K, NB, kb, x.stride(0), x.stride(1),
+            x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, hu, uid, rank,
+            M, N, K, NB, kb, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
             BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS,
-            KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl,
+            KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * cfg.decode_pairs_up_per_sm)),)](
-            x, w_up, ids, vals, cnt, bl1, K, NB, x.stride(0), x.stride(1),
+            x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
-            TOK_BITS=_TOK_BITS, PDL=pdl, num_warps=cfg.decode_pairs_up_warps, **launch,
+            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on, num_warps=cfg.decode_pairs_up_warps, **launch,
         )  # fmt: skip
-        _pairs_down_kernel[(kb * split + 1,)](
-            wdt, ids, vals, cnt, y, part, tickets, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
-            OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
-            STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS, SPLIT=split,
-            S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
-            num_warps=cfg.decode_pairs_warps, **launch,
-        )  # fmt: skip
+        if on:
+            _launch_union_down(
+                hu, uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots,
+                out_dt, prec, pdl, cfg, programs, cnt,
+            )  # fmt: skip
+        else:
+            _pairs_down_kernel[(kb * split + 1,)](
+                wdt, ids, vals, cnt, y, part, tickets, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
+                OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
+                STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS, SPLIT=split,
+                S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
+                num_warps=cfg.decode_pairs_warps, **launch,
+            )  # fmt: skip
     except BaseException:
         # a later kernel failed to launch (e.g. to compile) after the gate kernel's count was
         # queued: zero the counters behind it, or every later call would read a stale length

@@ -36,7 +36,9 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     ``decode_union_min_k`` where the chunk form is not chosen; same conditions): the chunk kernel
     runs only the up of each chunk and stores h by rank, then ``_decode_union_down_kernel`` runs
     y = h W_down^T over the batch's active units as a GEMM split over (output columns, ranges of
-    units), one atomic add per program instead of one per chunk and column step.
+    units), one atomic add per program instead of one per chunk and column step; with
+    ``decode_union_finish`` the last range of each column block (a ticket) rounds it into y and
+    more programs of that kernel reduce the statistics, so no finishing kernel runs.
     Barrier form (``decode_barrier_min_m`` <= M <= ``decode_barrier_max_m``, 8..16, and to
     ``decode_barrier_union_max_m`` = 20 in place of the union form, where no unit or chunk form is
     chosen and the programs fit on the SMs at once; not in deterministic mode or under capture):
@@ -48,7 +50,10 @@ Paths (one entry point, :func:`ffn_infer`, picks one per call):
     every other form there; not in deterministic mode or under capture): ``decode_pairs`` lists
     the batch's active (token, unit) pairs in the gate kernel, computes each pair's h from whole x
     and W_up rows, and sums the pairs into y by output columns (split over ranges of the list
-    per ``decode_pairs_down``).
+    per ``decode_pairs_down``). Its units variant (``decode_pairs_units_min_m`` = 33 <= M <=
+    ``decode_pairs_units_max_m`` = 64 at 2048 <= K < 4096): the gate kernel also lists the
+    batch's active units, the up kernel stores each pair's h by its unit's rank, and the union
+    form's down kernel sums the listed units into y.
     Split form (the M between the forms, deterministic mode, capture): h is written (unit-major
     [N, M], tiny), then ``_decode_down_kernel`` (the second kernels are launched with
     programmatic dependent launch on sm_90+, so they are scheduled while the first grid drains):
@@ -292,6 +297,17 @@ def _middle_of_chain(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _leave_grid(cnt_ptr, GONE: tl.constexpr = 1):
+    # counts this program out of the grid at cnt_ptr[GONE]; the last one out zeroes cnt_ptr[0]
+    # to cnt_ptr[GONE] for the next launch (every program's reads of them are behind it)
+    tl.debug_barrier()
+    gone = tl.atomic_add(cnt_ptr + GONE, 1, sem="relaxed", scope="gpu")
+    if gone == tl.num_programs(0) - 1:
+        for i in tl.static_range(GONE + 1):
+            tl.atomic_xchg(cnt_ptr + i, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -950,50 +966,68 @@ def _listed_down(
 
 @triton.jit
 def _decode_union_down_kernel(
-    hc_ptr,
-    ids_ptr,
-    lst_ptr,
-    wdt_ptr,
-    acc_ptr,
-    M,
-    K,
-    NB,
-    BM: tl.constexpr,
-    BN_G: tl.constexpr,
-    NB_P2: tl.constexpr,
-    CHD: tl.constexpr,
-    BKD: tl.constexpr,
-    SPLIT: tl.constexpr,
-    STAGES: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
-):
+    hc_ptr, ids_ptr, lst_ptr, wdt_ptr, acc_ptr, y_ptr, tk_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr,
+    M, K, NB, NT, stride_ym,
+    BM: tl.constexpr, BN_G: tl.constexpr, NB_P2: tl.constexpr, CHD: tl.constexpr, BKD: tl.constexpr,
+    SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+    COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None,
+    S: tl.constexpr = 0, BPT: tl.constexpr = 1, TCH: tl.constexpr = 1, SBM: tl.constexpr = 1, NS: tl.constexpr = 1,
+):  # fmt: skip
     # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
     # unit of each rank from _decode_chunk_kernel with STORE_H) as a GEMM split over (BKD output
     # columns, one of SPLIT ranges of ranks): each program accumulates its [BM, BKD] tile in
     # registers, CHD ranks per tl.dot, and adds it into acc once (relaxed atomics), instead of one
-    # atomic add per chunk and column step in the chunk form
+    # atomic add per chunk and column step in the chunk form. COUNTED (the pair form's units
+    # variant): the number of ranks is the one counter at lst_ptr, not the sum of per-block counts.
+    # FIN: this kernel also finishes the call, in place of _decode_finish_kernel: the last range
+    # of each column block to take its ticket (tk[block], zeroed by the gate kernel) rounds the
+    # block of acc into y and zeroes it, and NS more programs reduce the statistics (their
+    # ticket tk[column blocks])
     _middle_of_chain(PDL)  # the up kernel has completed: hc and ids are visible
     pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BKD)
-    kb = pid % n_kb
-    sp = pid // n_kb
-    o_b = tl.arange(0, NB_P2)
-    total = tl.sum(tl.load(lst_ptr + NB * BN_G + o_b, mask=o_b < NB, other=0, cache_modifier=".cg"), axis=0)
-    per = tl.cdiv(tl.cdiv(total, SPLIT), CHD) * CHD
-    lo = sp * per
-    hi = tl.minimum(lo + per, total)
-    if lo < hi:
+    if FIN and pid >= n_kb * SPLIT:
+        _stats_program(
+            pid - n_kb * SPLIT, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, tk_ptr + n_kb, M, NB, NT,
+            S, BPT, TCH, SBM, NS,
+        )  # fmt: skip
+    else:
+        kb = pid % n_kb
+        sp = pid // n_kb
+        if COUNTED:
+            total = tl.load(lst_ptr, cache_modifier=".cg")
+        else:
+            o_b = tl.arange(0, NB_P2)
+            c_b = tl.load(lst_ptr + NB * BN_G + o_b, mask=o_b < NB, other=0, cache_modifier=".cg")
+            total = tl.sum(c_b, axis=0)
+        per = tl.cdiv(tl.cdiv(total, SPLIT), CHD) * CHD
+        lo = sp * per
+        hi = tl.minimum(lo + per, total)
         i_m = tl.arange(0, BM)
         m_m = i_m < M
         o_k = kb * BKD + tl.arange(0, BKD)
         m_k = o_k < K
-        acc = _listed_down(
-            ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
-        )
-        tl.atomic_add(
-            acc_ptr + i_m[:, None] * K + o_k[None, :], acc, mask=m_m[:, None] & m_k[None, :], sem="relaxed"
-        )
+        m_out = m_m[:, None] & m_k[None, :]
+        p_acc = acc_ptr + i_m[:, None] * K + o_k[None, :]
+        if lo < hi:
+            acc = _listed_down(
+                ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
+            )  # fmt: skip
+            tl.atomic_add(p_acc, acc, mask=m_out, sem="relaxed")
+        if FIN:
+            # every thread's adds are done before the ticket (its release orders them for the
+            # program that takes the last one)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(tk_ptr + kb, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT - 1:
+                v = tl.load(p_acc, mask=m_out, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m_out)
+                tl.debug_barrier()  # (see _decode_finish_kernel: every thread's load before any zeroing)
+                tl.store(p_acc, tl.zeros((BM, BKD), dtype=tl.float32), mask=m_out)
+    if COUNTED and FIN:
+        # the units variant's counters (pairs and units at cnt[0] / cnt[1], the count of this
+        # kernel's rank list at lst_ptr = cnt + 1): the last program out zeroes them and cnt[2]
+        _leave_grid(lst_ptr - 1, 2)
 
 
 @triton.jit
@@ -1060,6 +1094,31 @@ def _decode_stats(
     # l0, l1 and overflowing rows of all M tokens (SBM >= M) in one program
     cnt, l1, over = _stats_rows(bcnt_ptr, bl1_ptr, 0, M, NB, NT, S, BPT, TCH, SBM)
     _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M)
+
+
+@triton.jit
+def _stats_program(
+    j, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, sem_ptr, M, NB, NT,
+    S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr, NS: tl.constexpr,
+):  # fmt: skip
+    # statistics program j of NS (SBM tokens each): with NS > 1 each stores its sums into
+    # sp [3, NS] and the last one to take the ticket at sem (zero before) adds them in order
+    if NS == 1:
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+    else:
+        cnt, l1, over = _stats_rows(bcnt_ptr, bl1_ptr, j * SBM, M, NB, NT, S, BPT, TCH, SBM)
+        # a chunk's count fits int32: SBM x N < 2^31 (N <= MAX_COLUMNS)
+        tl.store(sp_ptr + j, cnt.to(tl.int32))
+        tl.store(sp_ptr + NS + j, l1.to(tl.int32, bitcast=True))
+        tl.store(sp_ptr + 2 * NS + j, over)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == NS - 1:
+            o_s = tl.arange(0, NS)
+            c_s = tl.load(sp_ptr + o_s, cache_modifier=".cg")
+            l_s = tl.load(sp_ptr + NS + o_s, cache_modifier=".cg").to(tl.float32, bitcast=True)
+            v_s = tl.load(sp_ptr + 2 * NS + o_s, cache_modifier=".cg")
+            _store_stats(l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M)
 
 
 @triton.jit
@@ -1235,34 +1294,43 @@ def _decode_finish_kernel(
     SBM: tl.constexpr,
     NS: tl.constexpr,
     PDL: tl.constexpr,
+    RESET: tl.constexpr = 0,
+    cnt_ptr=None,
 ):
     # decode stage 2 of the atomic form: y = acc rounded to the activation dtype, acc zeroed for
     # the next call (one program per BKF columns), and NS programs for the statistics, SBM tokens
     # each; with NS > 1 each stores its sums into sp [3, NS] and the last one to take a ticket
     # (sem[0], zeroed by the gate + up kernel) adds them in order. One program for 64 tokens took
-    # 9.1 us on the H100 (paper shape), 2.2 us for 8 tokens
+    # 9.1 us on the H100 (paper shape), 2.2 us for 8 tokens. RESET > 0: program 0 also zeroes the
+    # RESET int32 counters at cnt_ptr (the pair form's units variant: every kernel that read them
+    # has completed by now)
     if PDL:
         tl.extra.cuda.gdc_wait()  # the gate + up grid has completed and its atomics are visible
     pid = tl.program_id(0)
+    if RESET > 0:
+        if pid == 0:
+            o_r = tl.arange(0, RESET)
+            tl.store(cnt_ptr + o_r, tl.zeros((RESET,), dtype=tl.int32))
     n_kb = tl.cdiv(K, BKF)
     if pid >= n_kb:
-        if NS == 1:
-            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
-        else:
-            j = pid - n_kb
-            cnt, l1, over = _stats_rows(bcnt_ptr, bl1_ptr, j * SBM, M, NB, NT, S, BPT, TCH, SBM)
-            # a chunk's count fits int32: SBM x N < 2^31 (N <= MAX_COLUMNS)
-            tl.store(sp_ptr + j, cnt.to(tl.int32))
-            tl.store(sp_ptr + NS + j, l1.to(tl.int32, bitcast=True))
-            tl.store(sp_ptr + 2 * NS + j, over)
-            tl.debug_barrier()
-            ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
-            if ticket == NS - 1:
-                o_s = tl.arange(0, NS)
-                c_s = tl.load(sp_ptr + o_s, cache_modifier=".cg")
-                l_s = tl.load(sp_ptr + NS + o_s, cache_modifier=".cg").to(tl.float32, bitcast=True)
-                v_s = tl.load(sp_ptr + 2 * NS + o_s, cache_modifier=".cg")
-                _store_stats(l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M)
+        _stats_program(
+            pid - n_kb,
+            bcnt_ptr,
+            bl1_ptr,
+            l0_ptr,
+            l1_ptr,
+            over_ptr,
+            sp_ptr,
+            sem_ptr,
+            M,
+            NB,
+            NT,
+            S,
+            BPT,
+            TCH,
+            SBM,
+            NS,
+        )
     else:
         i_m = tl.arange(0, BM)
         o_k = pid * BKF + tl.arange(0, BKF)
@@ -1488,6 +1556,15 @@ def _decode_plan(
         <= M
         <= min(256, cfg.decode_pairs_max_m)
     )
+    # the pair form's units variant (twell.ops.decode_pairs): pair gate and up, the union form's
+    # down GEMM and finishing kernel; in place of every other form in its range
+    pairs_units = (
+        free
+        and use_dot
+        and cfg.decode_pairs_min_k <= K < cfg.decode_chunk_long_k
+        and 0 < cfg.decode_pairs_units_min_m <= M <= min(256, cfg.decode_pairs_units_max_m)
+    )
+    pairs = pairs or pairs_units
     union = union_range and not barrier
     chunk = (chunk_range and free) or union
     # the union form below decode_chunk_long_k: its own down tiles, and its gate-only kernel's K
@@ -1507,6 +1584,7 @@ def _decode_plan(
         bk_up = max(16, min(_p2(K), cfg.decode_bk_up or 4096))
     return {
         "pairs": pairs,
+        "pairs_units": pairs_units,
         "barrier": barrier,
         "use_dot": use_dot,
         "warps": (cfg.decode_warps_m64 if bm >= 64 else cfg.decode_warps)
@@ -1666,20 +1744,48 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     bn = min(p["bn"], tile)
     NB = _cdiv(N, bn)
     KC, nsplit = p["kc"], p["nsplit"]
+    if p["union"]:
+        # the union down's tickets (one per column block, one for the statistics) start at zero
+        KC = max(KC, _union_blocks(M, K, cfg, progs)[1] + 1)
     if p["pairs"]:
         from .decode_pairs import down_blocks, launch_decode_pairs, pair_ids
 
-        _, kb, split = down_blocks(M, K, cfg)
-        vals, bcnt, bl1, nact, tickets, part, *_ = _decode_scratch(
-            M, N, NB, bn, kb, split, K, x.dtype, dev, not capturing, False
-        )
+        units = None
+        if p["pairs_units"]:
+            # h by unit rank [N, M], the units by rank, their ranks (in the list scratch), the
+            # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket
+            vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
+                M,
+                N,
+                NB,
+                bn,
+                _union_blocks(M, K, cfg, progs)[1] + 1,
+                1,
+                K,
+                x.dtype,
+                dev,
+                not capturing,
+                True,
+                True,
+            )
+            units = (hu, uid, rank, part, spart)
+        else:
+            _, kb, split = down_blocks(M, K, cfg)
+            vals, bcnt, bl1, nact, tickets, part, *_ = _decode_scratch(
+                M, N, NB, bn, kb, split, K, x.dtype, dev, not capturing, False
+            )
         y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
         l0, l1, over = _stats_bufs(dev)
-        launch_decode_pairs(
-            x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, part, tickets, bcnt, bl1, nact,
-            l0, l1, over, p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
-            cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs,
-        )  # fmt: skip
+        try:
+            launch_decode_pairs(
+                x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, part, tickets, bcnt, bl1,
+                nact, l0, l1, over, p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
+                cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs, units,
+            )  # fmt: skip
+        except BaseException:
+            if units is not None:
+                _SCRATCH.clear()  # the accumulator may hold this call's sums: never reuse it
+            raise
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     if p["barrier"]:
         from .decode_barrier import launch_decode_barrier
@@ -1760,30 +1866,22 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             num_stages=p["stages_chunk"], STORE_H=p["union"], UP_NACC=p["nacc_chunk"],
             **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
-    if p["union"]:
-        bku = p["bk_union"]
-        n_kb = _cdiv(K, bku)
-        su = p["split_union"] or max(1, progs // n_kb)
-        _decode_union_down_kernel[(n_kb * su,)](
-            hc, ids, lst, wdt, part, M, K, NB,
-            BM=p["bm_chunk"], BN_G=bn, NB_P2=_p2(NB), CHD=p["chd_union"], BKD=bku, SPLIT=su,
-            STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, num_warps=cfg.decode_union_warps,
-            **({"launch_pdl": True} if pdl else {}),
-        )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
     l0, l1, over = _stats_bufs(dev)
     bpt = tile // bn
-    if atomic:
-        bkf = max(16, min(_p2(K), 4096 // _p2(M), cfg.decode_finish_bk))
-        # statistics programs: a power of two of them, SBM tokens each
-        sbm = min(_p2(M), cfg.decode_stats_rows)
-        ns = _cdiv(_p2(M), sbm)
+    if p["union"]:
         try:
-            _decode_finish_kernel[(_cdiv(K, bkf) + ns,)](
-                part, y, bcnt, bl1, l0, l1, over, spart, sem, M, K, NB, NT, y.stride(0),
-                OUT_DTYPE=out_dt, BM=_p2(M), BKF=bkf, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm),
-                SBM=sbm, NS=ns, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+            _launch_union_down(
+                hc, ids, lst, wdt, part, y, sem, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt,
+                prec, pdl, cfg, progs,
             )  # fmt: skip
+        except BaseException:
+            _SCRATCH.clear()  # the accumulator may hold this call's sums: never reuse it
+            raise
+        return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
+    if atomic:
+        try:
+            _launch_finish(part, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg)
         except BaseException:
             # the accumulator may now hold this call's sums: never reuse it
             _SCRATCH.clear()
@@ -1830,6 +1928,60 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     )
     ucounts = nact.to(torch.int64) if unit_counts else None
     return y, l0, l1, over, ucounts
+
+
+def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, int]:
+    """The union form's down GEMM at M tokens: (output columns per program, column blocks, ranges of
+    ranks per block, ranks per tl.dot)."""
+    short = K < cfg.decode_chunk_long_k
+    bkd = max(16, min(_p2(K), cfg.decode_union_bk))
+    n_kb = _cdiv(K, bkd)
+    su = (cfg.decode_union_short_split if short else cfg.decode_union_split) or max(1, programs // n_kb)
+    chd = max(16, _p2(cfg.decode_union_short_chunk if short else cfg.decode_union_chunk))
+    return bkd, n_kb, su, chd
+
+
+def _launch_union_down(
+    hc, ids, lst, wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg,
+    programs, cnt=None,
+):  # fmt: skip
+    """The union form's down GEMM into the zeroed fp32 ``acc`` and the call's finishing (y, acc
+    zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
+    column blocks + 1 zeroed tickets), else by _decode_finish_kernel (``tk[0]`` zero). ``cnt``:
+    the pair form's units variant's counters (the rank count at cnt[1]), zeroed after use."""
+    M, K = y.shape
+    bkd, n_kb, su, chd = _union_blocks(M, K, cfg, programs)
+    fin = cfg.decode_union_finish
+    sbm = min(_p2(M), cfg.decode_stats_rows)
+    ns = _cdiv(_p2(M), sbm)
+    _decode_union_down_kernel[(n_kb * su + (ns if fin else 0),)](
+        hc, ids, lst if cnt is None else cnt[1:], wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart,
+        M, K, NB, NT, y.stride(0),
+        BM=max(16, _p2(M)), BN_G=bn, NB_P2=_p2(NB), CHD=chd, BKD=bkd, SPLIT=su,
+        STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, COUNTED=cnt is not None, FIN=fin,
+        OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns,
+        num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
+    if not fin:
+        _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, tk, NB, NT, bpt, slots, out_dt, pdl, cfg, cnt)
+
+
+def _launch_finish(
+    acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg, cnt=None
+):
+    """_decode_finish_kernel for y [M, K]: y = acc rounded, acc zeroed, the statistics (``sem[0]``
+    zero before it); with ``cnt``, its int32 counters are zeroed too (a power of two of them)."""
+    M, K = y.shape
+    bkf = max(16, min(_p2(K), 4096 // _p2(M), cfg.decode_finish_bk))
+    # statistics programs: a power of two of them, SBM tokens each
+    sbm = min(_p2(M), cfg.decode_stats_rows)
+    ns = _cdiv(_p2(M), sbm)
+    _decode_finish_kernel[(_cdiv(K, bkf) + ns,)](
+        acc, y, bcnt, bl1, l0, l1, over, spart, sem, M, K, NB, NT, y.stride(0),
+        OUT_DTYPE=out_dt, BM=_p2(M), BKF=bkf, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm),
+        SBM=sbm, NS=ns, PDL=pdl, RESET=0 if cnt is None else cnt.numel(), cnt_ptr=cnt, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
+    )  # fmt: skip
 
 
 def _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts):
