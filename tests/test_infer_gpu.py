@@ -61,15 +61,15 @@ def test_paths_bf16_fp16_model_shapes(dtype, shape, M):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["paper", "llama3-8b", "qwen2-0.5b"])
 @pytest.mark.parametrize("M", [1, 2, 4, 6, 8, 16, 32, 64, 128])
-@pytest.mark.parametrize("form", ["default", "chunk", "union", "pairs"])
+@pytest.mark.parametrize("form", ["default", "chunk", "union", "pairs", "units"])
 def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
     # the up/down of the active units adds into an fp32 accumulator (atomics): in the gate
     # programs on CUDA cores at M <= 2, in a second kernel over all SMs at M = 3..4 (unit form),
     # in the gate programs' tl.dot loops from 8 (compacting the active units up to 16 tokens),
     # or in a second kernel (chunk form: by default at M = 5..7, to 16 at K >= 4096; at 5..32
     # with `chunk`), or the chunk kernel's up and a split down GEMM over the batch's active units
-    # (union form: by default at M = 17..64 and K >= 2048, to 128 at K >= 4096; at 8..128 on every shape with
-    # `union`); the finishing kernel rounds it into y and zeroes it
+    # (union form: by default at M = 33..128 and K >= 4096; at 8..128 on every shape with `union`);
+    # the union down kernel or the finishing kernel rounds it into y and zeroes it
     from twell.ops.configs import override
 
     plans = {
@@ -83,6 +83,7 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_union_min_k": 0,
             "decode_barrier_max_m": 0,  # (it would take M = 8..20 where its programs fit)
             "decode_pairs_max_m": 0,
+            "decode_pairs_units_min_m": 0,
         },
         # the pair form (by default at M = 8..32 and K >= 4096, 21..32 at 2048 <= K < 4096) on
         # every shape to 128 tokens
@@ -92,10 +93,18 @@ def test_decode_atomic_down_model_shapes(dtype, shape, M, form):
             "decode_pairs_min_k": 0,
             "decode_pairs_short_min_m": 0,
         },
+        # the pair form's units variant (by default at M = 33..64 and 2048 <= K < 4096) on every
+        # shape to 128 tokens
+        "units": {
+            "decode_pairs_units_min_m": 3,
+            "decode_pairs_units_max_m": 128,
+            "decode_pairs_min_k": 0,
+            "decode_chunk_long_k": 1 << 20,
+        },
     }
     if M > 64 and form == "default" and shape != "llama3-8b":
         pytest.skip("decode runs M > 64 in the union form only (K >= 4096 by default)")
-    if (form == "chunk" and not 5 <= M <= 32) or (form in ("union", "pairs") and M < 8):
+    if (form == "chunk" and not 5 <= M <= 32) or (form in ("union", "pairs", "units") and M < 8):
         pytest.skip(f"the {form} form is switched on at M = {'5..32' if form == 'chunk' else '8..128'} here")
     with override("infer", **plans[form]):
         _check_atomic_model_shape(dtype, shape, M)
@@ -203,15 +212,35 @@ def test_decode_pairs_fully_active_repeats(shape, M):
 
 
 @pytest.mark.parametrize("M", [40, 48, 64])
-def test_decode_union_short_k_fully_active_repeats(M):
+@pytest.mark.parametrize("fin", [True, False])
+def test_decode_union_short_k_fully_active_repeats(M, fin):
     # the union form on the paper shape (K below decode_chunk_long_k: 128 units per tl.dot, 16
-    # unit ranges, the gate in 128-column K steps), 250 calls with a token that has all 5,632
-    # units active
+    # unit ranges, the gate in 128-column K steps; the pair form's units variant off), 250 calls
+    # with a token that has all 5,632 units active, the down kernel finishing the call (`fin`,
+    # tickets per column block) or the finishing kernel after it
     from twell.ops import ffn_infer as fi
+    from twell.ops.configs import override
 
     K, N = SHAPES["paper"]
-    assert fi._decode_plan(M, K, N, fi.get_config("infer"))["union"]
+    plan = {"decode_pairs_units_min_m": 0, "decode_union_finish": fin}
+    with override("infer", **plan):
+        p = fi._decode_plan(M, K, N, fi.get_config("infer"))
+        assert p["union"] and not p["pairs"]
+    _repeat_fully_active("paper", M, plan)
+
+
+@pytest.mark.parametrize("M", [33, 48, 64])
+def test_decode_pairs_units_fully_active_repeats(M):
+    # the pair form's units variant in its default range (paper shape, M = 33..64), 250 calls with
+    # a token that has all 5,632 units active (every unit listed, all of its pairs); the counters
+    # are back at 0 after every call
+    from twell.ops import ffn_infer as fi
+    from twell.ops.decode_pairs import pair_counters
+
+    K, N = SHAPES["paper"]
+    assert fi._decode_plan(M, K, N, fi.get_config("infer"))["pairs_units"]
     _repeat_fully_active("paper", M, {})
+    assert not pair_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
 def _repeat_fully_active(shape, M, plan):
