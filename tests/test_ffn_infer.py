@@ -734,10 +734,10 @@ def test_decode_plan_compact_and_warps():
     p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
     assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
     # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges, the gate in 128-column
-    # K steps with 4 stages (its up K step is unused there); the long-K choices at K = 4096
+    # K steps with 5 stages (its up K step is unused there); the long-K choices at K = 4096
     for M, K, want in (
-        (24, 2048, (128, 16, 128, 4)),
-        (64, 2048, (128, 16, 128, 4)),
+        (24, 2048, (128, 16, 128, 5)),
+        (64, 2048, (128, 16, 128, 5)),
         (64, 4096, (32, 8, 128, 3)),
         (48, 4096, (32, 8, 128, 3)),
     ):
@@ -756,6 +756,12 @@ def test_decode_plan_compact_and_warps():
     )
     p = fi._decode_plan(20, 2048, 5632, cfg)
     assert p["barrier"] and not p["union"] and not p["chunk"] and not p["atomic"]
+    # its gate loop in 128-column K steps with 5 stages (decode_barrier_gate_*; 0: the tl.dot
+    # forms' K step, capped by the shared memory of the up tiles' K step too)
+    assert (p["bk"], p["stages"]) == (128, 5)
+    with override("infer", decode_barrier_gate_bk=0, decode_barrier_gate_stages=0):
+        p = fi._decode_plan(8, 2048, 5632, fi.get_config("infer"))
+        assert p["barrier"] and (p["bk"], p["stages"]) == (256, 4)
     assert fi._decode_plan(21, 2048, 5632, cfg)["union"]
     with override("infer", decode_barrier_max_m=0):
         assert fi._decode_plan(20, 2048, 5632, fi.get_config("infer"))["union"]

@@ -216,11 +216,15 @@ class InferConfig:
     #: up loop's K step does not bound its stages). Paper shape, M = 64, same call: 38.0 us with
     #: all four, 39.6-39.8 with the down choices only, 40.8-40.9 for the tl.dot atomic form; on
     #: the Llama-3-8B shape they were no faster (M = 48 / 64 83.1-83.6 / 86.1 us against 78.9-79.0
-    #: / 83.1-83.2 with the long-K choices)
+    #: / 83.1-83.2 with the long-K choices). The pair form's gate kernel takes the same K step and
+    #: stages at these K: 5 stages against 4 (H100, 30 units iid, one process, two rounds,
+    #: benchmarks/results/decode-units-2026-11-27/short-gate.jsonl): paper M = 24 / 32 / 48 / 64
+    #: 26.69-26.75 / 28.19-28.37 / 34.46 / 36.42-36.51 us against 26.93-27.02 / 28.69-28.72 /
+    #: 34.67-34.77 / 36.59-36.62 (6 stages slower at 48 / 64)
     decode_union_short_chunk: int = 128
     decode_union_short_split: int = 16
     decode_union_short_gate_bk: int = 128
-    decode_union_short_gate_stages: int = 4
+    decode_union_short_gate_stages: int = 5
     decode_union_stages: int = 3
     #: the union form's down kernel also finishes the call (the last range of each column block
     #: to take a ticket rounds it into y and zeroes the accumulator, more programs reduce the
@@ -274,6 +278,17 @@ class InferConfig:
     #: Qwen2-0.5B shape (K = 896, against the tl.dot atomic form) M = 17 20.4-20.8 against 21.1,
     #: but 20 23.2-23.3 against 21.2-21.3
     decode_barrier_union_max_m: int = 20
+    #: K step and pipeline stages of the barrier form's gate loop (0: decode_bk / decode_stages,
+    #: stages capped by shared memory). H100, paper shape, 30 units iid, one process, two rounds
+    #: (benchmarks/results/decode-units-2026-11-27/barrier-gate.jsonl): 128 x 5 M = 8 / 12 / 16
+    #: 21.65-21.7 / 23.68-23.78 / 23.81-23.82 us against 22.0-22.08 / 24.02-24.06 / 24.1-24.16
+    #: with 256 x 4 (128 x 6 21.65-21.76 / 23.78-23.79 / 23.94-24.03, 128 x 8 slower); in a second
+    #: process (barrier-gate2.jsonl) M = 8 21.44-21.54 against 21.78-21.79, skewed 8 / 16 21.6 /
+    #: 23.78-23.81 against 21.76-21.79 / 23.9-24.03, K = 2048, N = 8192 M = 8 / 16 25.4 / 26.8-26.9
+    #: against 25.7 / 27.25-27.36, Qwen2-0.5B (K = 896) M = 8 / 16 14.4-14.6 / 17.55 against 14.9 /
+    #: 18.1-18.2; paper M = 20 29.98-30.02 against 29.86
+    decode_barrier_gate_bk: int = 128
+    decode_barrier_gate_stages: int = 5
     decode_barrier_bkd: int = 32
     decode_barrier_chunk: int = 256
     decode_barrier_stages: int = 2

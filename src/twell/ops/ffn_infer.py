@@ -1575,6 +1575,10 @@ def _decode_plan(
     k_tile, stages = (
         (bk, cfg.decode_union_short_gate_stages) if short_union else (max(bk, bk_up), cfg.decode_stages)
     )
+    if barrier and not pairs:
+        # the barrier form's gate loop: its own K step and stages (its up loop has its own tiles)
+        bk = max(16, min(cfg.decode_barrier_gate_bk or bk, _p2(K), cfg.decode_tile_elems // bm))
+        k_tile, stages = bk, cfg.decode_barrier_gate_stages or stages
     units = units_range and free and not chunk
     atomic = (in_range or units_range or chunk_range or union) and free and not barrier
     bk_chunk = max(16, min(_p2(K), (cfg.decode_union_up_bk if union else cfg.decode_chunk_bk) or _p2(K) // 8))
