@@ -522,6 +522,7 @@ def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd,
         decode_union_chunk=chd,
         decode_union_short_chunk=chd,
         decode_union_bk=bkd,
+        decode_union_short_bk=bkd,
         decode_union_split=split,
         decode_union_short_split=split,
     )
@@ -653,6 +654,7 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin):
         decode_chunk_max_m=0,
         decode_chunk_long_max_m=0,
         decode_union_bk=bk,
+        decode_union_short_bk=bk,
         decode_union_chunk=chd,
         decode_union_split=split,
         # these K are below decode_chunk_long_k: the short-K choices apply, with a 16-column gate
@@ -733,11 +735,12 @@ def test_decode_plan_compact_and_warps():
     assert fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["union"]
     p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
     assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
-    # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges, the gate in 128-column
-    # K steps with 5 stages (its up K step is unused there); the long-K choices at K = 4096
+    # below decode_chunk_long_k: 128 units per tl.dot, 8 unit ranges of 32-column blocks, the
+    # gate in 128-column K steps with 5 stages (its up K step is unused there); the long-K
+    # choices at K = 4096
     for M, K, want in (
-        (24, 2048, (128, 16, 128, 5)),
-        (64, 2048, (128, 16, 128, 5)),
+        (24, 2048, (128, 8, 128, 5)),
+        (64, 2048, (128, 8, 128, 5)),
         (64, 4096, (32, 8, 128, 3)),
         (48, 4096, (32, 8, 128, 3)),
     ):

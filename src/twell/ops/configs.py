@@ -222,7 +222,14 @@ class InferConfig:
     #: 26.69-26.75 / 28.19-28.37 / 34.46 / 36.42-36.51 us against 26.93-27.02 / 28.69-28.72 /
     #: 34.67-34.77 / 36.59-36.62 (6 stages slower at 48 / 64)
     decode_union_short_chunk: int = 128
-    decode_union_short_split: int = 16
+    #: output columns per program and ranges of units of the down GEMM below decode_chunk_long_k
+    #: (where the pair form's units variant runs it by default): H100, paper shape, 30 units iid,
+    #: one process, two rounds (benchmarks/results/decode-units-2026-11-27/down-split*.jsonl):
+    #: M = 40 / 48 / 64 34.2 / 34.1-34.2 / 34.9 us with 32 columns x 8 ranges, 33.8-34.1 /
+    #: 34.2 / 35.8-36.0 with 64 x 8 (33.5-33.7 / - / 35.6 against 34.3-34.4 / - / 36.8 for
+    #: 128 x 16 in another process); 64 x 4, 64 x 16, 32 x 4, 128 x 8 and 256 x 16 slower
+    decode_union_short_bk: int = 32
+    decode_union_short_split: int = 8
     decode_union_short_gate_bk: int = 128
     decode_union_short_gate_stages: int = 5
     decode_union_stages: int = 3

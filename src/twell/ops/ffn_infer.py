@@ -1610,7 +1610,7 @@ def _decode_plan(
         "units": units,
         "chunk": chunk,
         "union": union,
-        "bk_union": max(16, min(_p2(K), cfg.decode_union_bk)),
+        "bk_union": max(16, min(_p2(K), cfg.decode_union_short_bk if short_union else cfg.decode_union_bk)),
         "chd_union": max(16, _p2(cfg.decode_union_short_chunk if short_union else cfg.decode_union_chunk)),
         # ranges of units of the down GEMM (0: programs / column blocks)
         "split_union": cfg.decode_union_short_split if short_union else cfg.decode_union_split,
@@ -1938,7 +1938,7 @@ def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, in
     """The union form's down GEMM at M tokens: (output columns per program, column blocks, ranges of
     ranks per block, ranks per tl.dot)."""
     short = K < cfg.decode_chunk_long_k
-    bkd = max(16, min(_p2(K), cfg.decode_union_bk))
+    bkd = max(16, min(_p2(K), cfg.decode_union_short_bk if short else cfg.decode_union_bk))
     n_kb = _cdiv(K, bkd)
     su = (cfg.decode_union_short_split if short else cfg.decode_union_split) or max(1, programs // n_kb)
     chd = max(16, _p2(cfg.decode_union_short_chunk if short else cfg.decode_union_chunk))
