@@ -671,7 +671,9 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin):
         p = fi._decode_plan(M, K, 300, cfg)
         assert p["union"] and p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
         assert p["split_chunk"] == 1  # the chunk kernel runs each chunk's up once
-        assert (p["bk"], p["chd_union"], p["split_union"]) == (16, max(16, chd), split)
+        # (split 0: the rule table's ranges below decode_chunk_long_k, all these K)
+        want = (bk, -(-K // bk), split or (16 if M < 40 else 8), max(16, chd))
+        assert p["bk"] == 16 and p["union_down"] == want
         assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["union"]
         assert not fi._decode_plan(2, K, 300, cfg)["union"]  # CUDA-core gate at M <= 2
         with override("infer", decode_union_max_m=M - 1):
@@ -735,17 +737,18 @@ def test_decode_plan_compact_and_warps():
     assert fi._decode_plan(33, 4096, 14336, cfg, active=30.0, programs=132)["union"]
     p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
     assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
-    # below decode_chunk_long_k: 128 units per tl.dot, 8 unit ranges of 32-column blocks, the
-    # gate in 128-column K steps with 5 stages (its up K step is unused there); the long-K
-    # choices at K = 4096
+    # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges of 128-column blocks below
+    # M = 40 and 8 ranges of 32 columns from there (decode_union_short_down), the gate in
+    # 128-column K steps with 5 stages (its up K step is unused there); the long-K choices at
+    # K = 4096
     for M, K, want in (
-        (24, 2048, (128, 8, 128, 5)),
-        (64, 2048, (128, 8, 128, 5)),
-        (64, 4096, (32, 8, 128, 3)),
-        (48, 4096, (32, 8, 128, 3)),
+        (24, 2048, ((128, 16, 16, 128), 128, 5)),
+        (64, 2048, ((32, 64, 8, 128), 128, 5)),
+        (64, 4096, ((128, 32, 8, 32), 128, 3)),
+        (48, 4096, ((128, 32, 8, 32), 128, 3)),
     ):
-        p = fi._decode_plan(M, K, 14336, cfg)
-        assert (p["chd_union"], p["split_union"], p["bk"], p["stages"]) == want, (M, K)
+        p = fi._decode_plan(M, K, 14336, cfg, programs=132)
+        assert (p["union_down"], p["bk"], p["stages"]) == want, (M, K)
     # the gate's K step is kept to decode_tile_elems x elements: 256 columns at 64 rows with 16384,
     # and then 3 stages of [128, 256] bf16 tiles in 192 KiB
     with override("infer", decode_tile_elems=16384, decode_union_short_gate_bk=256):

@@ -223,13 +223,17 @@ class InferConfig:
     #: 34.67-34.77 / 36.59-36.62 (6 stages slower at 48 / 64)
     decode_union_short_chunk: int = 128
     #: output columns per program and ranges of units of the down GEMM below decode_chunk_long_k
-    #: (where the pair form's units variant runs it by default): H100, paper shape, 30 units iid,
-    #: one process, two rounds (benchmarks/results/decode-units-2026-11-27/down-split*.jsonl):
-    #: M = 40 / 48 / 64 34.2 / 34.1-34.2 / 34.9 us with 32 columns x 8 ranges, 33.8-34.1 /
-    #: 34.2 / 35.8-36.0 with 64 x 8 (33.5-33.7 / - / 35.6 against 34.3-34.4 / - / 36.8 for
-    #: 128 x 16 in another process); 64 x 4, 64 x 16, 32 x 4, 128 x 8 and 256 x 16 slower
-    decode_union_short_bk: int = 32
-    decode_union_short_split: int = 8
+    #: (where the pair form's units variant runs it by default): the last rule (min M, columns,
+    #: ranges) with M >= min M; decode_union_short_bk / _split > 0 replace them. H100, paper shape,
+    #: 30 units iid, one process, two rounds (benchmarks/results/decode-units-2026-11-27/
+    #: verify-down.jsonl, 32 x 8 against 128 x 16): M = 33 33.2-33.3 us against 31.5, 40 34.0-34.2
+    #: against 34.3-34.4, 48 34.2-34.3 against 34.0-34.2, 56 37.2 against 36.9-37.0, 64 34.8-34.9
+    #: against 36.7-36.8; skewed 48 / 64 31.6 / 32.3 against 33.3 / 34.8; K = 2048, N = 8192 M = 48
+    #: / 64 37.6 / 38.3 against 38.1 / 40.5. 64 x 4, 64 x 16, 32 x 4 and 256 x 16 were slower than
+    #: 32 x 8 or 64 x 8 at M = 40 / 48 / 64 (down-split*.jsonl)
+    decode_union_short_down: tuple = ((0, 128, 16), (40, 32, 8))
+    decode_union_short_bk: int = 0
+    decode_union_short_split: int = 0
     decode_union_short_gate_bk: int = 128
     decode_union_short_gate_stages: int = 5
     decode_union_stages: int = 3

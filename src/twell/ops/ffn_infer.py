@@ -1610,10 +1610,9 @@ def _decode_plan(
         "units": units,
         "chunk": chunk,
         "union": union,
-        "bk_union": max(16, min(_p2(K), cfg.decode_union_short_bk if short_union else cfg.decode_union_bk)),
-        "chd_union": max(16, _p2(cfg.decode_union_short_chunk if short_union else cfg.decode_union_chunk)),
-        # ranges of units of the down GEMM (0: programs / column blocks)
-        "split_union": cfg.decode_union_short_split if short_union else cfg.decode_union_split,
+        # the union down GEMM's (columns per program, column blocks, ranges of units, units per
+        # tl.dot), as _launch_union_down runs it (the union form and the pair form's units variant)
+        "union_down": _union_blocks(M, K, cfg, programs),
         "bm_chunk": bm_chunk,
         "chu_chunk": chu,
         "programs_chunk": programs,
@@ -1937,12 +1936,21 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
 def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, int]:
     """The union form's down GEMM at M tokens: (output columns per program, column blocks, ranges of
     ranks per block, ranks per tl.dot)."""
-    short = K < cfg.decode_chunk_long_k
-    bkd = max(16, min(_p2(K), cfg.decode_union_short_bk if short else cfg.decode_union_bk))
-    n_kb = _cdiv(K, bkd)
-    su = (cfg.decode_union_short_split if short else cfg.decode_union_split) or max(1, programs // n_kb)
-    chd = max(16, _p2(cfg.decode_union_short_chunk if short else cfg.decode_union_chunk))
-    return bkd, n_kb, su, chd
+    if K < cfg.decode_chunk_long_k:
+        cols, ranges = 128, 16
+        for min_m, c, r in cfg.decode_union_short_down:
+            if M >= min_m:
+                cols, ranges = c, r
+        bkd = max(16, min(_p2(K), _p2(cfg.decode_union_short_bk or cols)))
+        n_kb = _cdiv(K, bkd)
+        su = max(1, cfg.decode_union_short_split or ranges)
+        chd = cfg.decode_union_short_chunk
+    else:
+        bkd = max(16, min(_p2(K), cfg.decode_union_bk))
+        n_kb = _cdiv(K, bkd)
+        su = cfg.decode_union_split or max(1, programs // n_kb)
+        chd = cfg.decode_union_chunk
+    return bkd, n_kb, su, max(16, _p2(chd))
 
 
 def _launch_union_down(
