@@ -672,7 +672,7 @@ def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin):
         assert p["union"] and p["chunk"] and p["atomic"] and not p["compact"] and not p["units"]
         assert p["split_chunk"] == 1  # the chunk kernel runs each chunk's up once
         # (split 0: the rule table's ranges below decode_chunk_long_k, all these K)
-        want = (bk, -(-K // bk), split or (16 if M < 40 else 8), max(16, chd))
+        want = (bk, -(-K // bk), split or (16 if M < 48 else 8), max(16, chd))
         assert p["bk"] == 16 and p["union_down"] == want
         assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["union"]
         assert not fi._decode_plan(2, K, 300, cfg)["union"]  # CUDA-core gate at M <= 2
@@ -738,7 +738,7 @@ def test_decode_plan_compact_and_warps():
     p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
     assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
     # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges of 128-column blocks below
-    # M = 40 and 8 ranges of 32 columns from there (decode_union_short_down), the gate in
+    # M = 48 and 8 ranges of 32 columns from there (decode_union_short_down), the gate in
     # 128-column K steps with 5 stages (its up K step is unused there); the long-K choices at
     # K = 4096
     for M, K, want in (

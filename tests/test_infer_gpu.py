@@ -215,7 +215,7 @@ def test_decode_pairs_fully_active_repeats(shape, M):
 @pytest.mark.parametrize("fin", [True, False])
 def test_decode_union_short_k_fully_active_repeats(M, fin):
     # the union form on the paper shape (K below decode_chunk_long_k: 128 units per tl.dot, 8
-    # unit ranges of 32-column blocks from M = 40, the gate in 128-column K steps; the pair
+    # unit ranges of 32-column blocks from M = 48, the gate in 128-column K steps; the pair
     # form's units variant off), 250 calls
     # with a token that has all 5,632 units active, the down kernel finishing the call (`fin`,
     # tickets per column block) or the finishing kernel after it

@@ -229,9 +229,11 @@ class InferConfig:
     #: verify-down.jsonl, 32 x 8 against 128 x 16): M = 33 33.2-33.3 us against 31.5, 40 34.0-34.2
     #: against 34.3-34.4, 48 34.2-34.3 against 34.0-34.2, 56 37.2 against 36.9-37.0, 64 34.8-34.9
     #: against 36.7-36.8; skewed 48 / 64 31.6 / 32.3 against 33.3 / 34.8; K = 2048, N = 8192 M = 48
-    #: / 64 37.6 / 38.3 against 38.1 / 40.5. 64 x 4, 64 x 16, 32 x 4 and 256 x 16 were slower than
-    #: 32 x 8 or 64 x 8 at M = 40 / 48 / 64 (down-split*.jsonl)
-    decode_union_short_down: tuple = ((0, 128, 16), (40, 32, 8))
+    #: / 64 37.6 / 38.3 against 38.1 / 40.5; in a second process (verify-rule.jsonl) M = 33 / 36 /
+    #: 40 / 44 / 64 31.1-31.2 / 33.3-33.4 / 34.5 / 34.8 / 34.9-35.0 against 31.2 / 33.4 / 34.3-34.4 /
+    #: 34.7 / 36.6-36.8, hence 32 x 8 from M = 48. 64 x 4, 64 x 16, 32 x 4 and 256 x 16 were slower
+    #: than 32 x 8 or 64 x 8 at M = 40 / 48 / 64 (down-split*.jsonl)
+    decode_union_short_down: tuple = ((0, 128, 16), (48, 32, 8))
     decode_union_short_bk: int = 0
     decode_union_short_split: int = 0
     decode_union_short_gate_bk: int = 128
