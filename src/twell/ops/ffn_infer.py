@@ -1314,23 +1314,8 @@ def _decode_finish_kernel(
     n_kb = tl.cdiv(K, BKF)
     if pid >= n_kb:
         _stats_program(
-            pid - n_kb,
-            bcnt_ptr,
-            bl1_ptr,
-            l0_ptr,
-            l1_ptr,
-            over_ptr,
-            sp_ptr,
-            sem_ptr,
-            M,
-            NB,
-            NT,
-            S,
-            BPT,
-            TCH,
-            SBM,
-            NS,
-        )
+            pid - n_kb, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, sem_ptr, M, NB, NT, S, BPT, TCH, SBM, NS
+        )  # fmt: skip
     else:
         i_m = tl.arange(0, BM)
         o_k = pid * BKF + tl.arange(0, BKF)
