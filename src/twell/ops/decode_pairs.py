@@ -220,7 +220,8 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 def pair_counters(dev: torch.device) -> torch.Tensor:
     """int32 [4] counters of the pair form for this thread and the current stream of ``dev`` (zero):
-    pairs listed, down programs gone (pair down), units listed (units form)."""
+    [0] pairs listed; [1] the pair down's programs gone, or the units variant's units listed (the
+    high half of one 64-bit word with [0]); [2] the units variant's union down programs gone."""
     return stream_counters(_COUNTERS, dev, torch.int32, per_thread=True, n=4)
 
 
