@@ -40,6 +40,7 @@ from .ffn_infer import (
     _chunk_up,
     _decode_stats,
     _is_active,
+    _leave_grid,
     _listed_down,
     _nacc,
     _p2,
@@ -48,15 +49,11 @@ from .ffn_infer import (
     _stream_key,
     _tokens_dot_rows,
 )
-from .ffn_infer import (
-    _leave_grid as leave_grid,
-)
 
 __all__ = [
     "launch_decode_barrier",
     "barrier_counters",
     "gate_block",
-    "leave_grid",
     "stream_counters",
 ]
 
@@ -201,14 +198,14 @@ def _decode_barrier_kernel(
         # fence waited for the program's y stores: H100, paper shape, 30 units iid, one process,
         # three alternating rounds: M = 8 22.14-22.18 us against 22.37-22.48, M = 16 24.05-24.32
         # against 24.34-24.42
-        leave_grid(bar_ptr)
+        _leave_grid(bar_ptr)
 
 
 def stream_counters(
     cache: dict, dev: torch.device, dtype: torch.dtype, per_thread: bool = False, n: int = 2
 ) -> torch.Tensor:
     """``n`` zeroed counters of ``dtype`` kept in ``cache`` under ``_stream_key`` (the kernels that
-    use them leave them at zero, see ``leave_grid``)."""
+    use them leave them at zero, see ``ffn_infer._leave_grid``)."""
     key = _stream_key(dev, per_thread)
     if key not in cache:
         cache[key] = torch.zeros(n, dtype=dtype, device=dev)

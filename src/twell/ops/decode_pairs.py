@@ -41,16 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_barrier import gate_block, leave_grid, stream_counters
+from .decode_barrier import gate_block, stream_counters
 from .ffn_infer import (
     _decode_stats,
     _launch_union_down,
+    _leave_grid,
     _p2,
     _ranks,
     _stats_tch,
     _stream_key,
     _sum_partials,
-    _union_blocks,
 )
 
 __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
@@ -210,7 +210,7 @@ def _pairs_down_kernel(
                 _sum_partials(part_ptr, y_ptr, i_d, o_k, m_out, M, K, stride_ym, OUT_DTYPE, BMD, BKD, SPLIT)
     # the last program out resets the counters for the next launch (every program read the
     # length above, and the next call's gate kernel starts after this grid)
-    leave_grid(cnt_ptr)
+    _leave_grid(cnt_ptr)
 
 
 #: the pair form's counters (pair count, departures) per (thread, device, stream): zero between
@@ -283,7 +283,7 @@ def launch_decode_pairs(
     if units is not None:
         hu, uid, rank, acc, spart = units
         # the gate kernel zeroes the union down's tickets (column blocks + the statistics')
-        kb, split = _union_blocks(M, K, cfg, programs)[1] + 1, 2
+        kb, split = p["union_down"][1] + 1, 2
     else:
         hu = uid = rank = vals  # (not used)
         if split > 1 and part is None:
@@ -312,7 +312,7 @@ def launch_decode_pairs(
         if on:
             _launch_union_down(
                 hu, uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots,
-                out_dt, prec, pdl, cfg, programs, cnt,
+                out_dt, prec, pdl, cfg, p["union_down"], cnt,
             )  # fmt: skip
         else:
             _pairs_down_kernel[(kb * split + 1,)](

@@ -1024,7 +1024,7 @@ def _decode_union_down_kernel(
                 tl.store(y_ptr + i_m[:, None] * stride_ym + o_k[None, :], v.to(OUT_DTYPE), mask=m_out)
                 tl.debug_barrier()  # (see _decode_finish_kernel: every thread's load before any zeroing)
                 tl.store(p_acc, tl.zeros((BM, BKD), dtype=tl.float32), mask=m_out)
-    if COUNTED and FIN:
+    if COUNTED:
         # the units variant's counters (pairs and units at cnt[0] / cnt[1], the count of this
         # kernel's rank list at lst_ptr = cnt + 1): the last program out zeroes them and cnt[2]
         _leave_grid(lst_ptr - 1, 2)
@@ -1294,23 +1294,15 @@ def _decode_finish_kernel(
     SBM: tl.constexpr,
     NS: tl.constexpr,
     PDL: tl.constexpr,
-    RESET: tl.constexpr = 0,
-    cnt_ptr=None,
 ):
     # decode stage 2 of the atomic form: y = acc rounded to the activation dtype, acc zeroed for
     # the next call (one program per BKF columns), and NS programs for the statistics, SBM tokens
     # each; with NS > 1 each stores its sums into sp [3, NS] and the last one to take a ticket
     # (sem[0], zeroed by the gate + up kernel) adds them in order. One program for 64 tokens took
-    # 9.1 us on the H100 (paper shape), 2.2 us for 8 tokens. RESET > 0: program 0 also zeroes the
-    # RESET int32 counters at cnt_ptr (the pair form's units variant: every kernel that read them
-    # has completed by now)
+    # 9.1 us on the H100 (paper shape), 2.2 us for 8 tokens
     if PDL:
         tl.extra.cuda.gdc_wait()  # the gate + up grid has completed and its atomics are visible
     pid = tl.program_id(0)
-    if RESET > 0:
-        if pid == 0:
-            o_r = tl.arange(0, RESET)
-            tl.store(cnt_ptr + o_r, tl.zeros((RESET,), dtype=tl.int32))
     n_kb = tl.cdiv(K, BKF)
     if pid >= n_kb:
         _stats_program(
@@ -1734,7 +1726,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
     KC, nsplit = p["kc"], p["nsplit"]
     if p["union"]:
         # the union down's tickets (one per column block, one for the statistics) start at zero
-        KC = max(KC, _union_blocks(M, K, cfg, progs)[1] + 1)
+        KC = max(KC, p["union_down"][1] + 1)
     if p["pairs"]:
         from .decode_pairs import down_blocks, launch_decode_pairs, pair_ids
 
@@ -1743,19 +1735,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             # h by unit rank [N, M], the units by rank, their ranks (in the list scratch), the
             # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket
             vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
-                M,
-                N,
-                NB,
-                bn,
-                _union_blocks(M, K, cfg, progs)[1] + 1,
-                1,
-                K,
-                x.dtype,
-                dev,
-                not capturing,
-                True,
-                True,
-            )
+                M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True
+            )  # fmt: skip
             units = (hu, uid, rank, part, spart)
         else:
             _, kb, split = down_blocks(M, K, cfg)
@@ -1861,7 +1842,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         try:
             _launch_union_down(
                 hc, ids, lst, wdt, part, y, sem, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt,
-                prec, pdl, cfg, progs,
+                prec, pdl, cfg, p["union_down"],
             )  # fmt: skip
         except BaseException:
             _SCRATCH.clear()  # the accumulator may hold this call's sums: never reuse it
@@ -1940,14 +1921,15 @@ def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, in
 
 def _launch_union_down(
     hc, ids, lst, wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg,
-    programs, cnt=None,
+    blocks, cnt=None,
 ):  # fmt: skip
     """The union form's down GEMM into the zeroed fp32 ``acc`` and the call's finishing (y, acc
     zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
-    column blocks + 1 zeroed tickets), else by _decode_finish_kernel (``tk[0]`` zero). ``cnt``:
-    the pair form's units variant's counters (the rank count at cnt[1]), zeroed after use."""
+    column blocks + 1 zeroed tickets), else by _decode_finish_kernel (``tk[0]`` zero). ``blocks``:
+    the plan's ``union_down`` (``_union_blocks``). ``cnt``: the pair form's units variant's
+    counters (the rank count at cnt[1]), zeroed by the down kernel's last program out."""
     M, K = y.shape
-    bkd, n_kb, su, chd = _union_blocks(M, K, cfg, programs)
+    bkd, n_kb, su, chd = blocks
     fin = cfg.decode_union_finish
     sbm = min(_p2(M), cfg.decode_stats_rows)
     ns = _cdiv(_p2(M), sbm)
@@ -1960,14 +1942,12 @@ def _launch_union_down(
         num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if not fin:
-        _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, tk, NB, NT, bpt, slots, out_dt, pdl, cfg, cnt)
+        _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, tk, NB, NT, bpt, slots, out_dt, pdl, cfg)
 
 
-def _launch_finish(
-    acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg, cnt=None
-):
+def _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg):
     """_decode_finish_kernel for y [M, K]: y = acc rounded, acc zeroed, the statistics (``sem[0]``
-    zero before it); with ``cnt``, its int32 counters are zeroed too (a power of two of them)."""
+    zero before it)."""
     M, K = y.shape
     bkf = max(16, min(_p2(K), 4096 // _p2(M), cfg.decode_finish_bk))
     # statistics programs: a power of two of them, SBM tokens each
@@ -1976,7 +1956,7 @@ def _launch_finish(
     _decode_finish_kernel[(_cdiv(K, bkf) + ns,)](
         acc, y, bcnt, bl1, l0, l1, over, spart, sem, M, K, NB, NT, y.stride(0),
         OUT_DTYPE=out_dt, BM=_p2(M), BKF=bkf, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm),
-        SBM=sbm, NS=ns, PDL=pdl, RESET=0 if cnt is None else cnt.numel(), cnt_ptr=cnt, num_warps=4,
+        SBM=sbm, NS=ns, PDL=pdl, num_warps=4,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
