@@ -391,6 +391,15 @@ class InferConfig:
     #: 64 82.7 / 87.6 against 78.8 / 82.9, first-llama.jsonl)
     decode_pairs_units_min_m: int = 33
     decode_pairs_units_max_m: int = 64
+    #: the units variant's up kernel: programs per SM and warps (in place of decode_pairs_up_per_sm
+    #: / decode_pairs_up_warps), so that at ~30 units per token each program computes one step of
+    #: pairs. H100, paper shape, 30 units iid, one process (benchmarks/results/decode-s12-2026-11-27/
+    #: up2.jsonl, down.jsonl): M = 33 / 40 / 48 / 56 / 64 30.4 / 31.3 / 31.1 / 34.5 / 32.1 us with
+    #: 5 x 4 warps against 31.3 / 34.1 / 34.1 / 37.1 / 34.5 with 2 x 8 (per kernel at M = 64, the
+    #: up from its wait to its last program 4.8 against 7.1 us, globaltimer); 6 or 8 per SM within
+    #: 0.3 us of 5; at the pair form's M = 21..32 4 per SM was slower (26.3-28.1 against 27.6-31.0)
+    decode_pairs_units_up_per_sm: int = 5
+    decode_pairs_units_up_warps: int = 4
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

@@ -304,10 +304,15 @@ def launch_decode_pairs(
             KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
-        _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * cfg.decode_pairs_up_per_sm)),)](
+        per_sm, warps = (
+            (cfg.decode_pairs_units_up_per_sm, cfg.decode_pairs_units_up_warps)
+            if on
+            else (cfg.decode_pairs_up_per_sm, cfg.decode_pairs_up_warps)
+        )
+        _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * per_sm)),)](
             x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
-            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on, num_warps=cfg.decode_pairs_up_warps, **launch,
+            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on, num_warps=warps, **launch,
         )  # fmt: skip
         if on:
             _launch_union_down(
