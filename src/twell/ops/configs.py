@@ -397,7 +397,7 @@ class InferConfig:
     #: up2.jsonl, down.jsonl): M = 33 / 40 / 48 / 56 / 64 30.4 / 31.3 / 31.1 / 34.5 / 32.1 us with
     #: 5 x 4 warps against 31.3 / 34.1 / 34.1 / 37.1 / 34.5 with 2 x 8 (per kernel at M = 64, the
     #: up from its wait to its last program 4.8 against 7.1 us, globaltimer); 6 or 8 per SM within
-    #: 0.3 us of 5; at the pair form's M = 21..32 4 per SM was slower (26.3-28.1 against 27.6-31.0)
+    #: 0.3 us of 5; at the pair form's M = 21..32 4 per SM was slower (27.6-31.0 against 26.3-28.1)
     decode_pairs_units_up_per_sm: int = 5
     decode_pairs_units_up_warps: int = 4
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
