@@ -489,22 +489,28 @@ def test_decode_pairs_form(kdevice, poison, monkeypatch, M, K, up, chunk, bkd, s
 
 
 @pytest.mark.parametrize(
-    "M,K,up,chd,bkd,split,fin",
+    "M,K,up,chd,bkd,split,fin,pairs",
     [
-        (3, 96, 8, 16, 32, 4, True),
-        (8, 200, 4, 64, 64, 2, False),
-        (17, 48, 2, 32, 16, 1, True),
-        (33, 72, 4, 128, 128, 3, True),
-        (33, 72, 4, 128, 128, 3, False),
+        (3, 96, 8, 16, 32, 4, True, False),
+        (8, 200, 4, 64, 64, 2, False, False),
+        (17, 48, 2, 32, 16, 1, True, False),
+        (33, 72, 4, 128, 128, 3, True, False),
+        (33, 72, 4, 128, 128, 3, False, False),
+        (3, 96, 8, 16, 32, 4, True, True),
+        (17, 48, 2, 32, 16, 1, True, True),
+        (33, 72, 4, 128, 128, 3, True, True),
+        (33, 72, 4, 64, 64, 2, False, True),
     ],
 )
-def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd, bkd, split, fin):
+def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd, bkd, split, fin, pairs):
     # the pair form's units variant: the pair gate also lists the batch's active units (their
     # h rows zeroed), the pair up stores h by its unit's rank, then the union form's down GEMM
     # (`chd` ranks per tl.dot, `bkd` columns, `split` ranges, fp32 atomics) finishing the call
-    # itself (`fin`) or followed by the finishing kernel. Sparse, none active (no units listed),
-    # every unit active (all 300 listed), a NaN token, calls after it (the counters back at zero,
-    # the accumulator zeroed again)
+    # itself (`fin`) or followed by the finishing kernel; with `pairs` (M <=
+    # decode_pairs_units_pair_down_max_m) the pair gate and up as in the pair form and the same
+    # down GEMM over the pair list (`chd` pairs per one-hot tl.dot). Sparse, none active (no units
+    # listed), every unit active (all 300 listed), a NaN token, calls after it (the counters back
+    # at zero, the accumulator zeroed again)
     from twell.ops import decode_pairs as dpair
     from twell.ops import ffn_infer as fi
 
@@ -513,6 +519,7 @@ def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd,
     monkeypatch.setattr(dpair, "launch_decode_pairs", lambda *a: launches.append(a[-1] is not None) or fn(*a))
     plan = dict(
         decode_union_finish=fin,
+        decode_pairs_units_pair_down_max_m=64 if pairs else 0,
         decode_pairs_min_k=0,
         decode_pairs_units_min_m=1,
         decode_pairs_units_max_m=64,

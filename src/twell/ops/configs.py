@@ -400,6 +400,15 @@ class InferConfig:
     #: 0.3 us of 5; at the pair form's M = 21..32 4 per SM was slower (27.6-31.0 against 26.3-28.1)
     decode_pairs_units_up_per_sm: int = 5
     decode_pairs_units_up_warps: int = 4
+    #: the units variant's down over its pair list at M <= this (0: never): the gate and up kernels
+    #: of the pair form (no unit list, h in the pair list) and the union down kernel summing PD
+    #: pairs per tl.dot ([tokens, pairs] one-hot h times each pair's gathered W_down^T row segment)
+    #: in place of dense h tiles of every listed unit. H100, paper shape, 30 units iid, one process
+    #: (benchmarks/results/decode-s12-2026-11-27/pair-down*.jsonl): M = 33 / 40 29.5 / 30.5 us
+    #: against 30.3-30.4 / 31.2-31.4; M = 48 / 64 equal or slower in every geometry tried (30.5-35.3
+    #: / 32.9-39.8 against 30.8 / 32.2-32.3): the dense h tiles of 48-64 tokens carry more pairs
+    #: per unit
+    decode_pairs_units_pair_down_max_m: int = 47
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

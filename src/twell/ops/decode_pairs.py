@@ -27,7 +27,11 @@ the batch's active units (one 64-bit atomic add takes the places of a block's pa
 zeroes their rows of hu [ranks, M]; the up kernel stores each pair's h at hu[rank of its unit,
 token]; the union form's down GEMM (``ffn_infer._launch_union_down``) then reads each listed unit's
 W_down^T row once for all tokens (its [M, CHD] h tiles, mostly zeros, are dense for tl.dot) where
-the pair down reads one row per pair and builds each step's one-hot h tile.
+the pair down reads one row per pair and builds each step's one-hot h tile. At M <=
+``decode_pairs_units_pair_down_max_m`` (47) the variant keeps the pair form's gate and up (h in the
+pair list, no unit list) and runs the union down kernel over the pair list instead, one-hot h tiles
+of PD pairs times their gathered W_down^T rows (``ffn_infer._pairs_down_range``): at 33..47 tokens
+that reads fewer bytes than the dense h tiles of every listed unit in every column block.
 
 The list's order is the gate programs' arrival order, so the sums may change in the last bit
 between calls: not in deterministic mode, not under CUDA-graph capture. The pair count lives in a
@@ -295,13 +299,15 @@ def launch_decode_pairs(
     cap = max(1, (64 << 10) // (pu * x.element_size()))
     bku = max(16, min(_p2(K), _p2(cfg.decode_pairs_up_bk), 1 << (cap.bit_length() - 1)))
     on = units is not None
+    # the units variant with the union down over the pair list (h in the pair list, no unit list)
+    pd = on and M <= cfg.decode_pairs_units_pair_down_max_m
     try:
         _pairs_gate_kernel[(NB,)](
             x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, hu, uid, rank,
             M, N, K, NB, kb, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
             BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS,
-            KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on,
+            KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on and not pd,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
         per_sm, warps = (
@@ -312,12 +318,12 @@ def launch_decode_pairs(
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * per_sm)),)](
             x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
-            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on, num_warps=warps, **launch,
+            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on and not pd, num_warps=warps, **launch,
         )  # fmt: skip
         if on:
             _launch_union_down(
-                hu, uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots,
-                out_dt, prec, pdl, cfg, p["union_down"], cnt,
+                vals if pd else hu, ids if pd else uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart,
+                NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg, p["union_down"], cnt, pd,
             )  # fmt: skip
         else:
             _pairs_down_kernel[(kb * split + 1,)](

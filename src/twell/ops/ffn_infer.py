@@ -965,12 +965,35 @@ def _listed_down(
 
 
 @triton.jit
+def _pairs_down_range(
+    ids_ptr, val_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K,
+    BM: tl.constexpr, BKD: tl.constexpr, PD: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    # [BM, BKD] fp32: sum over the pairs [lo, hi) of the pair list (ids unit << 8 | token, h) of
+    # h times the unit's W_down^T row segment, PD pairs per tl.dot ([BM, PD] one-hot rows holding
+    # h, times [PD, BKD] gathered rows)
+    o_p = tl.arange(0, PD)
+    acc = tl.zeros((BM, BKD), dtype=tl.float32)
+    for c in tl.range(lo, hi, PD, num_stages=STAGES):
+        i_p = c + o_p
+        v_p = i_p < hi
+        ids = tl.load(ids_ptr + i_p, mask=v_p, other=0, cache_modifier=".cg")
+        tok = ids & 255
+        unit = (ids >> 8).to(tl.int64)
+        h = tl.load(val_ptr + i_p, mask=v_p, other=0.0, cache_modifier=".cg")
+        b_h = tl.where(tok[None, :] == i_m[:, None], h[None, :], tl.zeros_like(h)[None, :])
+        b_w = tl.load(wdt_ptr + unit[:, None] * K + o_k[None, :], mask=v_p[:, None] & m_k[None, :], other=0.0)
+        acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _decode_union_down_kernel(
     hc_ptr, ids_ptr, lst_ptr, wdt_ptr, acc_ptr, y_ptr, tk_ptr, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr,
     M, K, NB, NT, stride_ym,
     BM: tl.constexpr, BN_G: tl.constexpr, NB_P2: tl.constexpr, CHD: tl.constexpr, BKD: tl.constexpr,
     SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-    COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None,
+    COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None, PAIRS: tl.constexpr = False,
     S: tl.constexpr = 0, BPT: tl.constexpr = 1, TCH: tl.constexpr = 1, SBM: tl.constexpr = 1, NS: tl.constexpr = 1,
 ):  # fmt: skip
     # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
@@ -994,7 +1017,9 @@ def _decode_union_down_kernel(
     else:
         kb = pid % n_kb
         sp = pid // n_kb
-        if COUNTED:
+        if PAIRS:
+            total = tl.load(lst_ptr - 1, cache_modifier=".cg")
+        elif COUNTED:
             total = tl.load(lst_ptr, cache_modifier=".cg")
         else:
             o_b = tl.arange(0, NB_P2)
@@ -1010,9 +1035,14 @@ def _decode_union_down_kernel(
         m_out = m_m[:, None] & m_k[None, :]
         p_acc = acc_ptr + i_m[:, None] * K + o_k[None, :]
         if lo < hi:
-            acc = _listed_down(
-                ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
-            )  # fmt: skip
+            if PAIRS:
+                acc = _pairs_down_range(
+                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K, BM, BKD, CHD, STAGES, DOT_PREC
+                )  # fmt: skip
+            else:
+                acc = _listed_down(
+                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
+                )  # fmt: skip
             tl.atomic_add(p_acc, acc, mask=m_out, sem="relaxed")
         if FIN:
             # every thread's adds are done before the ticket (its release orders them for the
@@ -1921,7 +1951,7 @@ def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, in
 
 def _launch_union_down(
     hc, ids, lst, wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg,
-    blocks, cnt=None,
+    blocks, cnt=None, pairs=False,
 ):  # fmt: skip
     """The union form's down GEMM into the zeroed fp32 ``acc`` and the call's finishing (y, acc
     zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
@@ -1938,7 +1968,7 @@ def _launch_union_down(
         M, K, NB, NT, y.stride(0),
         BM=max(16, _p2(M)), BN_G=bn, NB_P2=_p2(NB), CHD=chd, BKD=bkd, SPLIT=su,
         STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, COUNTED=cnt is not None, FIN=fin,
-        OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns,
+        OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns, PAIRS=pairs,
         num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if not fin:
