@@ -47,10 +47,12 @@ import triton.language as tl
 
 from .decode_barrier import gate_block, stream_counters
 from .ffn_infer import (
+    _PAIR_TOK_BITS,
     _decode_stats,
     _launch_union_down,
     _leave_grid,
     _p2,
+    _pairs_down_range,
     _ranks,
     _stats_tch,
     _stream_key,
@@ -59,8 +61,7 @@ from .ffn_infer import (
 
 __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 
-#: bits of a pair id that hold the token (M <= 256)
-_TOK_BITS = 8
+_TOK_BITS = _PAIR_TOK_BITS
 
 
 @triton.jit
@@ -187,21 +188,9 @@ def _pairs_down_kernel(
         hi = tl.minimum(total, lo + per)
         o_k = kb * BKD + tl.arange(0, BKD)
         m_k = o_k < K
-        o_p = tl.arange(0, PD)
-        acc = tl.zeros((BMD, BKD), dtype=tl.float32)
-        for c in tl.range(lo, hi, PD, num_stages=STAGES):
-            i_p = c + o_p
-            v_p = i_p < hi
-            ids = tl.load(ids_ptr + i_p, mask=v_p, other=0)
-            tok = ids & ((1 << TOK_BITS) - 1)
-            unit = (ids >> TOK_BITS).to(tl.int64)
-            h = tl.load(val_ptr + i_p, mask=v_p, other=0.0)
-            # [BMD, PD]: each pair's h in its token's row, 0 elsewhere
-            b_h = tl.where(tok[None, :] == i_d[:, None], h[None, :], tl.zeros_like(h)[None, :])
-            b_w = tl.load(
-                wdt_ptr + unit[:, None] * K + o_k[None, :], mask=v_p[:, None] & m_k[None, :], other=0.0
-            )
-            acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+        acc = _pairs_down_range(
+            ids_ptr, val_ptr, wdt_ptr, lo, hi, i_d, o_k, m_k, K, TOK_BITS, BMD, BKD, PD, STAGES, DOT_PREC
+        )  # fmt: skip
         m_out = (i_d < M)[:, None] & m_k[None, :]
         if SPLIT == 1:
             tl.store(y_ptr + i_d[:, None] * stride_ym + o_k[None, :], acc.to(OUT_DTYPE), mask=m_out)

@@ -966,21 +966,21 @@ def _listed_down(
 
 @triton.jit
 def _pairs_down_range(
-    ids_ptr, val_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K,
+    ids_ptr, val_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K, TOK_BITS: tl.constexpr,
     BM: tl.constexpr, BKD: tl.constexpr, PD: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    # [BM, BKD] fp32: sum over the pairs [lo, hi) of the pair list (ids unit << 8 | token, h) of
-    # h times the unit's W_down^T row segment, PD pairs per tl.dot ([BM, PD] one-hot rows holding
-    # h, times [PD, BKD] gathered rows)
+    # [BM, BKD] fp32: sum over the pairs [lo, hi) of a pair list (ids unit << TOK_BITS | token, and
+    # h) of h times the unit's W_down^T row segment o_k, PD pairs per tl.dot: [BM, PD] one-hot rows
+    # (each pair's h in its token's row, 0 elsewhere) times [PD, BKD] gathered row segments
     o_p = tl.arange(0, PD)
     acc = tl.zeros((BM, BKD), dtype=tl.float32)
     for c in tl.range(lo, hi, PD, num_stages=STAGES):
         i_p = c + o_p
         v_p = i_p < hi
-        ids = tl.load(ids_ptr + i_p, mask=v_p, other=0, cache_modifier=".cg")
-        tok = ids & 255
-        unit = (ids >> 8).to(tl.int64)
-        h = tl.load(val_ptr + i_p, mask=v_p, other=0.0, cache_modifier=".cg")
+        ids = tl.load(ids_ptr + i_p, mask=v_p, other=0)
+        tok = ids & ((1 << TOK_BITS) - 1)
+        unit = (ids >> TOK_BITS).to(tl.int64)
+        h = tl.load(val_ptr + i_p, mask=v_p, other=0.0)
         b_h = tl.where(tok[None, :] == i_m[:, None], h[None, :], tl.zeros_like(h)[None, :])
         b_w = tl.load(wdt_ptr + unit[:, None] * K + o_k[None, :], mask=v_p[:, None] & m_k[None, :], other=0.0)
         acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
@@ -993,7 +993,8 @@ def _decode_union_down_kernel(
     M, K, NB, NT, stride_ym,
     BM: tl.constexpr, BN_G: tl.constexpr, NB_P2: tl.constexpr, CHD: tl.constexpr, BKD: tl.constexpr,
     SPLIT: tl.constexpr, STAGES: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-    COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None, PAIRS: tl.constexpr = False,
+    COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None,
+    PAIRS: tl.constexpr = False, TOK_BITS: tl.constexpr = 8,
     S: tl.constexpr = 0, BPT: tl.constexpr = 1, TCH: tl.constexpr = 1, SBM: tl.constexpr = 1, NS: tl.constexpr = 1,
 ):  # fmt: skip
     # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
@@ -1005,7 +1006,9 @@ def _decode_union_down_kernel(
     # FIN: this kernel also finishes the call, in place of _decode_finish_kernel: the last range
     # of each column block to take its ticket (tk[block], zeroed by the gate kernel) rounds the
     # block of acc into y and zeroes it, and NS more programs reduce the statistics (their
-    # ticket tk[column blocks])
+    # ticket tk[column blocks]). PAIRS (with COUNTED): the ranges split the pair form's pair list
+    # (ids_ptr: unit << TOK_BITS | token, hc_ptr: h; its length at lst_ptr - 1) instead of the ranks,
+    # CHD pairs per one-hot tl.dot
     _middle_of_chain(PDL)  # the up kernel has completed: hc and ids are visible
     pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BKD)
@@ -1037,7 +1040,7 @@ def _decode_union_down_kernel(
         if lo < hi:
             if PAIRS:
                 acc = _pairs_down_range(
-                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K, BM, BKD, CHD, STAGES, DOT_PREC
+                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, o_k, m_k, K, TOK_BITS, BM, BKD, CHD, STAGES, DOT_PREC
                 )  # fmt: skip
             else:
                 acc = _listed_down(
@@ -1662,6 +1665,10 @@ def _decode_plan(
     }
 
 
+#: bits of a pair id (the pair form's lists: unit << _PAIR_TOK_BITS | token) that hold the token
+#: (M <= 256)
+_PAIR_TOK_BITS = 8
+
 #: decode scratch kept between eager calls, per (device, stream, shape): see _decode_scratch
 _SCRATCH: dict[tuple, tuple] = {}
 
@@ -1957,7 +1964,9 @@ def _launch_union_down(
     zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
     column blocks + 1 zeroed tickets), else by _decode_finish_kernel (``tk[0]`` zero). ``blocks``:
     the plan's ``union_down`` (``_union_blocks``). ``cnt``: the pair form's units variant's
-    counters (the rank count at cnt[1]), zeroed by the down kernel's last program out."""
+    counters (the rank count at cnt[1]), zeroed by the down kernel's last program out. ``pairs``
+    (with ``cnt``): ``hc`` and ``ids`` are the pair form's h values and pair ids (their count at
+    cnt[0]), summed CHD pairs per one-hot tl.dot."""
     M, K = y.shape
     bkd, n_kb, su, chd = blocks
     fin = cfg.decode_union_finish
@@ -1969,6 +1978,7 @@ def _launch_union_down(
         BM=max(16, _p2(M)), BN_G=bn, NB_P2=_p2(NB), CHD=chd, BKD=bkd, SPLIT=su,
         STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, COUNTED=cnt is not None, FIN=fin,
         OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns, PAIRS=pairs,
+        TOK_BITS=_PAIR_TOK_BITS,
         num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if not fin:
