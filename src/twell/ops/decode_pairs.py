@@ -61,8 +61,6 @@ from .ffn_infer import (
 
 __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 
-_TOK_BITS = _PAIR_TOK_BITS
-
 
 @triton.jit
 def _pairs_gate_kernel(
@@ -262,8 +260,8 @@ def launch_decode_pairs(
     down's column blocks + 1 elements."""
     M, K = x.shape
     N = w_gate.shape[0]
-    if M > 1 << _TOK_BITS:
-        raise ValueError(f"x: the pair form takes at most {1 << _TOK_BITS} tokens, got {M}")
+    if M > 1 << _PAIR_TOK_BITS:
+        raise ValueError(f"x: the pair form takes at most {1 << _PAIR_TOK_BITS} tokens, got {M}")
     bn = min(p["bn"], tile)
     NB = triton.cdiv(N, bn)
     NT = triton.cdiv(N, tile)
@@ -295,7 +293,7 @@ def launch_decode_pairs(
             x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, hu, uid, rank,
             M, N, K, NB, kb, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
-            BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_TOK_BITS,
+            BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_PAIR_TOK_BITS,
             KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on and not pd,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
@@ -307,7 +305,7 @@ def launch_decode_pairs(
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * per_sm)),)](
             x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
-            TOK_BITS=_TOK_BITS, PDL=pdl, UNITS=on and not pd, num_warps=warps, **launch,
+            TOK_BITS=_PAIR_TOK_BITS, PDL=pdl, UNITS=on and not pd, num_warps=warps, **launch,
         )  # fmt: skip
         if on:
             _launch_union_down(
@@ -318,7 +316,7 @@ def launch_decode_pairs(
             _pairs_down_kernel[(kb * split + 1,)](
                 wdt, ids, vals, cnt, y, part, tickets, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
                 OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
-                STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_TOK_BITS, SPLIT=split,
+                STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_PAIR_TOK_BITS, SPLIT=split,
                 S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
                 num_warps=cfg.decode_pairs_warps, **launch,
             )  # fmt: skip

@@ -1770,7 +1770,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         units = None
         if p["pairs_units"]:
             # h by unit rank [N, M], the units by rank, their ranks (in the list scratch), the
-            # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket
+            # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket (the
+            # first three unused at M <= decode_pairs_units_pair_down_max_m, where h stays in the
+            # pair list)
             vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
                 M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True
             )  # fmt: skip
