@@ -232,8 +232,13 @@ class InferConfig:
     #: / 64 37.6 / 38.3 against 38.1 / 40.5; in a second process (verify-rule.jsonl) M = 33 / 36 /
     #: 40 / 44 / 64 31.1-31.2 / 33.3-33.4 / 34.5 / 34.8 / 34.9-35.0 against 31.2 / 33.4 / 34.3-34.4 /
     #: 34.7 / 36.6-36.8, hence 32 x 8 from M = 48. 64 x 4, 64 x 16, 32 x 4 and 256 x 16 were slower
-    #: than 32 x 8 or 64 x 8 at M = 40 / 48 / 64 (down-split*.jsonl)
-    decode_union_short_down: tuple = ((0, 128, 16), (48, 32, 8))
+    #: than 32 x 8 or 64 x 8 at M = 40 / 48 / 64 (down-split*.jsonl). With the W_down^T rows
+    #: prefetched into L2 by the units variant's gate (decode_prefetch_down), 64 x 8 at M = 48..63:
+    #: one process, two rounds (benchmarks/results/decode-s13-2026-11-27/xchg.jsonl, the rows
+    #: without the exchange) M = 48 / 56 / 60 29.82 / 32.96-32.99 / 33.26-33.42 us against 30.56 /
+    #: 34.50-34.56 / 35.30-35.68, skewed 48 / 56 28.42 / 29.47 against 27.89-27.95 / 31.84-31.97;
+    #: M = 64 31.81-31.92 either way (32.05-32.66 with 64 x 8 there, gate-union.jsonl)
+    decode_union_short_down: tuple = ((0, 128, 16), (48, 64, 8), (64, 32, 8))
     decode_union_short_bk: int = 0
     decode_union_short_split: int = 0
     decode_union_short_gate_bk: int = 128
@@ -409,6 +414,17 @@ class InferConfig:
     #: / 32.9-39.8 against 30.8 / 32.2-32.3): the dense h tiles of 48-64 tokens carry more pairs
     #: per unit
     decode_pairs_units_pair_down_max_m: int = 47
+    #: the units variant's gate programs (pair form, M = 33..64 below K = 4096) start the W_down^T
+    #: rows of their block's active units on their way into L2 (prefetch.global.L2) as soon as
+    #: their gate values are known, so the down kernel reads them from there. H100, paper shape,
+    #: 30 units iid, one process, two rounds (benchmarks/results/decode-s13-2026-11-27/
+    #: prefetch2.jsonl): M = 40 / 48 / 64 30.05-30.08 / 30.5-30.74 / 32.0-32.02 us against
+    #: 30.54-30.64 / 31.2-31.25 / 32.38-32.42 without. Not at the pair form's M <= 32: paper M = 24
+    #: within 0.1 us, Llama-3-8B M = 8 / 32 58.99-59.14 / 74.51-74.72 against 58.37-58.59 /
+    #: 73.46-73.68 (llama.jsonl). Not kept: the W_up rows too (paper M = 24 29.1-29.2 us against
+    #: 26.8-26.9, the prefetches' traffic behind the slower gate programs' W_gate reads), the same
+    #: in the barrier form (M = 8 / 12 0.1-0.2 us slower, prefetch1.jsonl)
+    decode_prefetch_down: bool = True
     #: launch the decode down kernel with programmatic dependent launch (sm_90+): it is scheduled
     #: while the gate + up grid drains and waits for it in-kernel, which hides the launch gap.
     #: Measured at 9355b88 (H100, paper shape, 30 active/token, device time): M = 1 19.4 -> 18.3 us,

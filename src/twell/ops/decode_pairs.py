@@ -13,7 +13,9 @@ all of x (256 KiB) or all of h. Here the work is the list of active pairs itself
 1. ``_pairs_gate_kernel`` (NB programs): the gate of BN units for every token; each program appends
    its active pairs, unit-major, to the batch's list (one atomic add for its place): the pair's id
    (unit * 256 + token) and its gate value. It also writes the per-(token, block) active counts,
-   zeroes their l1 sums and writes the per-unit counts.
+   zeroes their l1 sums and writes the per-unit counts; in the units variant it also starts the
+   W_down^T rows of its active units on their way into L2 (``decode_prefetch_down``), which the
+   down kernel reads later.
 2. ``_pairs_up_kernel``: P pairs per step, each pair's x row and W_up row loaded whole (one memory
    round trip per step, CUDA cores: no dense tile, no MMA chain), h = g u rounded to the activation
    dtype written over g, |h| added to its token's l1 sum.
@@ -53,6 +55,8 @@ from .ffn_infer import (
     _leave_grid,
     _p2,
     _pairs_down_range,
+    _prefetch_lines,
+    _prefetch_rows,
     _ranks,
     _stats_tch,
     _stream_key,
@@ -69,6 +73,7 @@ def _pairs_gate_kernel(
     OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
     TOK_BITS: tl.constexpr, KB_P2: tl.constexpr, PDL: tl.constexpr, UNITS: tl.constexpr,
+    wdt_ptr, PF_LINE: tl.constexpr, PF_DOWN: tl.constexpr,
 ):  # fmt: skip
     if PDL:
         # the up kernel may be scheduled from now on; it waits in-kernel for this grid (gdc_wait)
@@ -85,6 +90,10 @@ def _pairs_gate_kernel(
     )  # fmt: skip
     a = b_act.to(tl.int32)
     n_act = tl.sum(a, axis=0)
+    # the W_down^T rows of the block's active units start on their way into L2 now, so the down
+    # kernel reads them from there (PF_DOWN: lines a row, 0: no prefetch)
+    if PF_DOWN > 0:
+        _prefetch_rows(wdt_ptr, o_n, (n_act > 0) & m_n, K, PF_LINE, PF_DOWN)
     # place of each active pair among the block's, unit-major: the units before it, then the
     # tokens of its unit before it
     pos = (tl.cumsum(n_act, axis=0) - n_act)[None, :] + tl.cumsum(a, axis=0) - 1
@@ -288,6 +297,8 @@ def launch_decode_pairs(
     on = units is not None
     # the units variant with the union down over the pair list (h in the pair list, no unit list)
     pd = on and M <= cfg.decode_pairs_units_pair_down_max_m
+    # (the units variant only: slower at the pair form's M = 8..32 on the Llama-3-8B shape)
+    pf_line, pf_down = _prefetch_lines(K, wdt, cfg.decode_prefetch_down and on)
     try:
         _pairs_gate_kernel[(NB,)](
             x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, hu, uid, rank,
@@ -295,6 +306,7 @@ def launch_decode_pairs(
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
             BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_PAIR_TOK_BITS,
             KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on and not pd,
+            wdt_ptr=wdt, PF_LINE=pf_line, PF_DOWN=pf_down,
             num_warps=p["warps"], num_stages=p["stages"],
         )  # fmt: skip
         per_sm, warps = (

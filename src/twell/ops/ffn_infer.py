@@ -95,7 +95,7 @@ from triton.compiler.errors import CompilationError
 from .. import _alloc
 from .._checks import MAX_COLUMNS, check_ffn_args, check_tile_slots
 from ..stats import FFNStats
-from ._triton import can_run_triton, num_sms, pdl_ok
+from ._triton import can_run_triton, interpreter_enabled, num_sms, pdl_ok
 from .configs import get_config
 from .ffn_ref import sparse_ffn_ref
 from .ffn_train import rows_forward
@@ -315,6 +315,35 @@ def _ranks(f):
     # for flags f [R]: the rank of each set flag among the set ones, in order, and their number
     c = f.to(tl.int32)
     return tl.cumsum(c, axis=0) - 1, tl.sum(c, axis=0)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, rows, valid, K, LINE: tl.constexpr, LINES: tl.constexpr):
+    # a hint to the L2 cache: fetch rows `rows` [R] (where `valid`) of the row-major [*, K]
+    # matrix at w_ptr, LINES lines of LINE elements from each row's start (those past K masked);
+    # nothing waits for it and no value comes back, so a later load of the rows finds them in L2
+    # instead of memory. GPU only (inline PTX; the callers pass LINES = 0 under the interpreter)
+    o_l = tl.arange(0, LINES) * LINE
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + o_l[None, :]
+    ok = (valid[:, None] & (o_l[None, :] < K)).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [ptrs, ok],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+def _prefetch_lines(K: int, w: torch.Tensor, on: bool) -> tuple[int, int]:
+    """(LINE, LINES) for ``_prefetch_rows`` over rows of K elements of ``w``: 128-byte lines, as many
+    as a row spans (a power of two); LINES = 0 (no prefetch) when ``on`` is false, under the CPU
+    interpreter and off CUDA."""
+    line = max(1, 128 // w.element_size())
+    if not on or interpreter_enabled() or not w.is_cuda:
+        return line, 0
+    return line, _p2(_cdiv(K, line))
 
 
 @triton.jit
