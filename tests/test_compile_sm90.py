@@ -72,6 +72,8 @@ def _spec(kernel, args, kwargs) -> dict:
             out[name] = ["c", _constexpr(v)]
         elif isinstance(v, torch.Tensor):
             out[name] = ["t", "*" + _DTYPES[v.dtype]]
+        elif type(v).__name__ == "TensorDescriptor":  # (a TMA descriptor: dtype and block shape)
+            out[name] = ["t", f"tensordesc<{_DTYPES[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"]
         elif isinstance(v, bool):
             out[name] = ["t", "i1"]
         elif isinstance(v, int):
@@ -110,12 +112,27 @@ def _prefill(**cfg):
     return run
 
 
-def _train_step():
-    from twell.ops.ffn_train import ffn_train
+def _dense():
+    x, wg, wu, wd = make_sparse_ffn(9, 48, 300, 12, device="cpu", seed=4)
+    ffn_infer(x, wg, wu, wd, tile=64, slots=8, path="dense")
 
-    x, wg, wu, wd = (t.requires_grad_() for t in make_sparse_ffn(13, 40, 100, 2, device="cpu", seed=5))
-    y, st = ffn_train(x, wg, wu, wd, tile=64, slots=8, dispatch=False)
-    torch.autograd.backward([y, st.l1], [torch.randn_like(y), torch.ones_like(st.l1)])
+
+def _train_step(deterministic=False, **cfg):
+    def run():
+        from twell.ops import ffn_train as ft
+
+        old = ft.CONFIG
+        ft.CONFIG = ft.TrainConfig(**cfg)
+        try:
+            x, wg, wu, wd = make_sparse_ffn(13, 40, 100, 2, device="cpu", seed=5)
+            x[6, 0] = -50.0  # column 0 carries the threshold: every unit of this token active
+            x, wg, wu, wd = (t.requires_grad_() for t in (x, wg, wu, wd))
+            y, st = ft.ffn_train(x, wg, wu, wd, tile=64, slots=8, deterministic=deterministic, dispatch=False)
+            torch.autograd.backward([y, st.l1], [torch.randn_like(y), torch.ones_like(st.l1)])
+        finally:
+            ft.CONFIG = old
+
+    return run
 
 
 _PAIRS = dict(decode_pairs_min_m=1, decode_pairs_max_m=64, decode_pairs_min_k=0, decode_pairs_short_min_m=0)
@@ -147,7 +164,10 @@ CALLS = [
     ("decode-deterministic-5", _deterministic_decode),
     ("prefill-rows", _prefill()),
     ("prefill-two-passes", _prefill(prefill_two_passes=True, prefill_rows=False)),
-    ("train-step", _train_step),
+    ("dense", _dense),
+    ("train-step", _train_step(row_capacity=8)),
+    ("train-step-deterministic", _train_step(deterministic=True)),
+    ("train-step-gate-bits", _train_step(gate_bits="always", gate_bits_min_m=0, row_capacity=8)),
 ]  # fmt: skip
 
 
@@ -176,6 +196,11 @@ def test_kernels_compile_for_sm90(monkeypatch):
         "_pairs_down_kernel",
         "_decode_union_down_kernel",
         "_decode_gate_up_kernel",
+        "_gate_pack_kernel",
+        "_gate_bits_kernel",
+        "_fwd_rows_kernel",
+        "_bwd_rows_kernel",
+        "_wgrad_kernel",
     ):
         assert kernel in names, sorted(names)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
