@@ -252,6 +252,9 @@ class InferConfig:
     #: M = 48 / 64 77.8-78.2 / 81.6-82.1 against 79.6-80.0 / 82.8-83.2; the units variant of the pair
     #: form at M = 40 / 48 / 64 34.7-34.8 / 34.2-34.3 / 37.2 against 35.1-35.2 / 35.0 / 37.2-37.5
     decode_union_finish: bool = True
+    #: the union form's h rows by rank hold M rounded up to 16 values (as
+    #: decode_pairs_units_h_pad). Not measured yet
+    decode_union_h_pad: bool = True
     decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
@@ -329,6 +332,14 @@ class InferConfig:
     #: (BENCHMARKS.md section 1za): M = 8 22.22 us (x3) against 22.27-22.32, M = 16 24.48-24.61
     #: against 24.83-24.99
     decode_barrier_early_list: bool = True
+    #: from M = decode_barrier_h_pad_min_m (0: never) the barrier form's unit-major h rows hold M
+    #: rounded up to 16 values (zero past M), stored and loaded whole: a mask of i_m < M with M
+    #: not a multiple of 16 makes the down's h loads 2-byte loads (32 per thread and step at M = 8
+    #: in the sm_90 PTX of Triton 3.6). H100, paper shape, 30 units iid, one process, three rounds
+    #: (benchmarks/results/decode-s14-2026-11-27/pad.jsonl): M = 20 27.71-27.87 us padded against
+    #: 29.92-30.06, but M = 8 / 12 22.22-22.24 / 24.14-24.22 against 21.52-21.70 / 23.07-23.33
+    #: (skewed 8 22.05 against 21.44)
+    decode_barrier_h_pad_min_m: int = 17
     #: pair form (twell.ops.decode_pairs) at decode_pairs_min_m <= M <= decode_pairs_max_m (0: off)
     #: and K >= decode_pairs_min_k, in place of every other form there (sums in list order, so not
     #: in deterministic mode or under CUDA-graph capture; tl.dot gate): the gate kernel lists the
@@ -414,6 +425,14 @@ class InferConfig:
     #: / 32.9-39.8 against 30.8 / 32.2-32.3): the dense h tiles of 48-64 tokens carry more pairs
     #: per unit
     decode_pairs_units_pair_down_max_m: int = 47
+    #: the units variant's h rows by rank hold M rounded up to 16 values (zero past M), loaded
+    #: whole by the union down: with M not a multiple of 16 a mask of i_m < M breaks its loads
+    #: into 2-byte loads (sm_90 PTX of Triton 3.6: 64 loads and 64 shared stores per thread and
+    #: step at M = 56, where whole rows are 16-byte asynchronous copies). H100, paper shape, 30
+    #: units iid, one process, three rounds (benchmarks/results/decode-s14-2026-11-27/pad.jsonl):
+    #: M = 52 / 56 / 60 30.88-31.17 / 31.63-31.79 / 31.94-32.22 us against 32.32-32.66 /
+    #: 32.85-33.02 / 33.15-33.41 (skewed 56 29.42-29.47 against 29.71-29.73; M = 64 unchanged)
+    decode_pairs_units_h_pad: bool = True
     #: the units variant's gate programs (pair form, M = 33..64 below K = 4096) start the W_down^T
     #: rows of their block's active units on their way into L2 (prefetch.global.L2) as soon as
     #: their gate values are known, so the down kernel reads them from there. H100, paper shape,

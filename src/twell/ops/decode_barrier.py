@@ -51,6 +51,7 @@ from .ffn_infer import (
 )
 
 __all__ = [
+    "barrier_h_rows",
     "launch_decode_barrier",
     "barrier_counters",
     "gate_block",
@@ -81,7 +82,7 @@ def gate_block(
 def _decode_barrier_kernel(
     x_ptr, wg_ptr, wu_ptr, wdt_ptr, h_ptr, lst_ptr, bar_ptr, y_ptr,
     bcnt_ptr, bl1_ptr, nact_ptr, l0_ptr, l1_ptr, over_ptr,
-    M, N, K, NB, NT, stride_xm, stride_xk, stride_ym,
+    M, N, K, NB, NT, stride_xm, stride_xk, stride_ym, HS,
     OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHU: tl.constexpr, BKC: tl.constexpr,
     DOT_PREC: tl.constexpr, SWAP: tl.constexpr, BMD: tl.constexpr, BKD: tl.constexpr, CHD: tl.constexpr,
@@ -90,7 +91,9 @@ def _decode_barrier_kernel(
     PHASE: tl.constexpr,
 ):  # fmt: skip
     # bar (int64): [arrivals << 32 | length of the list of active units, departures]: one word,
-    # so the read that opens the barrier also returns the list's final length
+    # so the read that opens the barrier also returns the list's final length. h: unit-major rows
+    # of HS >= M values (0 past M), stored and loaded whole: at HS = M rounded up to 16 the down's
+    # h loads are vectorized where a mask of i_m < M (M not a multiple of 16) makes 2-byte loads
     pid = tl.program_id(0)
     if PHASE != 2:
         # gate of units [pid BN, (pid + 1) BN) for every token (stored unit-major into the h
@@ -102,8 +105,8 @@ def _decode_barrier_kernel(
             OUT_DTYPE, BITS_DTYPE, INF_BITS, MAG_MASK, BM, BN, BK, DOT_PREC, SWAP,
         )  # fmt: skip
         n_act = tl.sum(b_act.to(tl.int32), axis=0)
-        p_g = h_ptr + o_n[None, :] * M + i_m[:, None]
-        tl.store(p_g, tl.where(b_act, acc_g, 0.0).to(OUT_DTYPE), mask=m_m[:, None] & m_n[None, :])
+        p_g = h_ptr + o_n[None, :] * HS + i_m[:, None]
+        tl.store(p_g, tl.where(b_act, acc_g, 0.0).to(OUT_DTYPE), mask=(i_m < HS)[:, None] & m_n[None, :])
         tl.debug_barrier()  # the program's own gate values are visible to all its threads
         f_u = (n_act > 0) & m_n
         pos, n_units = _ranks(f_u)
@@ -128,10 +131,10 @@ def _decode_barrier_kernel(
             )
             v_c = (c + o_u) < n_units
             h_c, _ = _chunk_up(
-                x_ptr, wu_ptr, h_ptr, idx.to(tl.int64), v_c, i_m, m_m, M, K, stride_xm, stride_xk,
+                x_ptr, wu_ptr, h_ptr, idx.to(tl.int64), v_c, i_m, m_m, HS, K, stride_xm, stride_xk,
                 OUT_DTYPE, BM, CHU, BKC, DOT_PREC, UP_STAGES, UP_NACC,
             )  # fmt: skip
-            tl.store(h_ptr + idx[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
+            tl.store(h_ptr + idx[None, :] * HS + i_m[:, None], h_c, mask=(i_m < HS)[:, None] & v_c[None, :])
             l1_tok += tl.sum(tl.abs(h_c.to(tl.float32)), axis=1)
         tl.store(bcnt_ptr + i_m * NB + pid, tl.sum(b_act.to(tl.int32), axis=1), mask=m_m)
         tl.store(bl1_ptr + i_m * NB + pid, l1_tok, mask=m_m)
@@ -172,10 +175,10 @@ def _decode_barrier_kernel(
                 0,
                 total,
                 i_d,
-                m_d,
+                i_d < HS,
                 o_k,
                 m_k,
-                M,
+                HS,
                 K,
                 False,
                 BMD,
@@ -221,6 +224,13 @@ def barrier_counters(dev: torch.device) -> torch.Tensor:
     return stream_counters(_COUNTERS, dev, torch.int64)
 
 
+def barrier_h_rows(M: int, bm: int, cfg) -> int:
+    """Values per unit-major h row of the barrier form: M, or from ``decode_barrier_h_pad_min_m``
+    tokens M rounded up to 16, at most the gate's ``bm`` token rows (which write the whole row)."""
+    pad = 0 < cfg.decode_barrier_h_pad_min_m <= M
+    return min(triton.cdiv(M, 16) * 16, bm) if pad else M
+
+
 def launch_decode_barrier(
     x, w_gate, w_up, wdt, h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots
 ):
@@ -238,7 +248,7 @@ def launch_decode_barrier(
     bkc = max(16, min(_p2(K), cfg.decode_barrier_up_bk))
     args = (
         x, w_gate, w_up, wdt, h, lst, bar, y, bcnt, bl1, nact, l0, l1, over,
-        M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0),
+        M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0), barrier_h_rows(M, p["bm"], cfg),
     )  # fmt: skip
     kw = dict(
         OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,

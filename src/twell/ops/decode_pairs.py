@@ -69,7 +69,7 @@ __all__ = ["down_blocks", "launch_decode_pairs", "pair_counters", "pair_ids"]
 @triton.jit
 def _pairs_gate_kernel(
     x_ptr, wg_ptr, ids_ptr, val_ptr, cnt_ptr, bcnt_ptr, bl1_ptr, nact_ptr, tk_ptr, hu_ptr, uid_ptr, rank_ptr,
-    M, N, K, NB, KB, stride_xm, stride_xk,
+    M, N, K, NB, KB, stride_xm, stride_xk, HS,
     OUT_DTYPE: tl.constexpr, BITS_DTYPE: tl.constexpr, INF_BITS: tl.constexpr, MAG_MASK: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, SWAP: tl.constexpr,
     TOK_BITS: tl.constexpr, KB_P2: tl.constexpr, PDL: tl.constexpr, UNITS: tl.constexpr,
@@ -119,18 +119,20 @@ def _pairs_gate_kernel(
     tl.store(bl1_ptr + i_m * NB + pid, tl.zeros((BM,), dtype=tl.float32), mask=m_m)
     tl.store(nact_ptr + o_n, n_act, mask=m_n)
     if UNITS:
-        # hu[r, :] (h of a listed unit for every token, unit-major) starts at 0; the up kernel
-        # fills in the active pairs, finding r by rank[unit]
+        # hu[r, :] (h of a listed unit for every token, unit-major, HS >= M values a row) starts
+        # at 0; the up kernel fills in the active pairs, finding r by rank[unit]
         tl.store(uid_ptr + r, o_n, mask=f_u)
         tl.store(rank_ptr + o_n, r, mask=f_u)
         z = tl.zeros((BM, BN), dtype=OUT_DTYPE)
-        tl.store(hu_ptr + r[None, :].to(tl.int64) * M + i_m[:, None], z, mask=m_m[:, None] & f_u[None, :])
+        tl.store(
+            hu_ptr + r[None, :].to(tl.int64) * HS + i_m[:, None], z, mask=(i_m < HS)[:, None] & f_u[None, :]
+        )
 
 
 @triton.jit
 def _pairs_up_kernel(
     x_ptr, wu_ptr, ids_ptr, val_ptr, cnt_ptr, bl1_ptr, hu_ptr, rank_ptr,
-    M, K, NB, stride_xm, stride_xk,
+    M, K, NB, stride_xm, stride_xk, HS,
     OUT_DTYPE: tl.constexpr, P: tl.constexpr, BKU: tl.constexpr, BN_G: tl.constexpr,
     TOK_BITS: tl.constexpr, PDL: tl.constexpr, UNITS: tl.constexpr,
 ):  # fmt: skip
@@ -161,7 +163,7 @@ def _pairs_up_kernel(
             acc += b_x.to(tl.float32) * b_w.to(tl.float32)
         h = (g * tl.sum(acc, axis=1)).to(OUT_DTYPE)
         if UNITS:
-            tl.store(hu_ptr + r * M + tok, h, mask=v_p)
+            tl.store(hu_ptr + r * HS + tok, h, mask=v_p)
         else:
             tl.store(val_ptr + i_p, h, mask=v_p)
         tl.atomic_add(
@@ -262,7 +264,7 @@ def launch_decode_pairs(
     ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask); ``pdl``: launch the up and
     down kernels with programmatic dependent launch; ``programs``: SMs.
 
-    ``units`` (the units variant) = (hu [N, M] activation dtype, uid [N] int32, rank [N] int32,
+    ``units`` (the units variant) = (hu [N, >= M] activation dtype, uid [N] int32, rank [N] int32,
     acc [M, K] fp32 zero, spart [3 M] int32): the up kernel stores h by the rank of its unit in the
     batch's unit list, and the union form's down GEMM (fp32 atomics into acc) and finishing
     kernel replace the pair down kernel (``_launch_union_down``); ``tickets`` then holds the union
@@ -282,10 +284,12 @@ def launch_decode_pairs(
     bkd, kb, split = down_blocks(M, K, cfg)
     if units is not None:
         hu, uid, rank, acc, spart = units
+        hs = hu.shape[1]  # (M rounded up to 16 by default: vectorized loads of whole rows)
         # the gate kernel zeroes the union down's tickets (column blocks + the statistics')
         kb, split = p["union_down"][1] + 1, 2
     else:
         hu = uid = rank = vals  # (not used)
+        hs = M
         if split > 1 and part is None:
             raise ValueError("part: a split down needs its fp32 partials")
     part = y if part is None else part  # (not read with one range per block)
@@ -302,7 +306,7 @@ def launch_decode_pairs(
     try:
         _pairs_gate_kernel[(NB,)](
             x, w_gate, ids, vals, cnt, bcnt, bl1, nact, tickets, hu, uid, rank,
-            M, N, K, NB, kb, x.stride(0), x.stride(1),
+            M, N, K, NB, kb, x.stride(0), x.stride(1), hs,
             OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,
             BM=p["bm"], BN=bn, BK=p["bk"], DOT_PREC=prec, SWAP=p["swap"], TOK_BITS=_PAIR_TOK_BITS,
             KB_P2=_p2(kb) if split > 1 else 0, PDL=pdl, UNITS=on and not pd,
@@ -315,14 +319,14 @@ def launch_decode_pairs(
             else (cfg.decode_pairs_up_per_sm, cfg.decode_pairs_up_warps)
         )
         _pairs_up_kernel[(max(1, min(triton.cdiv(M * N, pu), programs * per_sm)),)](
-            x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1),
+            x, w_up, ids, vals, cnt, bl1, hu, rank, M, K, NB, x.stride(0), x.stride(1), hs,
             OUT_DTYPE=out_dt, P=pu, BKU=bku, BN_G=bn,
             TOK_BITS=_PAIR_TOK_BITS, PDL=pdl, UNITS=on and not pd, num_warps=warps, **launch,
         )  # fmt: skip
         if on:
             _launch_union_down(
                 vals if pd else hu, ids if pd else uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart,
-                NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg, p["union_down"], cnt, pd,
+                NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg, p["union_down"], cnt, pd, hs,
             )  # fmt: skip
         else:
             _pairs_down_kernel[(kb * split + 1,)](

@@ -897,6 +897,7 @@ def _decode_chunk_kernel(
     PDL: tl.constexpr,
     STORE_H: tl.constexpr = False,
     UP_NACC: tl.constexpr = 1,
+    HS=1,
 ):
     # decode stage 2 of the chunk form: the batch's active units, compacted in unit order from
     # the gate kernel's per-block lists, are cut into chunks of CHU; each chunk's down projection
@@ -907,8 +908,8 @@ def _decode_chunk_kernel(
     # not only those of one gate program; the items are spread over the programs by a loop (their
     # number is known only here). STORE_H (union form, launched with SPLIT = 1): no down
     # projection here; each chunk's h
-    # goes to hc [rank, M] (unit-major, in the order of the compacted units) and its units to
-    # ids [rank], for _decode_union_down_kernel
+    # goes to hc [rank, HS] (unit-major, in the order of the compacted units, HS >= M values a
+    # row, 0 past M) and its units to ids [rank], for _decode_union_down_kernel
     _middle_of_chain(PDL)  # the gate kernel has completed: g and the lists are visible
     pid = tl.program_id(0)
     o_b = tl.arange(0, NB_P2)
@@ -935,7 +936,7 @@ def _decode_chunk_kernel(
                 x_ptr, wu_ptr, g_ptr, idx, v_c, i_m, m_m, M, K, stride_xm, stride_xk, OUT_DTYPE, BM, CHU, BKC,
                 DOT_PREC, None, UP_NACC,
             )  # fmt: skip
-            tl.store(hc_ptr + r[None, :] * M + i_m[:, None], h_c, mask=m_m[:, None] & v_c[None, :])
+            tl.store(hc_ptr + r[None, :] * HS + i_m[:, None], h_c, mask=(i_m < HS)[:, None] & v_c[None, :])
             tl.store(ids_ptr + r, idx.to(tl.int32), mask=v_c)
         else:
             h_c = _chunk_up_down(
@@ -1025,6 +1026,7 @@ def _decode_union_down_kernel(
     COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None,
     PAIRS: tl.constexpr = False, TOK_BITS: tl.constexpr = 8,
     S: tl.constexpr = 0, BPT: tl.constexpr = 1, TCH: tl.constexpr = 1, SBM: tl.constexpr = 1, NS: tl.constexpr = 1,
+    HS=1,
 ):  # fmt: skip
     # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
     # unit of each rank from _decode_chunk_kernel with STORE_H) as a GEMM split over (BKD output
@@ -1037,7 +1039,9 @@ def _decode_union_down_kernel(
     # block of acc into y and zeroes it, and NS more programs reduce the statistics (their
     # ticket tk[column blocks]). PAIRS (with COUNTED): the ranges split the pair form's pair list
     # (ids_ptr: unit << TOK_BITS | token, hc_ptr: h; its length at lst_ptr - 1) instead of the ranks,
-    # CHD pairs per one-hot tl.dot
+    # CHD pairs per one-hot tl.dot. HS (not PAIRS): the row length of h by rank, >= M; its rows
+    # are loaded whole (the values past M are 0), so at HS = M rounded up to 16 the loads are
+    # vectorized where a mask of i_m < M (M not a multiple of 16) makes them 2-byte loads
     _middle_of_chain(PDL)  # the up kernel has completed: hc and ids are visible
     pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BKD)
@@ -1073,7 +1077,8 @@ def _decode_union_down_kernel(
                 )  # fmt: skip
             else:
                 acc = _listed_down(
-                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, m_m, o_k, m_k, M, K, True, BM, BKD, CHD, STAGES, DOT_PREC
+                    ids_ptr, hc_ptr, wdt_ptr, lo, hi, i_m, i_m < HS, o_k, m_k, HS, K, True, BM, BKD, CHD, STAGES,
+                    DOT_PREC,
                 )  # fmt: skip
             tl.atomic_add(p_acc, acc, mask=m_out, sem="relaxed")
         if FIN:
@@ -1724,14 +1729,16 @@ def _decode_scratch(
     reuse: bool,
     atomic: bool,
     union: bool = False,
+    h_rows: int = 0,
 ):
-    """Scratch of the two decode kernels: h (M x N values, in the layout the plan picks),
+    """Scratch of the two decode kernels: h (max(M, h_rows) x N values, in the layout the plan picks),
     per-(token, unit block) counts and l1, per-unit counts, the K-block tickets and the fp32
     partials of the split down projection (or None); with ``atomic``, the partials' place holds
     the fp32 [M, K] accumulator of the atomic form, zero between calls (the finishing kernel
     zeroes it after reading); the statistics sums of the finishing kernel's programs; the lists of
     active units per block of BN units and their lengths (chunk form); with ``union``, h of the
-    batch's active units by rank [N, M] and the unit of each rank [N] (union form), else None twice.
+    batch's active units by rank [N, max(M, h_rows)] and the unit of each rank [N] (union form), else
+    None twice.
 
     Every element is written by the kernels before it is read, so eager calls reuse one set per
     (thread, device, stream, shape): one thread's calls on one stream run in order, and reuse saves
@@ -1742,12 +1749,12 @@ def _decode_scratch(
     """
     key = None
     if reuse and not _alloc.poisoning():
-        key = _stream_key(dev, per_thread=True) + (dtype, M, N, NB, BN, KC, nsplit, K, atomic, union)
+        key = _stream_key(dev, per_thread=True) + (dtype, M, N, NB, BN, KC, nsplit, K, atomic, union, h_rows)
         hit = _SCRATCH.get(key)
         if hit is not None:
             return hit
     bufs = (
-        _alloc.empty((M, N), dtype=dtype, device=dev),
+        _alloc.empty((max(M, h_rows), N), dtype=dtype, device=dev),
         _alloc.empty((M, NB), dtype=torch.int32, device=dev),
         _alloc.empty((M, NB), dtype=torch.float32, device=dev),
         _alloc.empty((N,), dtype=torch.int32, device=dev),
@@ -1760,7 +1767,7 @@ def _decode_scratch(
         # per-program statistics sums of the atomic form's second kernel (at most 3 x M)
         _alloc.empty((3 * max(1, M),), dtype=torch.int32, device=dev) if atomic else None,
         _alloc.empty((NB * (BN + 1),), dtype=torch.int32, device=dev),
-        _alloc.empty((N, M), dtype=dtype, device=dev) if union else None,
+        _alloc.empty((N, max(M, h_rows)), dtype=dtype, device=dev) if union else None,
         _alloc.empty((N,), dtype=torch.int32, device=dev) if union else None,
     )
     if key is not None:
@@ -1803,7 +1810,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             # first three unused at M <= decode_pairs_units_pair_down_max_m, where h stays in the
             # pair list)
             vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
-                M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True
+                M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True,
+                # (at most the gate's token rows, which zero the whole row)
+                min(_cdiv(M, 16) * 16, p["bm"]) if cfg.decode_pairs_units_h_pad else M,
             )  # fmt: skip
             units = (hu, uid, rank, part, spart)
         else:
@@ -1825,10 +1834,11 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             raise
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     if p["barrier"]:
-        from .decode_barrier import launch_decode_barrier
+        from .decode_barrier import barrier_h_rows, launch_decode_barrier
 
+        hs = barrier_h_rows(M, p["bm"], cfg)
         h, bcnt, bl1, nact, _, _, _, lst, _, _ = _decode_scratch(
-            M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False
+            M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False, False, hs
         )
         y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
         l0, l1, over = _stats_bufs(dev)
@@ -1838,8 +1848,11 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         )  # fmt: skip
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     atomic = p["atomic"]
+    # the union form's h rows by rank: M rounded up to 16 values (zero past M; at most the chunk
+    # kernel's token rows), loaded whole by its down kernel
+    hs = min(_cdiv(M, 16) * 16, p["bm_chunk"]) if p["union"] and cfg.decode_union_h_pad else M
     h, bcnt, bl1, nact, sem, part, spart, lst, hc, ids = _decode_scratch(
-        M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic, p["union"]
+        M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic, p["union"], hs
     )
     pdl = cfg.decode_pdl and x.is_cuda and pdl_ok(dev)
     wdt = down_t(w_down)
@@ -1900,7 +1913,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             x, w_up, wdt, h, lst, part, bl1, hc, ids, M, K, NB, x.stride(0), x.stride(1),
             OUT_DTYPE=out_dt, BM=p["bm_chunk"], CHU=chu, SPLIT=split, BN_G=bn, NB_P2=_p2(NB),
             BKC=p["bk_chunk"], BKD=p["bkd_chunk"], DOT_PREC=prec, PDL=pdl, num_warps=p["warps_chunk"],
-            num_stages=p["stages_chunk"], STORE_H=p["union"], UP_NACC=p["nacc_chunk"],
+            num_stages=p["stages_chunk"], STORE_H=p["union"], UP_NACC=p["nacc_chunk"], HS=hs,
             **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
     y = _alloc.empty((M, K), dtype=x.dtype, device=dev)
@@ -1910,7 +1923,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         try:
             _launch_union_down(
                 hc, ids, lst, wdt, part, y, sem, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt,
-                prec, pdl, cfg, p["union_down"],
+                prec, pdl, cfg, p["union_down"], hs=hs,
             )  # fmt: skip
         except BaseException:
             _SCRATCH.clear()  # the accumulator may hold this call's sums: never reuse it
@@ -1989,7 +2002,7 @@ def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, in
 
 def _launch_union_down(
     hc, ids, lst, wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg,
-    blocks, cnt=None, pairs=False,
+    blocks, cnt=None, pairs=False, hs=None,
 ):  # fmt: skip
     """The union form's down GEMM into the zeroed fp32 ``acc`` and the call's finishing (y, acc
     zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
@@ -1997,7 +2010,8 @@ def _launch_union_down(
     the plan's ``union_down`` (``_union_blocks``). ``cnt``: the pair form's units variant's
     counters (the rank count at cnt[1]), zeroed by the down kernel's last program out. ``pairs``
     (with ``cnt``): ``hc`` and ``ids`` are the pair form's h values and pair ids (their count at
-    cnt[0]), summed CHD pairs per one-hot tl.dot."""
+    cnt[0]), summed CHD pairs per one-hot tl.dot. ``hs``: the row length of ``hc`` by rank (>= M,
+    the values past M zero; default M)."""
     M, K = y.shape
     bkd, n_kb, su, chd = blocks
     fin = cfg.decode_union_finish
@@ -2009,7 +2023,7 @@ def _launch_union_down(
         BM=max(16, _p2(M)), BN_G=bn, NB_P2=_p2(NB), CHD=chd, BKD=bkd, SPLIT=su,
         STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, COUNTED=cnt is not None, FIN=fin,
         OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns, PAIRS=pairs,
-        TOK_BITS=_PAIR_TOK_BITS,
+        TOK_BITS=_PAIR_TOK_BITS, HS=hs or M,
         num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if not fin:
