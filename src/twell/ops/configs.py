@@ -253,8 +253,11 @@ class InferConfig:
     #: form at M = 40 / 48 / 64 34.7-34.8 / 34.2-34.3 / 37.2 against 35.1-35.2 / 35.0 / 37.2-37.5
     decode_union_finish: bool = True
     #: the union form's h rows by rank hold M rounded up to 16 values (as
-    #: decode_pairs_units_h_pad). Not measured yet
-    decode_union_h_pad: bool = True
+    #: decode_pairs_units_h_pad). Off: slower on the Llama-3-8B shape (H100, 30 units iid, one
+    #: process, two rounds, benchmarks/results/decode-s14-2026-11-27/pad2.jsonl): M = 40 / 56 / 60
+    #: 75.5-76.2 / 80.1-80.3 / 81.0-81.3 us padded against 74.7-75.3 / 79.2-79.3 / 79.9-80.1
+    #: (M = 64 equal)
+    decode_union_h_pad: bool = False
     decode_union_warps: int = 4
     #: tl.dot atomic form at M <= decode_atomic_compact_max_m: compact each program's active units,
     #: decode_atomic_chunk at a time, into dense [chunk, K step] tiles of W_up (K steps of
