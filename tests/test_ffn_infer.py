@@ -633,28 +633,32 @@ def test_decode_chunk_up_accumulators(kdevice, poison, M, K, nacc, union):
 
 
 @pytest.mark.parametrize(
-    "M,K,bk,chd,split,progs,fin",
+    "M,K,bk,chd,split,progs,fin,pad",
     [
-        (20, 48, 16, 16, 0, 0, True),
-        (33, 40, 32, 32, 3, 0, True),
-        (33, 40, 32, 32, 3, 0, False),
-        (7, 96, 64, 16, 1, 5, False),
-        (60, 40, 16, 64, 2, 0, True),
-        (128, 40, 32, 32, 8, 0, True),
+        (20, 48, 16, 16, 0, 0, True, False),
+        (33, 40, 32, 32, 3, 0, True, False),
+        (33, 40, 32, 32, 3, 0, False, False),
+        (7, 96, 64, 16, 1, 5, False, False),
+        (60, 40, 16, 64, 2, 0, True, False),
+        (128, 40, 32, 32, 8, 0, True, False),
+        (20, 48, 16, 16, 0, 0, True, True),
+        (33, 40, 32, 32, 3, 0, False, True),
     ],
 )
-def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin):
+def test_decode_union_form(kdevice, poison, M, K, bk, chd, split, progs, fin, pad):
     # decode_union_min_m <= M <= decode_union_max_m: the chunk kernel stores h of the batch's
     # compacted active units and their unit ids, and a third kernel runs y = h W_down^T over them
     # split in bk-column blocks x `split` ranges of units (0: programs / blocks), chd units per
     # tl.dot, one atomic add per program; `fin`: that kernel also rounds y (the last range of
     # each column block behind a ticket) and reduces the statistics, else a finishing kernel
     # does. Sparse, none active, every unit active, a NaN token, repeated calls on the reused
-    # accumulator; deterministic mode and capture keep it off
+    # accumulator; deterministic mode and capture keep it off. `pad`: h rows of M rounded up to 16
+    # values (decode_union_h_pad), loaded whole
     from twell.ops import ffn_infer as fi
 
     plan = dict(
         decode_union_finish=fin,
+        decode_union_h_pad=pad,
         decode_union_min_m=3,
         decode_union_max_m=128,
         decode_union_min_k=0,
