@@ -749,12 +749,13 @@ def test_decode_plan_compact_and_warps():
     p = fi._decode_plan(24, 2048, 5632, cfg, active=30.0, programs=132)
     assert p["union"] and p["chunk"]  # (the chunk form reaches 16 tokens at K >= 4096 only)
     # below decode_chunk_long_k: 128 units per tl.dot, 16 unit ranges of 128-column blocks below
-    # M = 48, 8 ranges of 64 columns from there and 8 of 32 columns from M = 64
+    # M = 48, 8 ranges of 64 columns at M = 48 and 8 of 32 columns from M = 49
     # (decode_union_short_down), the gate in 128-column K steps with 5 stages (its up K step is
     # unused there); the long-K choices at K = 4096
     for M, K, want in (
         (24, 2048, ((128, 16, 16, 128), 128, 5)),
-        (56, 2048, ((64, 32, 8, 128), 128, 5)),
+        (48, 2048, ((64, 32, 8, 128), 128, 5)),
+        (56, 2048, ((32, 64, 8, 128), 128, 5)),
         (64, 2048, ((32, 64, 8, 128), 128, 5)),
         (64, 4096, ((128, 32, 8, 32), 128, 3)),
         (48, 4096, ((128, 32, 8, 32), 128, 3)),

@@ -237,8 +237,12 @@ class InferConfig:
     #: one process, two rounds (benchmarks/results/decode-s13-2026-11-27/xchg.jsonl, the rows
     #: without the exchange) M = 48 / 56 / 60 29.82 / 32.96-32.99 / 33.26-33.42 us against 30.56 /
     #: 34.50-34.56 / 35.30-35.68, skewed 48 / 56 28.42 / 29.47 against 27.89-27.95 / 31.84-31.97;
-    #: M = 64 31.81-31.92 either way (32.05-32.66 with 64 x 8 there, gate-union.jsonl)
-    decode_union_short_down: tuple = ((0, 128, 16), (48, 64, 8), (64, 32, 8))
+    #: M = 64 31.81-31.92 either way (32.05-32.66 with 64 x 8 there, gate-union.jsonl). With the
+    #: units variant's h rows padded to 16 values (decode_pairs_units_h_pad) 32 x 8 again from
+    #: M = 49: one process, two rounds (benchmarks/results/decode-s14-2026-11-27/cols.jsonl) M = 52 /
+    #: 56 / 60 30.26-30.35 / 30.74-30.83 / 31.15-31.38 us against 30.94 / 31.70-31.87 / 32.29-32.42
+    #: with 64 x 8, skewed 56 28.50-28.54 against 29.55-29.57; M = 48 30.18-30.35 against 30.08-30.13
+    decode_union_short_down: tuple = ((0, 128, 16), (48, 64, 8), (49, 32, 8))
     decode_union_short_bk: int = 0
     decode_union_short_split: int = 0
     decode_union_short_gate_bk: int = 128
