@@ -51,7 +51,6 @@ from .ffn_infer import (
 )
 
 __all__ = [
-    "barrier_h_rows",
     "launch_decode_barrier",
     "barrier_counters",
     "gate_block",
@@ -224,19 +223,13 @@ def barrier_counters(dev: torch.device) -> torch.Tensor:
     return stream_counters(_COUNTERS, dev, torch.int64)
 
 
-def barrier_h_rows(M: int, bm: int, cfg) -> int:
-    """Values per unit-major h row of the barrier form: M, or from ``decode_barrier_h_pad_min_m``
-    tokens M rounded up to 16, at most the gate's ``bm`` token rows (which write the whole row)."""
-    pad = 0 < cfg.decode_barrier_h_pad_min_m <= M
-    return min(triton.cdiv(M, 16) * 16, bm) if pad else M
-
-
 def launch_decode_barrier(
     x, w_gate, w_up, wdt, h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots
 ):
     """The barrier form for x [M, K] (the caller checked that it applies): y, the statistics and
-    the per-unit counts. ``p``: the decode plan (its gate / up block sizes); ``consts`` = (out
-    dtype, bits dtype, +inf bits, magnitude mask)."""
+    the per-unit counts. ``h``: the [HS, N] scratch (its HS >= M values per unit-major row, the
+    row length the kernel uses); ``p``: the decode plan (its gate / up block sizes); ``consts`` =
+    (out dtype, bits dtype, +inf bits, magnitude mask)."""
     M, K = x.shape
     N = w_gate.shape[0]
     bn = min(p["bn"], tile)
@@ -248,7 +241,7 @@ def launch_decode_barrier(
     bkc = max(16, min(_p2(K), cfg.decode_barrier_up_bk))
     args = (
         x, w_gate, w_up, wdt, h, lst, bar, y, bcnt, bl1, nact, l0, l1, over,
-        M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0), barrier_h_rows(M, p["bm"], cfg),
+        M, N, K, NB, triton.cdiv(N, tile), x.stride(0), x.stride(1), y.stride(0), h.shape[0],
     )  # fmt: skip
     kw = dict(
         OUT_DTYPE=out_dt, BITS_DTYPE=bits_dt, INF_BITS=inf_bits, MAG_MASK=mag,

@@ -1403,6 +1403,13 @@ def _p2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
+def _h_rows(M: int, rows: int, pad: bool) -> int:
+    """Values per unit-major h row of a decode form: M, or with ``pad`` M rounded up to 16 (zero past
+    M; rows loaded whole are then 16-byte copies, where a mask of i_m < M with M not a multiple of
+    16 makes 2-byte loads), at most ``rows``, the token rows of the kernel that writes them whole."""
+    return min(_cdiv(M, 16) * 16, rows) if pad else M
+
+
 @dataclass
 class _CachedT:
     ref: weakref.ref
@@ -1811,8 +1818,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             # pair list)
             vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
                 M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True,
-                # (at most the gate's token rows, which zero the whole row)
-                min(_cdiv(M, 16) * 16, p["bm"]) if cfg.decode_pairs_units_h_pad else M,
+                _h_rows(M, p["bm"], cfg.decode_pairs_units_h_pad),  # (the gate zeroes whole rows)
             )  # fmt: skip
             units = (hu, uid, rank, part, spart)
         else:
@@ -1834,9 +1840,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             raise
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     if p["barrier"]:
-        from .decode_barrier import barrier_h_rows, launch_decode_barrier
+        from .decode_barrier import launch_decode_barrier
 
-        hs = barrier_h_rows(M, p["bm"], cfg)
+        hs = _h_rows(M, p["bm"], 0 < cfg.decode_barrier_h_pad_min_m <= M)  # (the gate writes whole rows)
         h, bcnt, bl1, nact, _, _, _, lst, _, _ = _decode_scratch(
             M, N, NB, bn, KC, 1, K, x.dtype, dev, not capturing, False, False, hs
         )
@@ -1848,9 +1854,8 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         )  # fmt: skip
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     atomic = p["atomic"]
-    # the union form's h rows by rank: M rounded up to 16 values (zero past M; at most the chunk
-    # kernel's token rows), loaded whole by its down kernel
-    hs = min(_cdiv(M, 16) * 16, p["bm_chunk"]) if p["union"] and cfg.decode_union_h_pad else M
+    # the union form's h rows by rank (written whole by the chunk kernel, loaded by its down kernel)
+    hs = _h_rows(M, p["bm_chunk"], p["union"] and cfg.decode_union_h_pad)
     h, bcnt, bl1, nact, sem, part, spart, lst, hc, ids = _decode_scratch(
         M, N, NB, bn, KC, nsplit, K, x.dtype, dev, not capturing, atomic, p["union"], hs
     )
