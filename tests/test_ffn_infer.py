@@ -514,9 +514,15 @@ def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd,
     from twell.ops import decode_pairs as dpair
     from twell.ops import ffn_infer as fi
 
-    launches = []  # per call: whether the units variant ran (its `units` argument is given)
+    # per call: whether the units variant ran (its `units` argument is given), and whether it ran
+    # without h and units by rank (None: h in the pair list)
+    launches = []
     fn = dpair.launch_decode_pairs
-    monkeypatch.setattr(dpair, "launch_decode_pairs", lambda *a: launches.append(a[-1] is not None) or fn(*a))
+    monkeypatch.setattr(
+        dpair,
+        "launch_decode_pairs",
+        lambda *a: launches.append((a[-1] is not None, a[-1] is not None and a[-1][0] is None)) or fn(*a),
+    )
     plan = dict(
         decode_union_finish=fin,
         decode_pairs_units_pair_down_max_m=64 if pairs else 0,
@@ -538,7 +544,7 @@ def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd,
         assert p["pairs"] and p["pairs_units"]
         _check_atomic_decode(kdevice, M, K, lambda active: max(K, active))
         assert not dpair.pair_counters(torch.device(kdevice)).any()
-    assert launches == [True] * 6
+    assert launches == [(True, pairs)] * 6
     with override("infer", **plan):
         cfg = fi.get_config("infer")
         assert not fi._decode_plan(M, K, 300, cfg, capturing=True)["pairs_units"]

@@ -264,7 +264,8 @@ def launch_decode_pairs(
     ``consts`` = (out dtype, bits dtype, +inf bits, magnitude mask); ``pdl``: launch the up and
     down kernels with programmatic dependent launch; ``programs``: SMs.
 
-    ``units`` (the units variant) = (hu [N, >= M] activation dtype, uid [N] int32, rank [N] int32,
+    ``units`` (the units variant) = (hu [N, >= M] activation dtype, uid [N] int32 (both None at
+    M <= ``decode_pairs_units_pair_down_max_m``, where h stays in the pair list), rank [N] int32,
     acc [M, K] fp32 zero, spart [3 M] int32): the up kernel stores h by the rank of its unit in the
     batch's unit list, and the union form's down GEMM (fp32 atomics into acc) and finishing
     kernel replace the pair down kernel (``_launch_union_down``); ``tickets`` then holds the union
@@ -284,7 +285,10 @@ def launch_decode_pairs(
     bkd, kb, split = down_blocks(M, K, cfg)
     if units is not None:
         hu, uid, rank, acc, spart = units
-        hs = hu.shape[1]  # (M rounded up to 16 by default: vectorized loads of whole rows)
+        # (M rounded up to 16 by default: vectorized loads of whole rows)
+        hs = M if hu is None else hu.shape[1]
+        if hu is None:  # (h in the pair list: the gate and up kernels do not touch hu and uid)
+            hu = uid = vals
         # the gate kernel zeroes the union down's tickets (column blocks + the statistics')
         kb, split = p["union_down"][1] + 1, 2
     else:

@@ -1813,12 +1813,13 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         units = None
         if p["pairs_units"]:
             # h by unit rank [N, M], the units by rank, their ranks (in the list scratch), the
-            # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket (the
-            # first three unused at M <= decode_pairs_units_pair_down_max_m, where h stays in the
-            # pair list)
+            # zeroed fp32 accumulator and the finishing kernel's statistics sums and ticket; at
+            # M <= decode_pairs_units_pair_down_max_m h stays in the pair list: no h by rank, no
+            # units by rank (None), the ranks unused
+            by_rank = M > cfg.decode_pairs_units_pair_down_max_m
             vals, bcnt, bl1, nact, tickets, part, spart, rank, hu, uid = _decode_scratch(
-                M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, True,
-                _h_rows(M, p["bm"], cfg.decode_pairs_units_h_pad),  # (the gate zeroes whole rows)
+                M, N, NB, bn, p["union_down"][1] + 1, 1, K, x.dtype, dev, not capturing, True, by_rank,
+                _h_rows(M, p["bm"], cfg.decode_pairs_units_h_pad) if by_rank else 0,  # (whole rows zeroed)
             )  # fmt: skip
             units = (hu, uid, rank, part, spart)
         else:
