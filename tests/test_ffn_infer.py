@@ -170,6 +170,35 @@ def test_auto_dispatch_and_choose_path(kdevice, poison):
         assert torch.allclose(y1, y2, rtol=1e-5, atol=1e-6)
 
 
+def test_density_from_host_slot():
+    # the dispatcher's estimate from the pinned slot the decode kernels store l0 into (here a plain
+    # CPU tensor stands for it): read on the first calls, then once in density_every calls; -1
+    # (nothing stored yet) is not a measurement; each value read is folded in once (the slot goes
+    # back to -1), and a call whose kernels stored l0 queues no copy
+    from twell.ops import ffn_infer as fi
+
+    w = torch.zeros(4, 4)
+    d = fi._density_entry(w)
+    d.slot = torch.full((1,), -1.0)
+    fi._poll(d)
+    assert d.est is None
+    d.slot.fill_(30.0)
+    fi._poll(d)
+    assert d.est == 30.0 and d.slot.item() == -1.0
+    with override("infer", density_every=4, ema=0.5):
+        l0 = torch.zeros(()).cuda() if torch.cuda.is_available() else None
+        for call in range(1, 8):
+            if l0 is not None:
+                fi._record(d, l0, stored=True)
+                assert d.event is None  # no copy queued
+            else:
+                d.calls += 1
+            d.slot.fill_(10.0)
+            fi._poll(d)
+            # calls 4 (one in density_every) read the slot: 30 -> 20
+            assert d.est == (20.0 if call >= 4 else 30.0), call
+
+
 def test_stats_optional_and_down_t_cache(kdevice):
     x, wg, wu, wd = make_sparse_ffn(3, 16, 40, 4, device=kdevice)
     y, st = ffn_infer(x, wg, wu, wd, tile=16, slots=4, return_stats=False)

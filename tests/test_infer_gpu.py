@@ -244,6 +244,46 @@ def test_decode_pairs_units_fully_active_repeats(M):
     assert not pair_counters(torch.device("cuda", torch.cuda.current_device())).any()
 
 
+@pytest.mark.parametrize(
+    "shape,M,plan",
+    [
+        ("paper", 1, {}),
+        ("paper", 8, {}),
+        ("paper", 24, {}),
+        ("paper", 40, {}),
+        ("paper", 64, {}),
+        ("paper", 64, {"decode_union_finish": False}),
+        ("llama3-8b", 64, {}),
+        ("paper", 4, None),
+    ],
+)
+def test_decode_density_host_slot(shape, M, plan):
+    # every decode form's statistics kernel stores l0 into the weight's pinned host slot too: after
+    # the calls the slot holds the l0 the call returned, the dispatcher reads its estimate there, and
+    # no device-to-host copy (event) was queued. plan None: deterministic mode (the split form)
+    from twell.ops import ffn_infer as fi
+
+    K, N = SHAPES[shape]
+    x, wg, wu, wd = _inputs(M, K, N, 30, torch.bfloat16, seed=M + 5)
+    det = contextlib.ExitStack()
+    if plan is None:
+        torch.use_deterministic_algorithms(True)
+        det.callback(torch.use_deterministic_algorithms, False)
+    with det, override("infer", **(plan or {})):
+        for _ in range(3):
+            _, st = ffn_infer(x, wg, wu, wd, path="decode")
+        torch.cuda.synchronize()
+        d = fi._density_entry(wg)
+        assert d.event is None
+        assert d.slot is not None and d.slot.data_ptr() % 16 == 0
+        assert d.slot.item() == st.l0.item() > 0.0
+        fi._poll(d)  # (the 3 calls: not a multiple of density_every; the first call set the estimate)
+        assert d.est is not None and 0.0 < d.est
+        with override("infer", density_host_store=False):
+            ffn_infer(x, wg, wu, wd, path="decode")
+        assert d.event is not None  # the copy measures instead
+
+
 def _repeat_fully_active(shape, M, plan):
     from twell.ops.configs import override
 

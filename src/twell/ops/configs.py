@@ -520,6 +520,11 @@ class InferConfig:
     #: once a weight has an estimate, one call in this many measures its density for the dispatcher
     #: (a pinned device-to-host copy and an event per measurement: host time)
     density_every: int = 8
+    #: the decode kernels store each call's l0 into a pinned host slot of the weight as well, so the
+    #: dispatcher reads it there (once in density_every calls) and no device-to-host copy is queued
+    #: on the stream (1.4-1.6 us of device time each on the H100, BENCHMARKS.md section 1zi); the
+    #: prefill and dense paths still measure by a copy behind an event
+    density_host_store: bool = True
 
 
 _STATE = {"gate": GateConfig(), "infer": InferConfig()}

@@ -87,7 +87,7 @@ def _decode_barrier_kernel(
     DOT_PREC: tl.constexpr, SWAP: tl.constexpr, BMD: tl.constexpr, BKD: tl.constexpr, CHD: tl.constexpr,
     STAGES_D: tl.constexpr, S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr,
     UP_STAGES: tl.constexpr, UP_NACC: tl.constexpr, EARLY_LIST: tl.constexpr, TPB: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, l0h_ptr=None,
 ):  # fmt: skip
     # bar (int64): [arrivals << 32 | length of the list of active units, departures]: one word,
     # so the read that opens the barrier also returns the list's final length. h: unit-major rows
@@ -192,7 +192,7 @@ def _decode_barrier_kernel(
                 mask=m_d[:, None] & m_k[None, :],
             )
         if pid == tl.num_programs(0) - 1:
-            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+            _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM, l0h_ptr)
         # the last program out resets the counters for the next launch. Relaxed: a program
         # counts itself out only after its spin loop ended and its down loop, bounded by the
         # list's length, ran, so no counter it read can still be reset under it; y and the
@@ -224,12 +224,13 @@ def barrier_counters(dev: torch.device) -> torch.Tensor:
 
 
 def launch_decode_barrier(
-    x, w_gate, w_up, wdt, h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots
+    x, w_gate, w_up, wdt, h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile, slots, l0h=None
 ):
     """The barrier form for x [M, K] (the caller checked that it applies): y, the statistics and
     the per-unit counts. ``h``: the [HS, N] scratch (its HS >= M values per unit-major row, the
     row length the kernel uses); ``p``: the decode plan (its gate / up block sizes); ``consts`` =
-    (out dtype, bits dtype, +inf bits, magnitude mask)."""
+    (out dtype, bits dtype, +inf bits, magnitude mask); ``l0h``: a pinned host float32 slot that also
+    receives l0 (or None)."""
     M, K = x.shape
     N = w_gate.shape[0]
     bn = min(p["bn"], tile)
@@ -251,7 +252,7 @@ def launch_decode_barrier(
         CHD=max(16, _p2(cfg.decode_barrier_chunk)), STAGES_D=cfg.decode_barrier_stages,
         UP_STAGES=cfg.decode_barrier_up_stages or None, UP_NACC=_nacc(cfg.decode_barrier_up_nacc, bkc),
         EARLY_LIST=cfg.decode_barrier_early_list, TPB=32 * p["warps"],
-        S=slots, BPT=bpt, TCH=_stats_tch(triton.cdiv(N, tile), bpt, M), SBM=_p2(M),
+        S=slots, BPT=bpt, TCH=_stats_tch(triton.cdiv(N, tile), bpt, M), SBM=_p2(M), l0h_ptr=l0h,
         num_warps=p["warps"], num_stages=p["stages"],
     )  # fmt: skip
     for phase in (0,) if one_launch else (1, 2):

@@ -181,13 +181,14 @@ def _pairs_down_kernel(
     OUT_DTYPE: tl.constexpr, BMD: tl.constexpr, PD: tl.constexpr, BKD: tl.constexpr,
     STAGES: tl.constexpr, DOT_PREC: tl.constexpr, TOK_BITS: tl.constexpr, SPLIT: tl.constexpr,
     S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr, PDL: tl.constexpr,
+    l0h_ptr=None,
 ):  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_wait()  # the up grid has completed: h of every pair is visible
     pid = tl.program_id(0)
     total = tl.load(cnt_ptr)
     if pid == tl.num_programs(0) - 1:
-        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM, l0h_ptr)
     else:
         i_d = tl.arange(0, BMD)
         # column block pid // SPLIT, range pid % SPLIT of the list (whole steps of PD pairs)
@@ -255,7 +256,7 @@ def down_blocks(M: int, K: int, cfg) -> tuple[int, int, int]:
 
 def launch_decode_pairs(
     x, w_gate, w_up, wdt, ids, vals, y, part, tickets, bcnt, bl1, nact, l0, l1, over, p, cfg, consts, tile,
-    slots, pdl, programs, units=None,
+    slots, pdl, programs, units=None, l0h=None,
 ):  # fmt: skip
     """The pair form for x [M, K] (M <= 256): fills y, the statistics and the per-unit counts.
     ``ids`` (int32) and ``vals`` (activation dtype) hold at least M * N pairs; ``tickets`` (int32)
@@ -269,7 +270,8 @@ def launch_decode_pairs(
     acc [M, K] fp32 zero, spart [3 M] int32): the up kernel stores h by the rank of its unit in the
     batch's unit list, and the union form's down GEMM (fp32 atomics into acc) and finishing
     kernel replace the pair down kernel (``_launch_union_down``); ``tickets`` then holds the union
-    down's column blocks + 1 elements."""
+    down's column blocks + 1 elements. ``l0h``: a pinned host float32 slot that also receives l0 (or
+    None)."""
     M, K = x.shape
     N = w_gate.shape[0]
     if M > 1 << _PAIR_TOK_BITS:
@@ -330,14 +332,14 @@ def launch_decode_pairs(
         if on:
             _launch_union_down(
                 vals if pd else hu, ids if pd else uid, None, wdt, acc, y, tickets, bcnt, bl1, l0, l1, over, spart,
-                NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg, p["union_down"], cnt, pd, hs,
+                NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg, p["union_down"], cnt, pd, hs, l0h,
             )  # fmt: skip
         else:
             _pairs_down_kernel[(kb * split + 1,)](
                 wdt, ids, vals, cnt, y, part, tickets, bcnt, bl1, l0, l1, over, M, K, NB, NT, y.stride(0),
                 OUT_DTYPE=out_dt, BMD=max(16, _p2(M)), PD=max(16, _p2(cfg.decode_pairs_chunk)), BKD=bkd,
                 STAGES=cfg.decode_pairs_stages, DOT_PREC=prec, TOK_BITS=_PAIR_TOK_BITS, SPLIT=split,
-                S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl,
+                S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, M), SBM=_p2(M), PDL=pdl, l0h_ptr=l0h,
                 num_warps=cfg.decode_pairs_warps, **launch,
             )  # fmt: skip
     except BaseException:

@@ -74,13 +74,15 @@ Exactness: every path equals the dense reference up to floating-point rounding f
 (NaN in a token's x gives NaN in its row; all its tiles overflow and are recomputed). The atomic
 decode form sums in arrival order (the last bit of y may differ between calls); deterministic
 mode runs the split form instead. No host
-synchronisation on any path: the dispatcher reads the density of earlier calls from a pinned
-host copy only once its event has completed, so the work queue never drains and CUDA-graph
-capture works (under capture the decision is frozen).
+synchronisation on any path: the dispatcher reads the density of earlier calls from pinned host
+memory (a slot the decode kernels store l0 into; after prefill or dense calls a copy, read only
+once its event has completed), so the work queue never drains and CUDA-graph capture works (under
+capture the decision is frozen).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 import weakref
@@ -1026,7 +1028,7 @@ def _decode_union_down_kernel(
     COUNTED: tl.constexpr = False, FIN: tl.constexpr = False, OUT_DTYPE: tl.constexpr = None,
     PAIRS: tl.constexpr = False, TOK_BITS: tl.constexpr = 8,
     S: tl.constexpr = 0, BPT: tl.constexpr = 1, TCH: tl.constexpr = 1, SBM: tl.constexpr = 1, NS: tl.constexpr = 1,
-    HS=1,
+    HS=1, l0h_ptr=None,
 ):  # fmt: skip
     # decode stage 3 of the union form: y = h W_down^T over the batch's active units (h and the
     # unit of each rank from _decode_chunk_kernel with STORE_H) as a GEMM split over (BKD output
@@ -1048,7 +1050,7 @@ def _decode_union_down_kernel(
     if FIN and pid >= n_kb * SPLIT:
         _stats_program(
             pid - n_kb * SPLIT, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, tk_ptr + n_kb, M, NB, NT,
-            S, BPT, TCH, SBM, NS,
+            S, BPT, TCH, SBM, NS, l0h_ptr,
         )  # fmt: skip
     else:
         kb = pid % n_kb
@@ -1135,10 +1137,13 @@ def _stats_rows(
 
 
 @triton.jit
-def _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M):
-    # l0 and l1 as means over the M tokens, overflowing rows as a count
+def _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M, l0h_ptr=None):
+    # l0 and l1 as means over the M tokens, overflowing rows as a count; l0 also into the
+    # dispatcher's pinned host slot l0h (a plain store over the bus: no copy queued on the stream)
     denom = tl.maximum(M, 1).to(tl.float32)
     tl.store(l0_ptr, cnt.to(tl.float32) / denom)
+    if l0h_ptr is not None:
+        tl.store(l0h_ptr, cnt.to(tl.float32) / denom)
     tl.store(l1_ptr, l1 / denom)
     tl.store(over_ptr, over.to(tl.int64))
 
@@ -1157,21 +1162,23 @@ def _decode_stats(
     BPT: tl.constexpr,
     TCH: tl.constexpr,
     SBM: tl.constexpr,
+    l0h_ptr=None,
 ):
     # l0, l1 and overflowing rows of all M tokens (SBM >= M) in one program
     cnt, l1, over = _stats_rows(bcnt_ptr, bl1_ptr, 0, M, NB, NT, S, BPT, TCH, SBM)
-    _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M)
+    _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M, l0h_ptr)
 
 
 @triton.jit
 def _stats_program(
     j, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, sem_ptr, M, NB, NT,
     S: tl.constexpr, BPT: tl.constexpr, TCH: tl.constexpr, SBM: tl.constexpr, NS: tl.constexpr,
+    l0h_ptr=None,
 ):  # fmt: skip
     # statistics program j of NS (SBM tokens each): with NS > 1 each stores its sums into
     # sp [3, NS] and the last one to take the ticket at sem (zero before) adds them in order
     if NS == 1:
-        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM, l0h_ptr)
     else:
         cnt, l1, over = _stats_rows(bcnt_ptr, bl1_ptr, j * SBM, M, NB, NT, S, BPT, TCH, SBM)
         # a chunk's count fits int32: SBM x N < 2^31 (N <= MAX_COLUMNS)
@@ -1185,7 +1192,9 @@ def _stats_program(
             c_s = tl.load(sp_ptr + o_s, cache_modifier=".cg")
             l_s = tl.load(sp_ptr + NS + o_s, cache_modifier=".cg").to(tl.float32, bitcast=True)
             v_s = tl.load(sp_ptr + 2 * NS + o_s, cache_modifier=".cg")
-            _store_stats(l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M)
+            _store_stats(
+                l0_ptr, l1_ptr, over_ptr, tl.sum(c_s.to(tl.int64)), tl.sum(l_s), tl.sum(v_s), M, l0h_ptr
+            )  # fmt: skip
 
 
 @triton.jit
@@ -1306,12 +1315,13 @@ def _decode_down_kernel(
     SUB: tl.constexpr,
     H_T: tl.constexpr,
     PDL: tl.constexpr,
+    l0h_ptr=None,
 ):
     if PDL:
         tl.extra.cuda.gdc_wait()  # the gate + up grid has completed and its writes are visible
     pid = tl.program_id(0)
     if pid == KC * NSPLIT:
-        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM)
+        _decode_stats(bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, M, NB, NT, S, BPT, TCH, SBM, l0h_ptr)
     else:
         i_m = tl.arange(0, BM)
         m_m = i_m < M
@@ -1361,6 +1371,7 @@ def _decode_finish_kernel(
     SBM: tl.constexpr,
     NS: tl.constexpr,
     PDL: tl.constexpr,
+    l0h_ptr=None,
 ):
     # decode stage 2 of the atomic form: y = acc rounded to the activation dtype, acc zeroed for
     # the next call (one program per BKF columns), and NS programs for the statistics, SBM tokens
@@ -1373,7 +1384,8 @@ def _decode_finish_kernel(
     n_kb = tl.cdiv(K, BKF)
     if pid >= n_kb:
         _stats_program(
-            pid - n_kb, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, sem_ptr, M, NB, NT, S, BPT, TCH, SBM, NS
+            pid - n_kb, bcnt_ptr, bl1_ptr, l0_ptr, l1_ptr, over_ptr, sp_ptr, sem_ptr, M, NB, NT, S, BPT, TCH, SBM, NS,
+            l0h_ptr,
         )  # fmt: skip
     else:
         i_m = tl.arange(0, BM)
@@ -1789,7 +1801,7 @@ def _stats_tch(NT: int, bpt: int, M: int) -> int:
     return max(1, min(_p2(NT), 8192 // (bpt * _p2(M))))
 
 
-def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, active=None):
+def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, active=None, l0h=None):
     cfg = get_config("infer")
     M, K = x.shape
     N = w_gate.shape[0]
@@ -1833,7 +1845,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             launch_decode_pairs(
                 x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, part, tickets, bcnt, bl1,
                 nact, l0, l1, over, p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
-                cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs, units,
+                cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs, units, l0h,
             )  # fmt: skip
         except BaseException:
             if units is not None:
@@ -1851,7 +1863,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         l0, l1, over = _stats_bufs(dev)
         launch_decode_barrier(
             x, w_gate, w_up, down_t(w_down), h, lst, y, bcnt, bl1, nact, l0, l1, over, p, cfg,
-            (out_dt, bits_dt, inf_bits, mag), tile, slots,
+            (out_dt, bits_dt, inf_bits, mag), tile, slots, l0h,
         )  # fmt: skip
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     atomic = p["atomic"]
@@ -1929,7 +1941,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         try:
             _launch_union_down(
                 hc, ids, lst, wdt, part, y, sem, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt,
-                prec, pdl, cfg, p["union_down"], hs=hs,
+                prec, pdl, cfg, p["union_down"], hs=hs, l0h=l0h,
             )  # fmt: skip
         except BaseException:
             _SCRATCH.clear()  # the accumulator may hold this call's sums: never reuse it
@@ -1937,7 +1949,9 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         return y, l0, l1, over, nact.to(torch.int64) if unit_counts else None
     if atomic:
         try:
-            _launch_finish(part, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg)
+            _launch_finish(
+                part, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg, l0h
+            )
         except BaseException:
             # the accumulator may now hold this call's sums: never reuse it
             _SCRATCH.clear()
@@ -1979,6 +1993,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
         SUB=p["sub"],
         H_T=p["h_t"],
         PDL=pdl,
+        l0h_ptr=l0h,
         num_warps=cfg.decode_down_warps,
         **({"launch_pdl": True} if pdl else {}),
     )
@@ -2008,7 +2023,7 @@ def _union_blocks(M: int, K: int, cfg, programs: int) -> tuple[int, int, int, in
 
 def _launch_union_down(
     hc, ids, lst, wdt, acc, y, tk, bcnt, bl1, l0, l1, over, spart, NB, bn, NT, bpt, slots, out_dt, prec, pdl, cfg,
-    blocks, cnt=None, pairs=False, hs=None,
+    blocks, cnt=None, pairs=False, hs=None, l0h=None,
 ):  # fmt: skip
     """The union form's down GEMM into the zeroed fp32 ``acc`` and the call's finishing (y, acc
     zeroed, statistics): in the same kernel with ``decode_union_finish`` (``tk`` then holds
@@ -2017,7 +2032,8 @@ def _launch_union_down(
     counters (the rank count at cnt[1]), zeroed by the down kernel's last program out. ``pairs``
     (with ``cnt``): ``hc`` and ``ids`` are the pair form's h values and pair ids (their count at
     cnt[0]), summed CHD pairs per one-hot tl.dot. ``hs``: the row length of ``hc`` by rank (>= M,
-    the values past M zero; default M)."""
+    the values past M zero; default M). ``l0h``: a pinned host float32 slot that also receives l0 (or
+    None)."""
     M, K = y.shape
     bkd, n_kb, su, chd = blocks
     fin = cfg.decode_union_finish
@@ -2029,14 +2045,16 @@ def _launch_union_down(
         BM=max(16, _p2(M)), BN_G=bn, NB_P2=_p2(NB), CHD=chd, BKD=bkd, SPLIT=su,
         STAGES=cfg.decode_union_stages, DOT_PREC=prec, PDL=pdl, COUNTED=cnt is not None, FIN=fin,
         OUT_DTYPE=out_dt, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm), SBM=sbm, NS=ns, PAIRS=pairs,
-        TOK_BITS=_PAIR_TOK_BITS, HS=hs or M,
+        TOK_BITS=_PAIR_TOK_BITS, HS=hs or M, l0h_ptr=l0h,
         num_warps=cfg.decode_union_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     if not fin:
-        _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, tk, NB, NT, bpt, slots, out_dt, pdl, cfg)
+        _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, tk, NB, NT, bpt, slots, out_dt, pdl, cfg, l0h)
 
 
-def _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg):
+def _launch_finish(
+    acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slots, out_dt, pdl, cfg, l0h=None
+):
     """_decode_finish_kernel for y [M, K]: y = acc rounded, acc zeroed, the statistics (``sem[0]``
     zero before it)."""
     M, K = y.shape
@@ -2047,7 +2065,7 @@ def _launch_finish(acc, y, bcnt, bl1, l0, l1, over, spart, sem, NB, NT, bpt, slo
     _decode_finish_kernel[(_cdiv(K, bkf) + ns,)](
         acc, y, bcnt, bl1, l0, l1, over, spart, sem, M, K, NB, NT, y.stride(0),
         OUT_DTYPE=out_dt, BM=_p2(M), BKF=bkf, S=slots, BPT=bpt, TCH=_stats_tch(NT, bpt, sbm),
-        SBM=sbm, NS=ns, PDL=pdl, num_warps=4,
+        SBM=sbm, NS=ns, PDL=pdl, l0h_ptr=l0h, num_warps=4,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
@@ -2098,9 +2116,26 @@ class _Density:
     pinned: torch.Tensor | None = None
     event: object = None
     calls: int = 0
+    #: pinned host slot the decode kernels store l0 into (-1 until a value lands; see _host_slot)
+    slot: torch.Tensor | None = None
 
 
 _DENSITY: dict[int, _Density] = {}
+
+#: pinned host slots of the decode kernels' l0 stores: chunks of 1024 slots of 16 bytes (16-byte
+#: aligned, so every slot compiles the same kernel), never freed: a kernel still queued may store
+#: into its slot after the weight it measured is gone, and the memory must still be a slot then
+_SLOT_CHUNKS: list[torch.Tensor] = []
+_SLOT_NEXT = itertools.count()
+
+
+def _host_slot() -> torch.Tensor:
+    """A pinned float32 host slot (one element, -1: no value yet) for a decode kernel's l0 store."""
+    i = next(_SLOT_NEXT)
+    c, j = divmod(i, 1024)
+    while len(_SLOT_CHUNKS) <= c:
+        _SLOT_CHUNKS.append(torch.full((1024 * 4,), -1.0, dtype=torch.float32).pin_memory())
+    return _SLOT_CHUNKS[c][4 * j : 4 * j + 1]
 
 
 def _density_entry(w_gate: torch.Tensor) -> _Density:
@@ -2112,21 +2147,33 @@ def _density_entry(w_gate: torch.Tensor) -> _Density:
     return d
 
 
+def _fold(d: _Density, v: float) -> None:
+    a = get_config("infer").ema
+    d.est = v if d.est is None else a * v + (1 - a) * d.est
+
+
 def _poll(d: _Density) -> None:
     """Folds a finished earlier measurement into the estimate (no host sync: reads pinned memory
-    only after its event has completed)."""
+    only after its event has completed, or the slot a decode kernel stored l0 into: -1 until a
+    kernel has; read on the first calls and then once in density_every calls)."""
     if d.event is not None and d.event.query():
-        v = float(d.pinned.item())
-        a = get_config("infer").ema
-        d.est = v if d.est is None else a * v + (1 - a) * d.est
+        _fold(d, float(d.pinned.item()))
         d.event = None
+    if d.slot is not None and (d.est is None or d.calls % get_config("infer").density_every == 0):
+        v = float(d.slot.item())
+        if v >= 0.0:
+            _fold(d, v)
+            d.slot.fill_(-1.0)
 
 
-def _record(d: _Density, l0: torch.Tensor) -> None:
+def _record(d: _Density, l0: torch.Tensor, stored: bool = False) -> None:
+    # stored: the call's kernels stored l0 into d.slot as well (decode): no copy to queue
     if not l0.is_cuda:
         d.est = float(l0)  # CPU (interpreter): values are ready
         return
     d.calls += 1
+    if stored:
+        return
     # once there is an estimate, one call in density_every measures (the copy and the event cost
     # host time on every call otherwise); none while the last measurement is in flight
     if d.event is not None or (d.est is not None and d.calls % get_config("infer").density_every):
@@ -2210,14 +2257,23 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
         raise ValueError(f"path: 'decode' handles at most 128 tokens per call, got M={M} (use 'auto')")
     if path == "decode" and "decode" in _BROKEN:
         path = "dense"
+    stored = False
     if path == "prefill":
         out = _prefill(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     elif path == "decode":
+        # the kernels store l0 into the weight's pinned host slot too (not into a graph being
+        # captured: its replays would keep storing there)
+        l0h = None
+        if x.is_cuda and not capturing and get_config("infer").density_host_store:
+            if d.slot is None:
+                d.slot = _host_slot()
+            l0h = d.slot
         try:
             # scratch reused between calls, except into a graph being captured
             out = _decode(
-                x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=capturing, active=d.est
+                x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=capturing, active=d.est, l0h=l0h
             )
+            stored = l0h is not None
         except CompilationError as e:
             # the decode kernels do not compile on this install: say so once, run dense from now on
             _BROKEN["decode"] = repr(e)[:500]
@@ -2231,7 +2287,7 @@ def _run(x, w_gate, w_up, w_down, tile, slots, unit_counts, path, stats=True):
     else:
         out = _dense(x, w_gate, w_up, w_down, tile, slots, unit_counts)
     if not capturing and M > 0:
-        _record(d, out[1])
+        _record(d, out[1], stored)
     return out
 
 
