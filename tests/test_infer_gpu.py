@@ -279,7 +279,7 @@ def test_decode_density_host_slot(shape, M, plan):
         assert d.slot.item() == st.l0.item() > 0.0
         fi._poll(d)  # (the 3 calls: not a multiple of density_every; the first call set the estimate)
         assert d.est is not None and 0.0 < d.est
-        with override("infer", density_host_store=False):
+        with override("infer", density_host_store=False, density_every=1):
             ffn_infer(x, wg, wu, wd, path="decode")
         assert d.event is not None  # the copy measures instead
 
