@@ -1141,9 +1141,10 @@ def _store_stats(l0_ptr, l1_ptr, over_ptr, cnt, l1, over, M, l0h_ptr=None):
     # l0 and l1 as means over the M tokens, overflowing rows as a count; l0 also into the
     # dispatcher's pinned host slot l0h (a plain store over the bus: no copy queued on the stream)
     denom = tl.maximum(M, 1).to(tl.float32)
-    tl.store(l0_ptr, cnt.to(tl.float32) / denom)
+    l0 = cnt.to(tl.float32) / denom
+    tl.store(l0_ptr, l0)
     if l0h_ptr is not None:
-        tl.store(l0h_ptr, cnt.to(tl.float32) / denom)
+        tl.store(l0h_ptr, l0)
     tl.store(l1_ptr, l1 / denom)
     tl.store(over_ptr, over.to(tl.int64))
 
@@ -2127,15 +2128,16 @@ _DENSITY: dict[int, _Density] = {}
 #: into its slot after the weight it measured is gone, and the memory must still be a slot then
 _SLOT_CHUNKS: list[torch.Tensor] = []
 _SLOT_NEXT = itertools.count()
+_SLOT_LOCK = threading.Lock()
 
 
 def _host_slot() -> torch.Tensor:
     """A pinned float32 host slot (one element, -1: no value yet) for a decode kernel's l0 store."""
-    i = next(_SLOT_NEXT)
-    c, j = divmod(i, 1024)
-    while len(_SLOT_CHUNKS) <= c:
-        _SLOT_CHUNKS.append(torch.full((1024 * 4,), -1.0, dtype=torch.float32).pin_memory())
-    return _SLOT_CHUNKS[c][4 * j : 4 * j + 1]
+    with _SLOT_LOCK:
+        c, j = divmod(next(_SLOT_NEXT), 1024)
+        if len(_SLOT_CHUNKS) <= c:
+            _SLOT_CHUNKS.append(torch.full((1024 * 4,), -1.0, dtype=torch.float32).pin_memory())
+        return _SLOT_CHUNKS[c][4 * j : 4 * j + 1]
 
 
 def _density_entry(w_gate: torch.Tensor) -> _Density:
