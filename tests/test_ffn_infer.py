@@ -374,7 +374,7 @@ def _count_calls(monkeypatch, module, name):
     # a list that grows by one entry per call of module.name (which still runs)
     calls = []
     fn = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or fn(*a))
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
     return calls
 
 
@@ -550,7 +550,10 @@ def test_decode_pairs_units_variant(kdevice, poison, monkeypatch, M, K, up, chd,
     monkeypatch.setattr(
         dpair,
         "launch_decode_pairs",
-        lambda *a: launches.append((a[-1] is not None, a[-1] is not None and a[-1][0] is None)) or fn(*a),
+        lambda *a, units, **k: (
+            launches.append((units is not None, units is not None and units[0] is None))
+            or fn(*a, units=units, **k)
+        ),
     )
     plan = dict(
         decode_union_finish=fin,

@@ -1846,7 +1846,7 @@ def _decode(x, w_gate, w_up, w_down, tile, slots, unit_counts, capturing=False, 
             launch_decode_pairs(
                 x, w_gate, w_up, down_t(w_down), pair_ids(dev, M * N), vals, y, part, tickets, bcnt, bl1,
                 nact, l0, l1, over, p, cfg, (out_dt, bits_dt, inf_bits, mag), tile, slots,
-                cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs, units, l0h,
+                cfg.decode_pdl and x.is_cuda and pdl_ok(dev), progs, units=units, l0h=l0h,
             )  # fmt: skip
         except BaseException:
             if units is not None:
