@@ -287,10 +287,10 @@ def launch_decode_pairs(
     bkd, kb, split = down_blocks(M, K, cfg)
     if units is not None:
         hu, uid, rank, acc, spart = units
-        # (M rounded up to 16 by default: vectorized loads of whole rows)
-        hs = M if hu is None else hu.shape[1]
         if hu is None:  # (h in the pair list: the gate and up kernels do not touch hu and uid)
-            hu = uid = vals
+            hu, uid, hs = vals, vals, M
+        else:
+            hs = hu.shape[1]  # (M rounded up to 16 by default: vectorized loads of whole rows)
         # the gate kernel zeroes the union down's tickets (column blocks + the statistics')
         kb, split = p["union_down"][1] + 1, 2
     else:
